@@ -1,0 +1,40 @@
+# Two commands a user needs: `make pretrain` (install + run the demo) and `make test` (install + tests).
+# Both bootstrap a local virtual environment themselves; re-running is fast once installed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.eva-installed
+
+# No network beyond package registries: keep telemetry of the tools off.
+export KEDRO_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install pretrain test viz mlflow-ui clean
+
+install: $(STAMP)
+
+# Re-install only when the dependency declaration changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+pretrain: $(STAMP)
+	$(BIN)/kedro run --pipeline pretrain
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+viz: $(STAMP)
+	$(BIN)/kedro viz build
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,19 @@
+"""The EVA pre-training objective (spec section 5)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mim_cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative cosine similarity averaged over all masked tokens of the batch (a token mean, not per image).
+
+    ``pred`` and ``target`` are (num_masked_tokens, D); both are upcast to fp32 so an fp16 student is compared
+    in full precision, as the reference does.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} shapes differ")
+    if pred.ndim != 2 or pred.shape[0] == 0:
+        raise ValueError(f"expected (num_masked_tokens > 0, D) tensors, got {tuple(pred.shape)}")
+    return -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
