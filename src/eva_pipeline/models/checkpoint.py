@@ -1,0 +1,164 @@
+"""Official EVA-01 checkpoint format (spec 8): ``{"model": state_dict}`` in fp16, readable by timm and the EVA code."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+# Top-level keys under which EVA / BEiT / DeepSpeed files keep the weights, in the order they are tried.
+STATE_DICT_KEYS: tuple[str, ...] = ("model", "module", "model_ema")
+_WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
+# Number of tokens in front of the patch tokens in pos_embed (cls).
+_NUM_PREFIX_TOKENS = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message lists every offending key."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a non-strict load skipped, and which tensors were resampled."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    resampled_keys: list[str] = field(default_factory=list)
+
+
+def save_official_checkpoint(
+    model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = torch.float16
+) -> Path:
+    """Write ``{"model": state_dict}`` with floating tensors in ``dtype`` (fp16 like the release; None keeps them).
+
+    Written to a temporary file in the same folder and renamed, so a crash never leaves a truncated checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to(device="cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        for k, v in model.state_dict().items()
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"model": state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def extract_state_dict(checkpoint: Mapping[str, object], key: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: under ``key``, else the first of ``model``/``module``/``model_ema``, else
+    the mapping itself when it holds only tensors. DDP/compile key prefixes are stripped."""
+    if key is not None:
+        if key not in checkpoint:
+            raise CheckpointError(f"checkpoint has no key {key!r}; top-level keys: {sorted(checkpoint)}")
+        state = checkpoint[key]
+    else:
+        state = next((checkpoint[k] for k in STATE_DICT_KEYS if isinstance(checkpoint.get(k), Mapping)), checkpoint)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"no state dict found: expected one of the keys {STATE_DICT_KEYS} or a mapping of tensors; "
+            f"top-level keys: {sorted(checkpoint)}"
+        )
+    out = dict(state)
+    for prefix in _WRAPPER_PREFIXES:
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    return out
+
+
+def _shape(t: torch.Tensor | torch.Size) -> tuple[int, ...]:
+    return tuple(t.shape if isinstance(t, torch.Tensor) else t)
+
+
+def _resample_pos_embed(
+    value: torch.Tensor, target: torch.Size, grid: tuple[int, int], antialias: bool
+) -> torch.Tensor:
+    old_tokens = value.shape[1] - _NUM_PREFIX_TOKENS if value.ndim == 3 else -1
+    old_side = math.isqrt(max(old_tokens, 0))
+    if value.ndim != 3 or value.shape[2] != target[2] or old_tokens <= 0 or old_side**2 != old_tokens:
+        raise CheckpointError(
+            f"cannot resample pos_embed: expected {_shape(target)}, got {_shape(value)} (not 1 + a square grid)"
+        )
+    return resample_abs_pos_embed(
+        value,
+        new_size=list(grid),
+        old_size=[old_side, old_side],
+        num_prefix_tokens=_NUM_PREFIX_TOKENS,
+        interpolation="bicubic",
+        antialias=antialias,
+    )
+
+
+def load_official_checkpoint(
+    model: nn.Module,
+    path_or_state: str | os.PathLike | Mapping[str, object],
+    strict: bool = True,
+    *,
+    resample_pos_embed: bool = False,
+    antialias: bool = False,
+    key: str | None = None,
+    weights_only: bool = True,
+) -> LoadReport:
+    """Load an official-format checkpoint (file or already loaded mapping) into ``model``.
+
+    Tensors are cast to the dtype of the parameter they fill. Missing/unexpected keys (when ``strict``) and shape
+    mismatches (always) raise one :class:`CheckpointError` that lists every offending key with expected vs got shapes.
+    With ``resample_pos_embed`` a pos_embed from another grid is resized bicubically (224 -> 336 fine-tune);
+    ``antialias=False`` matches the EVA code's plain ``F.interpolate``. ``weights_only=False`` is needed for trusted
+    files that also pickle training arguments.
+    """
+    if isinstance(path_or_state, Mapping):
+        checkpoint = path_or_state
+    else:
+        checkpoint = torch.load(Path(path_or_state), map_location="cpu", weights_only=weights_only)
+    state = extract_state_dict(checkpoint, key)
+    expected = model.state_dict()
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched: list[str] = []
+    resampled: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if name not in expected:
+            continue
+        target = expected[name]
+        if value.is_floating_point():  # cast first, so a resample of fp16 weights is not rounded to fp16 again
+            value = value.to(dtype=target.dtype)
+        if value.shape != target.shape:
+            if name == "pos_embed" and resample_pos_embed:
+                value = _resample_pos_embed(value, target.shape, tuple(model.patch_embed.grid_size), antialias)
+                resampled.append(name)
+            else:
+                mismatched.append(name)
+                continue
+        out[name] = value
+
+    problems: list[str] = []
+    if mismatched:
+        hint = " (pass resample_pos_embed=True to resize pos_embed)" if "pos_embed" in mismatched else ""
+        problems.append(f"shape mismatch{hint}:")
+        problems += [f"  {k}: expected {_shape(expected[k])}, got {_shape(state[k])}" for k in mismatched]
+    if strict and missing:
+        problems.append("missing from checkpoint:")
+        problems += [f"  {k}: expected {_shape(expected[k])}" for k in missing]
+    if strict and unexpected:
+        problems.append("unexpected in checkpoint:")
+        problems += [f"  {k}: got {_shape(state[k])}" for k in unexpected]
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}:\n" + "\n".join(problems))
+
+    model.load_state_dict(out, strict=strict)
+    return LoadReport(missing_keys=missing, unexpected_keys=unexpected, resampled_keys=resampled)
