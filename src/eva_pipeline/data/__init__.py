@@ -1,0 +1,87 @@
+"""Data: IDX reading, the image manifest and its ingestion, pixel loading, model-input transforms, target store.
+
+Kedro-free; the ingestion and teacher_targets pipelines call these from thin nodes. Names are imported lazily
+(PEP 562), so ``from eva_pipeline.data import SPLITS`` in a pipeline definition does not pull in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "EMBEDDED_DATA_DIR": "idx",
+    "parse_idx": "idx",
+    "read_idx": "idx",
+    "write_idx": "idx",
+    "load_images": "images",
+    "register_container": "images",
+    "split_location": "images",
+    "MANIFEST_COLUMNS": "manifest",
+    "MANIFEST_DTYPES": "manifest",
+    "MANIFEST_SCHEMA": "manifest",
+    "PIXEL_DIGEST_COLUMNS": "manifest",
+    "REQUIRED_COLUMNS": "manifest",
+    "SPLITS": "manifest",
+    "SourceScan": "manifest",
+    "SourceSpec": "manifest",
+    "build_manifest": "manifest",
+    "manifest_digest": "manifest",
+    "register_source_kind": "manifest",
+    "select_split": "manifest",
+    "source_kinds": "manifest",
+    "validate_manifest": "manifest",
+    "TargetStore": "target_store",
+    "TargetStoreError": "target_store",
+    "compute_targets": "target_store",
+    "fingerprint_hash": "target_store",
+    "is_complete": "target_store",
+    "load_targets": "target_store",
+    "CLIP_MEAN": "transforms",
+    "CLIP_STD": "transforms",
+    "to_model_input": "transforms",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from eva_pipeline.data.idx import EMBEDDED_DATA_DIR, parse_idx, read_idx, write_idx
+    from eva_pipeline.data.images import load_images, register_container, split_location
+    from eva_pipeline.data.manifest import (
+        MANIFEST_COLUMNS,
+        MANIFEST_DTYPES,
+        MANIFEST_SCHEMA,
+        PIXEL_DIGEST_COLUMNS,
+        REQUIRED_COLUMNS,
+        SPLITS,
+        SourceScan,
+        SourceSpec,
+        build_manifest,
+        manifest_digest,
+        register_source_kind,
+        select_split,
+        source_kinds,
+        validate_manifest,
+    )
+    from eva_pipeline.data.target_store import (
+        TargetStore,
+        TargetStoreError,
+        compute_targets,
+        fingerprint_hash,
+        is_complete,
+        load_targets,
+    )
+    from eva_pipeline.data.transforms import CLIP_MEAN, CLIP_STD, to_model_input

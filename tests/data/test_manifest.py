@@ -1,0 +1,233 @@
+"""Manifest building over the embedded sources, de-duplication, the source registry and validation errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from eva_pipeline.data import manifest as manifest_mod
+from eva_pipeline.data.idx import read_idx, write_idx
+from eva_pipeline.data.manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    SourceScan,
+    SourceSpec,
+    build_manifest,
+    manifest_digest,
+    register_source_kind,
+    select_split,
+    validate_manifest,
+)
+
+
+def test_embedded_manifest_rows_schema_and_labels(embedded, fmnist) -> None:
+    manifest, _ = embedded
+    assert len(manifest) == 15000
+    assert tuple(manifest.columns) == MANIFEST_COLUMNS
+    validate_manifest(manifest)
+    assert manifest["id"].is_unique and manifest["location"].is_unique
+    assert (manifest["split"] == "pretrain").sum() == 10000 and (manifest["split"] == "probe").sum() == 5000
+    assert (manifest["width"] == 28).all() and (manifest["height"] == 28).all()
+    assert (manifest["size_bytes"] == 784).all()
+    assert sorted(manifest["label"].unique().tolist()) == list(range(10))
+    # Labels are the IDX labels in file order; ids and locations carry the item index.
+    train = select_split(manifest, "pretrain")
+    assert np.array_equal(train["label"].to_numpy(dtype=np.int64), read_idx(fmnist.train_labels))
+    assert train["id"].iloc[1234] == "fmnist_train/1234"
+    assert train["location"].iloc[1234].endswith("train-images-idx3-ubyte.gz#1234")
+    probe = select_split(manifest, "probe")
+    assert np.array_equal(probe["label"].to_numpy(dtype=np.int64), read_idx(fmnist.test_labels))
+    assert probe.index.tolist() == list(range(5000))
+
+
+def test_pretrain_and_probe_are_disjoint(embedded) -> None:
+    manifest, _ = embedded
+    pre, probe = select_split(manifest, "pretrain"), select_split(manifest, "probe")
+    for col in ("id", "location", "content_hash"):
+        assert not set(pre[col]) & set(probe[col]), col
+    assert set(pre["source"]) == {"fmnist_train"} and set(probe["source"]) == {"fmnist_test"}
+
+
+def test_parquet_round_trip_keeps_schema(embedded, tmp_path) -> None:
+    manifest, _ = embedded
+    table = pa.Table.from_pandas(manifest, schema=MANIFEST_SCHEMA, preserve_index=False)
+    pq.write_table(table, tmp_path / "manifest.parquet")
+    assert pq.read_schema(tmp_path / "manifest.parquet").remove_metadata().equals(MANIFEST_SCHEMA)
+    back = pd.read_parquet(tmp_path / "manifest.parquet")
+    validate_manifest(back)
+    assert back["label"].tolist() == manifest["label"].tolist() and manifest_digest(back) == manifest_digest(manifest)
+    # pandas' own writer (what a Kedro ParquetDataset uses) keeps the dtypes too.
+    manifest.to_parquet(tmp_path / "m2.parquet", index=False)
+    validate_manifest(pd.read_parquet(tmp_path / "m2.parquet"))
+
+
+def test_report_counts_are_consistent(embedded) -> None:
+    manifest, report = embedded
+    json.dumps(report)  # JSON-ready
+    for name, expected in (("fmnist_train", 10000), ("fmnist_test", 5000)):
+        src = report["sources"][name]
+        assert src["found"] == src["available"] == src["kept"] == expected
+        assert src["found"] == src["kept"] + src["rejected"] + src["duplicates"]
+    assert report["totals"] == {"found": 15000, "kept": 15000, "rejected": 0, "duplicates": 0}
+    assert report["splits"]["pretrain"]["items"] == 10000 and report["splits"]["probe"]["labelled"] == 5000
+    for split in ("pretrain", "probe"):
+        rows = manifest[manifest["split"] == split]
+        expected = np.bincount(rows["label"].to_numpy(dtype=np.int64), minlength=10)
+        hist = report["label_histogram"][split]
+        assert [hist[str(k)] for k in range(10)] == expected.tolist()
+        assert sum(hist.values()) == report["splits"][split]["items"]
+    assert report["label_histogram"]["pretrain"]["0"] == 942  # class 0 count of the first 10k training images
+
+
+def test_limit_is_respected(fmnist) -> None:
+    manifest, report = build_manifest(fmnist.specs(train_limit=100, test_limit=7))
+    assert len(manifest) == 107
+    assert select_split(manifest, "pretrain")["id"].tolist() == [f"fmnist_train/{i}" for i in range(100)]
+    test = report["sources"]["fmnist_test"]
+    assert (test["available"], test["found"], test["kept"], test["limit"]) == (5000, 7, 7, 7)
+    assert report["totals"]["found"] == 107
+
+
+def _tiny_sources(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(5, 4, 4), dtype=np.uint8)
+    a[2] = a[0]  # duplicate within the source
+    a[4] = a[0]  # and again
+    b = rng.integers(0, 256, size=(2, 4, 4), dtype=np.uint8)
+    b[1] = a[3]  # the probe source holds a copy of a pre-training image
+    write_idx(tmp_path / "a.idx.gz", a)
+    write_idx(tmp_path / "a-labels.idx", np.arange(5, dtype=np.uint8))
+    write_idx(tmp_path / "b.idx", b)
+    return [
+        SourceSpec("a", "idx", "pretrain", tmp_path / "a.idx.gz", tmp_path / "a-labels.idx"),
+        SourceSpec("b", "idx", "probe", tmp_path / "b.idx"),
+    ]
+
+
+def test_dedup_counts_and_keeps_probe_copy(tmp_path) -> None:
+    manifest, report = build_manifest(_tiny_sources(tmp_path))
+    # a/2 and a/4 duplicate a/0; a/3 is also probe image b/1, so the probe keeps it and pre-training drops it.
+    assert manifest["id"].tolist() == ["a/0", "a/1", "b/0", "b/1"]
+    a, b = report["sources"]["a"], report["sources"]["b"]
+    assert (a["found"], a["kept"], a["duplicates"], a["rejected"]) == (5, 2, 3, 0)
+    assert (b["found"], b["kept"], b["duplicates"]) == (2, 2, 0)
+    assert {d["id"]: d["duplicate_of"] for d in a["duplicate_examples"]} == {"a/2": "a/0", "a/3": "b/1", "a/4": "a/0"}
+    assert report["totals"] == {"found": 7, "kept": 4, "rejected": 0, "duplicates": 3}
+    assert report["totals"]["found"] == sum(report["totals"][k] for k in ("kept", "rejected", "duplicates"))
+    assert manifest["label"].tolist()[:2] == [0, 1] and manifest["label"].isna().tolist()[2:] == [True, True]
+    assert report["splits"]["probe"] == {"items": 2, "labelled": 0, "sources": ["b"]}
+    assert manifest["size_bytes"].tolist() == [16] * 4
+
+
+def test_without_dedup_a_probe_leak_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"1 pre-training image\(s\) are also probe images"):
+        build_manifest(_tiny_sources(tmp_path), dedup=False)
+    manifest, report = build_manifest(_tiny_sources(tmp_path)[:1], dedup=False)
+    assert len(manifest) == 5 and report["totals"]["duplicates"] == 0
+
+
+def test_missing_source_fails_before_any_reading(tmp_path, fmnist, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setitem(manifest_mod._SOURCE_READERS, "idx", lambda spec: calls.append(spec) or None)
+    specs = [*fmnist.specs(), SourceSpec("gone", "idx", "pretrain", tmp_path / "gone.gz", tmp_path / "gone-labels")]
+    with pytest.raises(FileNotFoundError, match=r"'gone'.*gone\.gz, .*gone-labels.*data/01_raw/fashion_mnist"):
+        build_manifest(specs)
+    assert calls == []
+
+
+def test_corrupt_sources_name_the_source(tmp_path, fmnist) -> None:
+    write_idx(tmp_path / "labels.idx", np.zeros(3, dtype=np.uint8))
+    spec = SourceSpec("short", "idx", "pretrain", fmnist.test_images, tmp_path / "labels.idx")
+    with pytest.raises(ValueError, match=r"source 'short' \(idx\): .*3 labels for 5000 images"):
+        build_manifest([spec])
+    (tmp_path / "junk.gz").write_bytes(b"\x1f\x8bnot really gzip")
+    with pytest.raises(ValueError, match=r"source 'junk'.*junk\.gz: corrupt or truncated gzip"):
+        build_manifest([SourceSpec("junk", "idx", "pretrain", tmp_path / "junk.gz")])
+    write_idx(tmp_path / "float.idx", np.zeros((2, 3, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"expected uint8"):
+        build_manifest([SourceSpec("f", "idx", "pretrain", tmp_path / "float.idx")])
+
+
+def test_spec_and_build_argument_errors(fmnist) -> None:
+    with pytest.raises(ValueError, match="split must be one of"):
+        SourceSpec("x", "idx", "train", fmnist.train_images)
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        SourceSpec("x", "idx", "pretrain", fmnist.train_images, limit=0)
+    with pytest.raises(ValueError, match="source name"):
+        SourceSpec("a#b", "idx", "pretrain", fmnist.train_images)
+    with pytest.raises(ValueError, match=r"unknown source kind\(s\) \['tar'\]"):
+        build_manifest([SourceSpec("x", "tar", "pretrain", fmnist.train_images)])
+    with pytest.raises(ValueError, match=r"repeated: \['x'\]"):
+        build_manifest([SourceSpec("x", "idx", "pretrain", fmnist.train_images)] * 2)
+    with pytest.raises(ValueError, match="unknown keys"):
+        SourceSpec.from_mapping({"name": "x", "kind": "idx", "split": "probe", "images": "a", "path": "b"})
+    spec = SourceSpec.from_mapping({"name": "x", "kind": "idx", "split": "probe", "images": "a", "limit": 3})
+    assert spec.limit == 3 and spec.labels is None
+
+
+def test_new_source_kind_plugs_in_with_rejections(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(manifest_mod, "_SOURCE_READERS", dict(manifest_mod._SOURCE_READERS))
+    (tmp_path / "list.txt").write_text("ok1.png\nbroken.png\nok2.png\n")
+
+    @register_source_kind("file_list")
+    def read_list(spec: SourceSpec) -> SourceScan:
+        scan = SourceScan(available=3)
+        for i, name in enumerate((tmp_path / "list.txt").read_text().split()):
+            if name.startswith("broken"):
+                scan.rejections.append({"location": name, "reason": "cannot decode"})
+                continue
+            scan.locations.append(name)
+            scan.labels.append(i)
+            scan.widths.append(10)
+            scan.heights.append(8)
+            scan.size_bytes.append(123)
+            scan.hashes.append(f"h{i}")
+        return scan
+
+    manifest, report = build_manifest([SourceSpec("files", "file_list", "pretrain", tmp_path / "list.txt")])
+    assert manifest["location"].tolist() == ["ok1.png", "ok2.png"] and manifest["id"].tolist() == ["files/0", "files/1"]
+    src = report["sources"]["files"]
+    assert (src["found"], src["kept"], src["rejected"]) == (3, 2, 1)
+    assert src["rejected_examples"] == [{"location": "broken.png", "reason": "cannot decode"}]
+    assert "file_list" in manifest_mod.source_kinds()
+
+
+def test_validate_manifest_reports_every_problem(embedded) -> None:
+    good = embedded[0].head(6).copy()
+    bad = good.copy()
+    bad.loc[1, "id"] = bad.loc[0, "id"]
+    bad.loc[2, "split"] = "train"
+    bad["width"] = bad["width"].astype("int64")
+    bad.loc[3, "source"] = ""
+    with pytest.raises(ValueError) as info:
+        validate_manifest(bad)
+    message = str(info.value)
+    assert "1 duplicate id(s)" in message and "unknown split value(s) ['train']" in message
+    assert "'width' must be int32" in message and "'source' has missing or empty values" in message
+    with pytest.raises(ValueError, match=r"missing columns \['split'\]"):
+        validate_manifest(good.drop(columns="split"))
+    with pytest.raises(ValueError, match="'label' must be Int64"):
+        validate_manifest(good.assign(label=good["label"].astype("float64")))
+    leak = good.copy()
+    leak.loc[5, "split"] = "probe"
+    leak.loc[5, "content_hash"] = leak.loc[0, "content_hash"]
+    with pytest.raises(ValueError, match="also probe images"):
+        validate_manifest(leak)
+    assert validate_manifest(good.drop(columns="content_hash")) is not None  # the hash column is optional
+
+
+def test_manifest_digest_tracks_pixels_not_labels(embedded) -> None:
+    manifest = embedded[0].head(100).copy()
+    digest = manifest_digest(manifest)
+    assert digest == manifest_digest(manifest.copy()) and len(digest) == 64
+    assert manifest_digest(manifest.assign(label=manifest["label"] + 1)) == digest
+    assert manifest_digest(manifest.iloc[::-1]) != digest  # row order matters: target row i <-> manifest row i
+    moved = manifest.copy()
+    moved.loc[0, "location"] = "elsewhere#0"
+    assert manifest_digest(moved) != digest
+    assert manifest_digest(manifest, columns=("id", "label")) != manifest_digest(manifest, columns=("id",))

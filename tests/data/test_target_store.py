@@ -1,0 +1,192 @@
+"""Target store: exact round trip, resume after a crash or a lost shard, invalidation, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from eva_pipeline.data.target_store import (
+    TargetStore,
+    TargetStoreError,
+    compute_targets,
+    fingerprint_hash,
+    is_complete,
+    load_targets,
+)
+from eva_pipeline.data.transforms import to_model_input
+
+NUM_ITEMS, SHARD, PATCH, DIM = 50, 16, 7, 12  # 4 shards, the last one partial (2 rows)
+FINGERPRINT = {"manifest": "abc123", "teacher": "fake-projection-v1", "input_size": 28, "grid": [4, 4]}
+
+
+class FakeTeacher:
+    """A fixed random projection of 7x7 patches: deterministic (B, 16, 12) targets; counts calls, can crash."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.weight = torch.randn(3 * PATCH * PATCH, DIM, generator=torch.Generator().manual_seed(0))
+        self.calls: list[int] = []
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls.append(images.shape[0])
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise RuntimeError("simulated crash")
+        patches = torch.nn.functional.unfold(images, kernel_size=PATCH, stride=PATCH)  # (B, 3*7*7, 16)
+        return patches.transpose(1, 2) @ self.weight
+
+
+class Batches:
+    """Model-input images for rows [start, stop) of a fixed uint8 image set; records the requested ranges."""
+
+    def __init__(self) -> None:
+        self.images = torch.randint(0, 256, (NUM_ITEMS, 1, 28, 28), generator=torch.Generator().manual_seed(1))
+        self.images = self.images.to(torch.uint8)
+        self.ranges: list[tuple[int, int]] = []
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        self.ranges.append((start, stop))
+        return to_model_input(self.images[start:stop], 28)
+
+
+def _compute(root, teacher=None, fingerprint=FINGERPRINT, shard_size=SHARD, batches=None):
+    teacher = teacher or FakeTeacher()
+    batches = batches or Batches()
+    compute_targets(root, fingerprint, NUM_ITEMS, batches, teacher, shard_size=shard_size, progress=False)
+    return teacher, batches
+
+
+def _direct() -> torch.Tensor:
+    """The same targets computed without the store, shard by shard (fp32 -> fp16 as the store does)."""
+    teacher, batches = FakeTeacher(), Batches()
+    parts = [teacher(batches(s, min(s + SHARD, NUM_ITEMS))) for s in range(0, NUM_ITEMS, SHARD)]
+    return torch.cat(parts).half()
+
+
+def test_round_trip_equals_direct_computation(tmp_path) -> None:
+    teacher, batches = _compute(tmp_path / "store")
+    assert teacher.calls == [16, 16, 16, 2] and batches.ranges == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    targets = load_targets(tmp_path / "store", expected_fingerprint=FINGERPRINT)
+    assert targets.shape == (NUM_ITEMS, 16, DIM) and targets.dtype == torch.float16
+    assert torch.equal(targets, _direct())
+    whole = FakeTeacher()(Batches()(0, NUM_ITEMS))  # one big batch: equal up to fp16 rounding
+    torch.testing.assert_close(targets.float(), whole, rtol=2e-3, atol=2e-3)
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    assert meta["fingerprint"] == FINGERPRINT and meta["fingerprint_hash"] == fingerprint_hash(FINGERPRINT)
+    layout = (meta["num_items"], meta["shard_size"], meta["shape"], meta["dtype"])
+    assert layout == (50, 16, [50, 16, 12], "torch.float16")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        "meta.json", "shard_00000.pt", "shard_00001.pt", "shard_00002.pt", "shard_00003.pt"
+    ]
+    assert is_complete(tmp_path / "store", FINGERPRINT) and TargetStore(tmp_path / "store").fingerprint == FINGERPRINT
+
+
+def test_complete_store_is_reused_without_teacher_calls(tmp_path) -> None:
+    _compute(tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt")}
+    teacher, batches = _compute(tmp_path, fingerprint=dict(reversed(list(FINGERPRINT.items()))))  # key order: same
+    assert teacher.calls == [] and batches.ranges == []
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt")} == before
+
+
+def test_lost_shard_is_recomputed_alone(tmp_path) -> None:
+    _compute(tmp_path)
+    kept = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt") if p.name != "shard_00001.pt"}
+    (tmp_path / "shard_00001.pt").unlink()
+    assert not is_complete(tmp_path, FINGERPRINT)
+    with pytest.raises(TargetStoreError, match=r"incomplete: 1 of 4 shard\(s\) missing \(shard_00001\.pt\).*targets"):
+        load_targets(tmp_path)
+    teacher, batches = _compute(tmp_path)
+    assert teacher.calls == [16] and batches.ranges == [(16, 32)]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt") if p.name != "shard_00001.pt"} == kept
+    assert torch.equal(load_targets(tmp_path, FINGERPRINT), _direct())
+
+
+def test_crash_midway_then_resume(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _compute(tmp_path, teacher=FakeTeacher(fail_on_call=3))
+    assert sorted(p.name for p in tmp_path.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
+    assert not list(tmp_path.glob(".*"))  # no half-written temporary files
+    assert not is_complete(tmp_path, FINGERPRINT)
+    with pytest.raises(TargetStoreError, match=r"2 of 4 shard\(s\) missing \(shard_00002\.pt, shard_00003\.pt\)"):
+        load_targets(tmp_path)
+    teacher, batches = _compute(tmp_path)
+    assert teacher.calls == [16, 2] and batches.ranges == [(32, 48), (48, 50)]
+    assert torch.equal(load_targets(tmp_path), _direct())
+
+
+def test_changed_fingerprint_recomputes_everything(tmp_path, caplog) -> None:
+    _compute(tmp_path)
+    changed = {**FINGERPRINT, "teacher": "fake-projection-v2"}
+    assert not is_complete(tmp_path, changed)
+    with pytest.raises(TargetStoreError, match=r"different fingerprint \(differs in \['teacher'\]\)"):
+        load_targets(tmp_path, expected_fingerprint=changed)
+    with caplog.at_level(logging.INFO, logger="eva_pipeline.data.target_store"):
+        teacher, _ = _compute(tmp_path, fingerprint=changed)
+    assert teacher.calls == [16, 16, 16, 2]
+    assert "fingerprint changed" in caplog.text and "removing 4 old shard(s)" in caplog.text
+    assert is_complete(tmp_path, changed) and not is_complete(tmp_path, FINGERPRINT)
+    assert torch.equal(load_targets(tmp_path, changed), _direct())
+
+
+def test_changed_shard_size_recomputes(tmp_path) -> None:
+    _compute(tmp_path)
+    teacher, _ = _compute(tmp_path, shard_size=32)
+    assert teacher.calls == [32, 18] and not (tmp_path / "shard_00002.pt").exists()
+    assert torch.equal(load_targets(tmp_path), _direct())
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "foreign"])
+def test_corrupt_shard_is_named_on_load_and_recomputed(tmp_path, damage) -> None:
+    _compute(tmp_path)
+    shard = tmp_path / "shard_00002.pt"
+    if damage == "garbage":
+        shard.write_bytes(b"\x00" * 100)
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-200])
+    else:  # a well-formed shard of another fingerprint copied in
+        other = tmp_path / "other"
+        _compute(other, fingerprint={**FINGERPRINT, "grid": [2, 2]})
+        shard.write_bytes((other / "shard_00002.pt").read_bytes())
+    with pytest.raises(TargetStoreError, match=r"shard_00002\.pt is corrupt.*re-run the teacher_targets pipeline"):
+        load_targets(tmp_path)
+    teacher, _ = _compute(tmp_path)  # the re-run the message asks for repairs exactly that shard
+    assert teacher.calls == [16]
+    assert torch.equal(load_targets(tmp_path), _direct())
+
+
+def test_missing_store_and_bad_teacher_output(tmp_path) -> None:
+    with pytest.raises(TargetStoreError, match=r"no target store at .*meta\.json missing.*teacher_targets"):
+        load_targets(tmp_path / "nothing")
+    assert not is_complete(tmp_path / "nothing", FINGERPRINT)
+    with pytest.raises(ValueError, match=r"must return \(16, num_tokens, dim\) targets \(shard 0\), got \(16, 12\)"):
+        compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, Batches(), lambda x: torch.zeros(16, 12), SHARD, False)
+    with pytest.raises(ValueError, match="not finite in torch.float16"):
+        compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, Batches(), lambda x: FakeTeacher()(x) * 1e6, SHARD, False)
+    assert not list(tmp_path.glob("shard_*.pt"))
+
+
+def test_fingerprint_hash() -> None:
+    assert fingerprint_hash({"a": 1, "b": [1, 2]}) == fingerprint_hash({"b": (1, 2), "a": 1})
+    assert fingerprint_hash({"a": 1}) != fingerprint_hash({"a": 1.5})
+    assert len(fingerprint_hash(FINGERPRINT)) == 64
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        fingerprint_hash({"a": object()})
+
+
+def test_progress_bar_runs(tmp_path, capsys) -> None:
+    compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, Batches(), FakeTeacher(), shard_size=SHARD, progress=True)
+    assert "teacher targets" in capsys.readouterr().err
+
+
+def test_batch_size_splits_teacher_calls_not_shards(tmp_path) -> None:
+    teacher, batches = FakeTeacher(), Batches()
+    compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, batches, teacher, shard_size=SHARD, progress=False, batch_size=6)
+    assert teacher.calls == [6, 6, 4] * 3 + [2] and batches.ranges[:3] == [(0, 6), (6, 12), (12, 16)]
+    assert len(list(tmp_path.glob("shard_*.pt"))) == 4
+    torch.testing.assert_close(load_targets(tmp_path).float(), _direct().float(), rtol=1e-3, atol=1e-3)
+    teacher = FakeTeacher()  # batch_size is not part of the layout: a complete store is reused as it is
+    compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, Batches(), teacher, SHARD, progress=False, batch_size=8)
+    assert teacher.calls == []
