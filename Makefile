@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 pretrain: $(STAMP)
-	$(BIN)/kedro run --pipeline pretrain
+	$(BIN)/kedro run --pipelines pretrain
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

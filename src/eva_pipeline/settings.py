@@ -9,3 +9,7 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     "merge_strategy": {"parameters": "soft"},
 }
+
+from eva_pipeline.hooks import PreflightHook  # noqa: E402
+
+HOOKS = (PreflightHook(),)

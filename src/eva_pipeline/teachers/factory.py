@@ -35,3 +35,25 @@ def create_teacher(kind: str, **kwargs: Any) -> Teacher:
     except KeyError:
         raise ValueError(f"Unknown teacher kind '{kind}'. Known kinds: {', '.join(sorted(TEACHER_KINDS))}") from None
     return builder(**kwargs)
+
+
+def check_teacher_weights(kind: str, **kwargs: Any) -> None:
+    """Raise TeacherWeightsUnavailable (with instructions) if the weights of this teacher cannot be had offline.
+
+    Looks only for files; builds nothing, so a pre-flight check takes milliseconds.
+    """
+    if kind == KIND_OPEN_CLIP:
+        from eva_pipeline.teachers.open_clip_teacher import DEFAULT_MODEL_NAME, DEFAULT_PRETRAINED, resolve_weights
+
+        resolve_weights(
+            kwargs.get("model_name", DEFAULT_MODEL_NAME),
+            kwargs.get("pretrained", DEFAULT_PRETRAINED),
+            quick_gelu=kwargs.get("quick_gelu"),
+            cache_dir=kwargs.get("cache_dir"),
+        )
+    elif kind == KIND_EFFICIENTNET_LITE0:
+        from eva_pipeline.teachers.efficientnet_lite import locate_weights
+
+        locate_weights(kwargs.get("weights_path"))
+    elif kind not in TEACHER_KINDS:
+        raise ValueError(f"Unknown teacher kind '{kind}'. Known kinds: {', '.join(sorted(TEACHER_KINDS))}")

@@ -1,0 +1,161 @@
+"""Typed, validated parameter blocks: one pydantic model per ``conf/*/parameters_<pipeline>.yml`` top-level key.
+
+Kedro validates a node's ``params:<block>`` input against these before any node runs, so a typo or an impossible
+value stops the run with a message naming the field. The library takes the same frozen objects; nothing below
+re-validates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------------- ingestion
+class SourceParams(_Params):
+    """One image source. ``kind`` selects the reader (see ``eva_pipeline.data.source_kinds()`` for those available)."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["idx", "image_folder", "file_list", "webdataset"]
+    split: Literal["pretrain", "probe"]
+    images: Path
+    labels: Path | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+
+class IngestionParams(_Params):
+    sources: list[SourceParams] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> IngestionParams:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {dupes}")
+        if not any(s.split == "pretrain" for s in self.sources):
+            raise ValueError("at least one source must have split 'pretrain'")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- model
+class ModelParams(_Params):
+    """A named EVA model (``eva_pipeline.models.list_models()``) and EvaConfig field overrides."""
+
+    name: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- teacher
+class TeacherParams(_Params):
+    """Which teacher produces the targets; ``options`` are the teacher class's keyword arguments."""
+
+    kind: Literal["open_clip", "efficientnet_lite0"]
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherTargetsParams(_Params):
+    teacher: TeacherParams
+    mode: Literal["cached", "online"] = "cached"
+    batch_size: int = Field(default=256, ge=1)
+    shard_size: int = Field(default=2048, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------------- pretrain
+class MaskingParams(_Params):
+    """Block-wise masking (spec section 3)."""
+
+    num_masking_patches: int = Field(ge=1)
+    min_num_patches: int = Field(default=16, ge=1)
+    max_num_patches: int | None = Field(default=None, ge=1)
+    min_aspect: float = Field(default=0.3, gt=0)
+
+
+class OptimizerParams(_Params):
+    """AdamW and the warmup + cosine schedule (spec section 6)."""
+
+    lr: float = Field(gt=0)
+    min_lr: float = Field(ge=0)
+    warmup_epochs: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0)
+    clip_grad: float | None = Field(default=3.0, gt=0)
+
+
+class AugmentationParams(_Params):
+    """EVA's view augmentation (spec section 7); student and teacher see the same view, so it needs the online
+    teacher (stored targets are of the un-augmented image)."""
+
+    enabled: bool = False
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = Field(default=0.5, ge=0, le=1)
+
+
+class LossScaleParams(_Params):
+    """fp16 dynamic loss scaling (DeepSpeed's names)."""
+
+    initial_scale_power: int = Field(default=16, ge=0)
+    loss_scale_window: int = Field(default=500, ge=1)
+    hysteresis: int = Field(default=2, ge=1)
+    min_loss_scale: float = Field(default=1.0, gt=0)
+
+
+class DeepSpeedParams(_Params):
+    zero_stage: Literal[0, 1] = 1
+    reduce_bucket_size: int = Field(default=500_000_000, ge=1)
+    loss_scale: LossScaleParams = LossScaleParams()
+
+
+class CheckpointParams(_Params):
+    dir: Path
+    every_steps: int = Field(default=500, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+
+
+class PretrainParams(_Params):
+    model: ModelParams
+    masking: MaskingParams
+    optimizer: OptimizerParams
+    augmentation: AugmentationParams = AugmentationParams()
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="global batch size (all ranks)")
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    world_size: int = Field(default=1, ge=1)
+    seed: int = 0
+    deepspeed: DeepSpeedParams = DeepSpeedParams()
+    checkpoint: CheckpointParams
+    log_every_steps: int = Field(default=10, ge=1)
+    mask_examples: int = Field(default=8, ge=1, description="images in the mask picture logged with the run")
+    max_steps: int | None = Field(default=None, ge=1, description="stop early (smoke runs); the schedule is unchanged")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> PretrainParams:
+        if self.batch_size % self.world_size:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by world_size {self.world_size}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+class ProbeParams(_Params):
+    test_fraction: float = Field(default=0.4, gt=0, lt=1)
+    seed: int = 0
+    C: float = Field(default=1.0, gt=0)
+    max_iter: int = Field(default=1000, ge=1)
+
+
+class EvaluationParams(_Params):
+    probe: ProbeParams = ProbeParams()
+    batch_size: int = Field(default=256, ge=1)
+    include_teacher: bool = True
+    seed: int = Field(default=0, description="seed of the randomly initialised baseline student")

@@ -1,0 +1,40 @@
+"""Kedro datasets for artefacts with a format of their own."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from kedro.io import AbstractDataset, DatasetError
+from torch import nn
+
+from eva_pipeline.models import extract_state_dict, save_official_checkpoint
+
+
+class EvaCheckpointDataset(AbstractDataset[nn.Module, dict[str, torch.Tensor]]):
+    """Student weights in the official EVA-01 format: ``{"model": state_dict}`` in fp16.
+
+    ``save`` takes the module; ``load`` returns the state dict, so any loader of the official
+    checkpoints (ours, timm's ``checkpoint_filter_fn``) reads what the pipeline wrote.
+    """
+
+    def __init__(self, filepath: str, dtype: str = "float16", metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = PurePosixPath(filepath)
+        self._dtype = getattr(torch, dtype)
+        self.metadata = metadata
+
+    def load(self) -> dict[str, torch.Tensor]:
+        path = Path(self._filepath)
+        if not path.exists():
+            raise DatasetError(f"no EVA checkpoint at {path}: run the pipeline that produces it (see README)")
+        return extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def save(self, data: nn.Module) -> None:
+        save_official_checkpoint(data, Path(self._filepath), dtype=self._dtype)
+
+    def _exists(self) -> bool:
+        return Path(self._filepath).exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "dtype": str(self._dtype)}

@@ -1,0 +1,75 @@
+"""Thin nodes over ``eva_pipeline.evaluation``."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from eva_pipeline.config import EvaluationParams, PretrainParams, TeacherTargetsParams
+from eva_pipeline.data import load_images, to_model_input
+from eva_pipeline.evaluation import ProbeConfig, extract_features, linear_probe_top1, probe_bar_chart, split_probe
+from eva_pipeline.models import EvaMIM, load_official_checkpoint
+from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
+
+_LABELS = {
+    "probe_top1_pretrained": "EVA student (pre-trained)",
+    "probe_top1_random": "same ViT, random init",
+    "probe_top1_teacher": "teacher features (ceiling)",
+}
+
+
+def _patch_token_mean(model: EvaMIM):
+    """Frozen features of a student: final-norm patch tokens (cls excluded), mean-pooled by extract_features."""
+    model.eval()
+    return lambda x: model.forward_features(x)[:, 1:]
+
+
+def linear_probe(
+    manifest: pd.DataFrame,
+    student_state: dict[str, torch.Tensor],
+    params: EvaluationParams,
+    pretrain: PretrainParams,
+    teacher_params: TeacherTargetsParams,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Top-1 of a linear probe on held-out images: pre-trained student vs random init (vs the teacher).
+
+    Returned twice: as plain JSON (DVC metrics) and in kedro-mlflow's metric format (logged to the run).
+    """
+    rows = split_rows(manifest, "probe")
+    if rows["label"].isna().any():
+        raise ValueError("every 'probe' image needs a label for the linear probe; check the ingestion sources")
+    labels = rows["label"].to_numpy(dtype="int64")
+    train_idx, test_idx = split_probe(labels, _probe_config(params))
+    target_dim = int(student_state["lm_head.weight"].shape[0])
+    config = student_config(pretrain.model, target_dim=target_dim)
+    images = to_model_input(load_images(rows), config.img_size)
+
+    pretrained = EvaMIM(config)
+    load_official_checkpoint(pretrained, student_state)
+    torch.manual_seed(params.seed)
+    encoders = {"probe_top1_pretrained": _patch_token_mean(pretrained), "probe_top1_random": _patch_token_mean(EvaMIM(config))}
+    if params.include_teacher:
+        teacher = build_teacher(teacher_params.teacher, teacher_params.device)
+        grid = (config.grid_size, config.grid_size)
+        encoders["probe_top1_teacher"] = lambda x: teacher.targets(x, grid)
+
+    metrics: dict[str, float] = {}
+    for key, encode in encoders.items():
+        features = extract_features(encode, images, batch_size=params.batch_size)
+        metrics[key] = linear_probe_top1(
+            features[train_idx], labels[train_idx], features[test_idx], labels[test_idx], _probe_config(params)
+        )
+    metrics["probe_gain"] = metrics["probe_top1_pretrained"] - metrics["probe_top1_random"]
+    metrics["probe_chance"] = 1.0 / len(set(labels.tolist()))
+    return metrics, {key: {"value": value, "step": 0} for key, value in metrics.items()}
+
+
+def _probe_config(params: EvaluationParams) -> ProbeConfig:
+    p = params.probe
+    return ProbeConfig(test_fraction=p.test_fraction, seed=p.seed, C=p.C, max_iter=p.max_iter)
+
+
+def plot_probe(metrics: dict[str, float]) -> Figure:
+    bars = {_LABELS[k]: v for k, v in metrics.items() if k in _LABELS}
+    return probe_bar_chart(bars, title="Linear probe top-1 on the held-out split", chance=metrics["probe_chance"])

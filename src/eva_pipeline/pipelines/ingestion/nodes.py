@@ -1,0 +1,18 @@
+"""Thin nodes over ``eva_pipeline.data``."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from eva_pipeline.config import IngestionParams
+from eva_pipeline.data import SourceSpec
+from eva_pipeline.data import build_manifest as _build_manifest
+
+
+def build_manifest(params: IngestionParams) -> tuple[pd.DataFrame, dict]:
+    """Index every configured source into one manifest; the report counts what was found, kept and rejected."""
+    specs = [
+        SourceSpec(name=s.name, kind=s.kind, split=s.split, images=s.images, labels=s.labels, limit=s.limit)
+        for s in params.sources
+    ]
+    return _build_manifest(specs)

@@ -1,0 +1,17 @@
+from kedro.pipeline import Node, Pipeline
+
+from eva_pipeline.pipelines.teacher_targets.nodes import compute_teacher_targets
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                compute_teacher_targets,
+                inputs=["manifest", "params:teacher_targets", "params:pretrain"],
+                outputs="teacher_targets_receipt",
+                name="compute_teacher_targets",
+            )
+        ],
+        tags=["teacher_targets"],
+    )

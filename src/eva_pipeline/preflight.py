@@ -1,0 +1,101 @@
+"""Checks that a run can succeed, done before anything runs or is written (Kedro-free).
+
+A long job that dies after an hour because a file is missing is the worst outcome; one message that lists every
+missing piece (data, teacher weights, GPU) and how to provide it is the best.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
+from eva_pipeline.data import source_kinds
+from eva_pipeline.models import get_config
+from eva_pipeline.teachers import TeacherWeightsUnavailable, check_teacher_weights
+
+
+class PreflightError(RuntimeError):
+    """The run cannot succeed; the message lists each problem and what to do about it."""
+
+
+def check_sources(params: IngestionParams) -> list[str]:
+    problems = []
+    available = source_kinds()
+    for i, source in enumerate(params.sources):
+        where = f"ingestion.sources[{i}] ({source.name})"
+        if source.kind not in available:
+            problems.append(
+                f"{where}: source kind '{source.kind}' has no reader in this version (available: "
+                f"{', '.join(available)}); convert the data to an available kind or add a reader with "
+                f"eva_pipeline.data.register_source_kind"
+            )
+        for label, path in (("images", source.images), ("labels", source.labels)):
+            if path is not None and not Path(path).exists():
+                problems.append(
+                    f"{where}: {label} path {path} does not exist; download/unpack the data set there or point "
+                    f"ingestion.sources[{i}].{label} at it (conf/<env>/parameters_ingestion.yml)"
+                )
+    return problems
+
+
+def check_teacher(params: TeacherTargetsParams) -> list[str]:
+    try:
+        check_teacher_weights(params.teacher.kind, **params.teacher.options)
+    except TeacherWeightsUnavailable as exc:
+        return [f"teacher_targets.teacher ({params.teacher.kind}): {exc}"]
+    return []
+
+
+def check_device(device: str, precision: str = "fp32", what: str = "pretrain") -> list[str]:
+    has_cuda = torch.cuda.is_available()
+    problems = []
+    if device == "cuda" and not has_cuda:
+        problems.append(
+            f"{what}.device is 'cuda' but no CUDA GPU is visible to torch on this machine; run on a GPU machine "
+            f"(see README 'Scaling out') or set {what}.device: cpu"
+        )
+    if precision == "fp16" and not has_cuda:
+        problems.append(
+            f"{what}.precision 'fp16' needs a CUDA GPU (DeepSpeed does not support fp16 on CPU); use a GPU machine "
+            f"or set {what}.precision: fp32"
+        )
+    return problems
+
+
+def check_world_size(params: PretrainParams) -> list[str]:
+    """world_size ranks run one per GPU; CPU runs are single-process."""
+    if params.world_size == 1:
+        return []
+    gpus = torch.cuda.device_count()
+    if gpus < params.world_size:
+        return [
+            f"pretrain.world_size is {params.world_size} (one process per GPU) but this machine has {gpus} GPU(s); "
+            f"run across nodes with the DeepSpeed launcher and a hostfile (README 'Scaling out'), or lower "
+            f"pretrain.world_size and keep pretrain.batch_size divisible by it"
+        ]
+    return []
+
+
+def check_model(params: PretrainParams) -> list[str]:
+    try:
+        get_config(params.model.name, **params.model.overrides)
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"pretrain.model: {exc}"]
+    return []
+
+
+def check_augmentation(pretrain: PretrainParams, teacher: TeacherTargetsParams) -> list[str]:
+    if pretrain.augmentation.enabled and teacher.mode != "online":
+        return [
+            "pretrain.augmentation.enabled needs teacher_targets.mode: online (stored targets are of the "
+            "un-augmented image, and student and teacher must see the same view)"
+        ]
+    return []
+
+
+def raise_if_problems(problems: list[str]) -> None:
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise PreflightError(f"the run cannot start, {len(problems)} problem(s) found before any work:\n{listing}")

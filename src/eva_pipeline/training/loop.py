@@ -1,0 +1,269 @@
+"""The EVA pre-training loop over a DeepSpeed engine: deterministic data order and masks, per-step LR, checkpoints.
+
+Everything a step consumes is a pure function of (seed, epoch, index): the epoch permutation, each sample's mask
+and hence each batch. A run resumed from a checkpoint therefore continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from eva_pipeline.config import PretrainParams
+from eva_pipeline.data.augment import RandomResizedCropFlip, view_rng
+from eva_pipeline.data.transforms import to_model_input
+from eva_pipeline.masking import BlockMaskGenerator, mask_rng
+from eva_pipeline.models import EvaMIM, get_config
+from eva_pipeline.training.engine import check_precision, initialize_engine, resolve_device
+from eva_pipeline.training.objective import mim_cosine_loss
+from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
+from eva_pipeline.training.schedule import WarmupCosineSchedule
+
+log = logging.getLogger(__name__)
+
+TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(sample indices (B,), model-input images (B,3,H,W)) -> per-patch targets (B, N, D)."""
+MetricsFn = Callable[[int, dict[str, float]], None]
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class PretrainResult:
+    """What a finished run hands back: where the weights are and how training went."""
+
+    model: EvaMIM
+    steps: int
+    steps_per_epoch: int
+    resumed_from_step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        last = self.history[-10:]
+        return {
+            "steps": float(self.steps),
+            "final_loss": float(np.mean([h["loss"] for h in last])) if last else float("nan"),
+            "images_per_second": float(np.mean([h["images_per_second"] for h in last])) if last else float("nan"),
+        }
+
+
+def epoch_permutation(seed: int, epoch: int, num_items: int) -> np.ndarray:
+    """The sample order of ``epoch``: the same on every rank and after a restart."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED])).permutation(num_items)
+
+
+def make_mask_generator(params: PretrainParams, grid: int) -> BlockMaskGenerator:
+    m = params.masking
+    return BlockMaskGenerator(
+        grid=(grid, grid),
+        num_masking_patches=m.num_masking_patches,
+        min_num_patches=m.min_num_patches,
+        max_num_patches=m.max_num_patches,
+        min_aspect=m.min_aspect,
+    )
+
+
+def make_augmentation(params: PretrainParams, size: int) -> RandomResizedCropFlip | None:
+    a = params.augmentation
+    return RandomResizedCropFlip(size, a.scale, a.ratio, a.flip_prob) if a.enabled else None
+
+
+def _views(
+    images: torch.Tensor, indices: np.ndarray, augment: RandomResizedCropFlip | None, seed: int, epoch: int
+) -> torch.Tensor:
+    """The batch's uint8 images, each through its own seeded view when augmenting."""
+    if augment is None:
+        return images[torch.from_numpy(indices)]
+    height, width = images.shape[-2:]
+    return torch.stack(
+        [augment.apply(images[i], augment.sample(height, width, view_rng(seed, epoch, int(i)))) for i in indices]
+    )
+
+
+def batch_masks(generator: BlockMaskGenerator, seed: int, epoch: int, indices: np.ndarray) -> torch.Tensor:
+    """(B, N) boolean masks, each drawn from its sample's own seeded generator."""
+    return torch.from_numpy(np.stack([generator(mask_rng(seed, epoch, int(i))).reshape(-1) for i in indices]))
+
+
+def cached_targets(targets: torch.Tensor) -> TargetFn:
+    """Targets precomputed by the teacher_targets pipeline, looked up by sample index."""
+    return lambda indices, images: targets[indices]
+
+
+def _checkpoint_tags(root: Path) -> list[str]:
+    tags = [p.name for p in root.glob(f"{_CHECKPOINT_PREFIX}*") if p.is_dir()]
+    return sorted(tags, key=lambda t: int(t[len(_CHECKPOINT_PREFIX) :]))
+
+
+def _prune_checkpoints(root: Path, keep_last: int) -> None:
+    for tag in _checkpoint_tags(root)[:-keep_last]:
+        shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def run_pretraining(
+    params: PretrainParams,
+    images: torch.Tensor,
+    target_fn: TargetFn,
+    target_dim: int,
+    metrics_fn: MetricsFn | None = None,
+    progress: bool = True,
+) -> PretrainResult:
+    """Pre-train an EVA student on ``images`` (uint8 (N, C, H, W)) against ``target_fn``'s per-patch targets.
+
+    Writes resumable DeepSpeed checkpoints to ``params.checkpoint.dir`` and returns the trained student (the caller
+    stores it, e.g. in the official EVA-01 format).
+    """
+    device = resolve_device(params.device)
+    check_precision(params.precision, device)
+    num_items = images.shape[0]
+    steps_per_epoch = num_items // params.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {params.batch_size} exceeds the {num_items} pre-training images")
+    total_steps = steps_per_epoch * params.epochs
+    last_step = min(total_steps, params.max_steps or total_steps)
+
+    torch.manual_seed(params.seed)
+    config = get_config(params.model.name, **{**params.model.overrides, "target_dim": target_dim})
+    model = EvaMIM(config)
+    optimizer = build_adamw(
+        param_groups(model, params.optimizer.weight_decay),
+        AdamWConfig(
+            lr=params.optimizer.lr,
+            betas=params.optimizer.betas,
+            eps=params.optimizer.eps,
+            weight_decay=params.optimizer.weight_decay,
+        ),
+    )
+    engine = initialize_engine(model, optimizer, params, device)
+    rank, world = engine.global_rank, engine.world_size
+    if world != params.world_size:
+        raise RuntimeError(
+            f"pretrain.world_size is {params.world_size} but this process group has {world} rank(s): multi-process "
+            f"runs are started by the DeepSpeed launcher (README 'Scaling out')"
+        )
+    micro = params.batch_size // world
+
+    schedule = WarmupCosineSchedule.from_epochs(
+        base_value=params.optimizer.lr,
+        final_value=params.optimizer.min_lr,
+        epochs=params.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=params.optimizer.warmup_epochs,
+    )
+    masker = make_mask_generator(params, config.grid_size)
+    augment = make_augmentation(params, config.img_size)
+    fingerprint = training_fingerprint(params, num_items, target_dim)
+    # One folder per training configuration: changed settings start a new run and never touch another's state.
+    ckpt_dir = Path(params.checkpoint.dir) / fingerprint
+    start_step = _resume(engine, ckpt_dir, fingerprint) if params.checkpoint.resume == "auto" else 0
+
+    dtype = _DTYPES[params.precision]
+    history: list[dict[str, float]] = []
+    perm_epoch, perm = -1, np.empty(0, dtype=np.int64)
+    bar = tqdm(total=last_step, initial=start_step, desc="pretrain", unit="step", disable=not progress or rank != 0)
+    engine.train()
+    for step in range(start_step, last_step):
+        tick = time.perf_counter()
+        epoch, within = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, epoch_permutation(params.seed, epoch, num_items)
+        batch = perm[within * params.batch_size : (within + 1) * params.batch_size]
+        local = batch[rank * micro : (rank + 1) * micro]
+        index = torch.from_numpy(local)
+        x = to_model_input(_views(images, local, augment, params.seed, epoch), config.img_size)
+        mask = batch_masks(masker, params.seed, epoch, local)
+        mask = mask.to(device, non_blocking=True)
+        target = target_fn(index, x).to(device, non_blocking=True)[mask]
+        x = x.to(device, dtype, non_blocking=True)
+
+        lr = schedule(step)
+        apply_lr(engine.optimizer, lr)
+        loss = mim_cosine_loss(engine(x, mask), target)
+        engine.backward(loss)
+        engine.step()
+
+        elapsed = time.perf_counter() - tick
+        record = {
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": _float(engine.get_global_grad_norm()),
+            "images_per_second": params.batch_size / elapsed,
+            "epoch": float(epoch),
+        }
+        if params.precision == "fp16":
+            record["loss_scale"] = float(engine.optimizer.cur_scale)
+        history.append(record)
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_second']:.0f}")
+            if metrics_fn is not None and ((step + 1) % params.log_every_steps == 0 or step + 1 == last_step):
+                metrics_fn(step + 1, record)
+        if (step + 1) % params.checkpoint.every_steps == 0 or step + 1 == last_step:
+            _save(engine, ckpt_dir, step + 1, params.checkpoint.keep_last, fingerprint)
+    bar.close()
+
+    return PretrainResult(
+        model=engine.module,
+        steps=last_step,
+        steps_per_epoch=steps_per_epoch,
+        resumed_from_step=start_step,
+        history=history,
+    )
+
+
+def _float(value: object) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def training_fingerprint(params: PretrainParams, num_items: int, target_dim: int) -> str:
+    """What a checkpoint must agree with to be resumed: everything that shapes the trajectory.
+
+    Where checkpoints go, how often, and ``max_steps`` (a smoke-run cut-off) do not change the trajectory.
+    """
+    shaping = params.model_dump(mode="json", exclude={"checkpoint", "max_steps", "log_every_steps", "mask_examples", "device"})
+    blob = json.dumps({"params": shaping, "num_items": num_items, "target_dim": target_dim}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save(engine, ckpt_dir: Path, step: int, keep_last: int, fingerprint: str) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(
+        str(ckpt_dir),
+        tag=f"{_CHECKPOINT_PREFIX}{step}",
+        client_state={"global_step": step, "fingerprint": fingerprint},
+    )
+    if engine.global_rank == 0:
+        _prune_checkpoints(ckpt_dir, keep_last)
+
+
+def _resume(engine, ckpt_dir: Path, fingerprint: str) -> int:
+    """Load the latest checkpoint if there is one; returns the step to continue from."""
+    if not (ckpt_dir / "latest").exists():
+        return 0
+    tag = (ckpt_dir / "latest").read_text().strip()
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(
+            f"checkpoint {ckpt_dir / tag} named by {ckpt_dir / 'latest'} could not be loaded; "
+            f"remove it (or set pretrain.checkpoint.resume: never) to start over"
+        )
+    if client_state.get("fingerprint") != fingerprint:
+        raise RuntimeError(
+            f"the checkpoint in {ckpt_dir} was written by a run with other settings; move it away to start over"
+        )
+    step = int(client_state["global_step"])
+    log.info("resumed pre-training from %s at step %d", path, step)
+    return step
