@@ -106,8 +106,16 @@ def _checkpoint_tags(root: Path) -> list[str]:
     return sorted(tags, key=lambda t: int(t[len(_CHECKPOINT_PREFIX) :]))
 
 
-def _prune_checkpoints(root: Path, keep_last: int) -> None:
-    for tag in _checkpoint_tags(root)[:-keep_last]:
+def _prune_checkpoints(root: Path, keep_last: int, current_step: int) -> None:
+    """Keep the ``keep_last`` newest checkpoints up to ``current_step`` (the one ``latest`` now names).
+
+    Tags past ``current_step`` are stale, left by an earlier run of the same configuration that this one restarted
+    (``resume: never``): kept, they would outrank the new checkpoints and get the one ``latest`` names deleted.
+    """
+    tags = _checkpoint_tags(root)
+    stale = [t for t in tags if int(t[len(_CHECKPOINT_PREFIX) :]) > current_step]
+    current = [t for t in tags if t not in stale]
+    for tag in stale + current[:-keep_last]:
         shutil.rmtree(root / tag, ignore_errors=True)
 
 
@@ -215,7 +223,7 @@ def run_pretraining(
 
     return PretrainResult(
         model=engine.module,
-        steps=last_step,
+        steps=max(last_step, start_step),  # a checkpoint past max_steps is returned as it is, not re-trained
         steps_per_epoch=steps_per_epoch,
         resumed_from_step=start_step,
         history=history,
@@ -246,7 +254,7 @@ def _save(engine, ckpt_dir: Path, step: int, keep_last: int, fingerprint: str) -
         client_state={"global_step": step, "fingerprint": fingerprint},
     )
     if engine.global_rank == 0:
-        _prune_checkpoints(ckpt_dir, keep_last)
+        _prune_checkpoints(ckpt_dir, keep_last, step)
 
 
 def _resume(engine, ckpt_dir: Path, fingerprint: str) -> int:

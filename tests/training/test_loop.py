@@ -1,0 +1,321 @@
+"""The pre-training loop over DeepSpeed (spec sections 3, 5, 6): same math as a plain PyTorch loop, it learns,
+resumes exactly, keeps its checkpoints in order, and every batch/mask is a pure function of the seed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eva_pipeline.config import PretrainParams
+from eva_pipeline.data import read_idx, to_model_input
+from eva_pipeline.masking import mask_rng
+from eva_pipeline.models import EvaMIM, get_config
+from eva_pipeline.training import loop
+from eva_pipeline.training.loop import (
+    batch_masks,
+    cached_targets,
+    epoch_permutation,
+    make_mask_generator,
+    run_pretraining,
+    training_fingerprint,
+)
+from eva_pipeline.training.optim import param_groups
+from eva_pipeline.training.schedule import WarmupCosineSchedule
+
+FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
+TINY = dict(depth=1, embed_dim=32, num_heads=2, mlp_hidden_dim=64, drop_path_rate=0.0)
+N, D = 32, 16  # images, target width; batch 8 -> 4 steps per epoch
+
+
+def make_params(ckpt_dir: Path, **changes) -> PretrainParams:
+    """A tiny CPU pre-training config writing checkpoints under ``ckpt_dir``; ``changes`` merge in (nested)."""
+    base = dict(
+        model=dict(name="eva_tiny_patch4_28", overrides=dict(TINY)),
+        masking=dict(num_masking_patches=20, min_num_patches=4),
+        optimizer=dict(lr=1e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.05),
+        epochs=2,
+        batch_size=8,
+        device="cpu",
+        seed=0,
+        checkpoint=dict(dir=str(ckpt_dir), every_steps=2, keep_last=2),
+    )
+
+    def merge(into: dict, new: dict) -> dict:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+        return into
+
+    return PretrainParams.model_validate(merge(base, copy.deepcopy(changes)))
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Random uint8 grayscale images (N, 1, 28, 28) and fixed random targets (N, 49, D)."""
+    gen = torch.Generator().manual_seed(1234)
+    images = torch.randint(0, 256, (N, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    return images, torch.randn(N, 49, D, generator=gen)
+
+
+def _run(params: PretrainParams, data, **kwargs):
+    images, targets = data
+    return run_pretraining(params, images, cached_targets(targets), D, progress=False, **kwargs)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _step_tags(folder: Path) -> list[str]:
+    return sorted((p.name for p in folder.glob("step_*") if p.is_dir()), key=lambda t: int(t[5:]))
+
+
+def _only_fingerprint_dir(root: Path) -> Path:
+    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- same math as plain torch
+def _reference_loop(params: PretrainParams, images: torch.Tensor, targets: torch.Tensor, steps: int):
+    """EVA pre-training written out in plain PyTorch: no DeepSpeed, no ZeRO, no loop helpers for the update."""
+    torch.manual_seed(params.seed)
+    config = get_config(params.model.name, **{**params.model.overrides, "target_dim": targets.shape[-1]})
+    model = EvaMIM(config)
+    groups = [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in param_groups(model, params.optimizer.weight_decay)
+    ]
+    opt = params.optimizer
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    num, batch = images.shape[0], params.batch_size
+    steps_per_epoch = num // batch
+    warmup = int(params.optimizer.warmup_epochs * steps_per_epoch)
+    total = params.epochs * steps_per_epoch
+    base, final = params.optimizer.lr, params.optimizer.min_lr
+
+    def lr_at(step: int) -> float:  # BEiT's cosine_scheduler: linspace(0, base, warmup) then half-cosine
+        if step < warmup:
+            return base * step / (warmup - 1)
+        return final + 0.5 * (base - final) * (1 + np.cos(np.pi * (step - warmup) / (total - warmup)))
+
+    masker = make_mask_generator(params, config.grid_size)
+    losses, norms = [], []
+    model.train()
+    for step in range(steps):
+        epoch, within = divmod(step, steps_per_epoch)
+        idx = epoch_permutation(params.seed, epoch, num)[within * batch : (within + 1) * batch]
+        x = to_model_input(images[torch.from_numpy(idx)], config.img_size)
+        mask = batch_masks(masker, params.seed, epoch, idx)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        target = targets[torch.from_numpy(idx)][mask]
+        loss = -F.cosine_similarity(model(x, mask).float(), target.float(), dim=-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), params.optimizer.clip_grad).item())
+        optimizer.step()
+        losses.append(loss.item())
+    return model, losses, norms
+
+
+def test_deepspeed_run_equals_a_plain_pytorch_loop(tmp_path, data):
+    """Five steps (warmup, the first cosine step and an epoch boundary) reach the same weights as plain PyTorch."""
+    params = make_params(tmp_path / "ckpt", max_steps=5, model=dict(overrides=dict(depth=2)))
+    result = _run(params, data)
+    reference, losses, norms = _reference_loop(params, *data, steps=5)
+    assert result.steps == 5 and len(result.history) == 5
+    assert [h["loss"] for h in result.history] == pytest.approx(losses, abs=1e-6)
+    assert [h["grad_norm"] for h in result.history] == pytest.approx(norms, rel=1e-5)
+    assert max(norms) > 3.0  # clipping at 3.0 was exercised, so it is part of what agrees
+    initial = EvaMIM(get_config(params.model.name, **{**params.model.overrides, "target_dim": D}))
+    moved = 0
+    for (name, got), want in zip(result.model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)  # measured: 6e-8
+        moved += int((want - initial.state_dict()[name]).abs().max() > 1e-4)
+    assert moved > 10  # the weights really trained (not two copies of the initial state)
+
+
+# ------------------------------------------------------------------------------------------- it learns
+def test_loss_decreases_on_a_learnable_target(tmp_path):
+    """Targets = a fixed linear projection of each patch's pixels (Fashion-MNIST): the loss falls within 32 steps."""
+    images = torch.from_numpy(read_idx(FMNIST)[:64].copy()).unsqueeze(1)
+    x = to_model_input(images, 28)
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(64, 49, 48)
+    targets = patches @ torch.randn(48, D, generator=torch.Generator().manual_seed(0))
+    params = make_params(tmp_path / "ckpt", epochs=8, batch_size=16, model=dict(overrides=dict(depth=2)),
+                         checkpoint=dict(every_steps=1000))
+    result = run_pretraining(params, images, cached_targets(targets), D, progress=False)
+    losses = np.array([h["loss"] for h in result.history])
+    assert len(losses) == 32 and np.isfinite(losses).all()
+    assert losses[:5].mean() > -0.25
+    assert losses[-5:].mean() < losses[:5].mean() - 0.3
+    assert losses[-5:].mean() < -0.45
+
+
+# ------------------------------------------------------------------------------------------- checkpoints and resume
+def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
+    steps = 8  # 2 epochs of 4 steps: the resumed half crosses into epoch 1
+    a = _run(make_params(tmp_path / "a"), data)
+    b1 = _run(make_params(tmp_path / "b", max_steps=steps // 2), data)
+    assert (a.steps, a.resumed_from_step, b1.steps, b1.resumed_from_step) == (steps, 0, steps // 2, 0)
+    folder_b = _only_fingerprint_dir(tmp_path / "b")
+    assert _step_tags(folder_b) == ["step_2", "step_4"] and (folder_b / "latest").read_text().strip() == "step_4"
+
+    b2 = _run(make_params(tmp_path / "b"), data)
+    assert b2.resumed_from_step == steps // 2 and b2.steps == steps and len(b2.history) == steps // 2
+    for (name, got), want in zip(b2.model.state_dict().items(), a.model.state_dict().values()):
+        assert torch.equal(got, want), name  # CPU fp32 is deterministic: bit for bit
+    for got, want in zip(b2.history, a.history[steps // 2 :]):
+        assert {k: got[k] for k in ("loss", "lr", "grad_norm", "epoch")} == {
+            k: want[k] for k in ("loss", "lr", "grad_norm", "epoch")
+        }
+    # The first half of b equals a's first half too (same trajectory, only cut short).
+    assert [h["loss"] for h in b1.history] == [h["loss"] for h in a.history[: steps // 2]]
+
+    # Pruning: every 2 steps with keep_last 2 leaves exactly the two newest, and `latest` names the newest.
+    folder_a = _only_fingerprint_dir(tmp_path / "a")
+    assert _step_tags(folder_a) == ["step_6", "step_8"] and _step_tags(folder_b) == ["step_6", "step_8"]
+    assert (folder_a / "latest").read_text().strip() == "step_8"
+
+    # A finished run resumed again trains nothing and returns the finished weights; so does a shorter max_steps.
+    for extra in ({}, {"max_steps": 3}):
+        again = _run(make_params(tmp_path / "a", **extra), data)
+        assert (again.resumed_from_step, again.steps, again.history) == (steps, steps, [])
+        for got, want in zip(again.model.state_dict().values(), a.model.state_dict().values()):
+            assert torch.equal(got, want)
+
+
+def test_keep_last_and_every_steps(tmp_path, data):
+    _run(make_params(tmp_path / "c", epochs=3, checkpoint=dict(every_steps=3, keep_last=3)), data)
+    folder = _only_fingerprint_dir(tmp_path / "c")
+    # 12 steps, saved at 3, 6, 9, 12 (12 is also the last step); the newest three stay.
+    assert _step_tags(folder) == ["step_6", "step_9", "step_12"]
+    assert (folder / "latest").read_text().strip() == "step_12"
+    _run(make_params(tmp_path / "d", max_steps=5, checkpoint=dict(every_steps=3, keep_last=1)), data)
+    # The cut-off step is always saved, even off the every_steps grid.
+    assert _step_tags(_only_fingerprint_dir(tmp_path / "d")) == ["step_5"]
+
+
+def test_changed_settings_use_another_folder_and_do_not_resume(tmp_path, data):
+    root = tmp_path / "ckpt"
+    first = _run(make_params(root, max_steps=4), data)
+    other = _run(make_params(root, max_steps=4, optimizer=dict(lr=2e-3)), data)
+    assert other.resumed_from_step == 0 and len(other.history) == 4
+    assert other.history[1]["lr"] == pytest.approx(2 * first.history[1]["lr"])
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    assert len(folders) == 2 and all(_step_tags(f) == ["step_2", "step_4"] for f in folders)
+    # ... and the first configuration still resumes its own run.
+    again = _run(make_params(root, max_steps=6), data)
+    assert again.resumed_from_step == 4 and len(again.history) == 2
+
+
+def test_fingerprint_covers_what_shapes_the_trajectory(tmp_path):
+    base = make_params(tmp_path / "x")
+    fp = training_fingerprint(base, N, D)
+    same = [
+        make_params(tmp_path / "elsewhere", checkpoint=dict(every_steps=7, keep_last=5, resume="never")),
+        make_params(tmp_path / "x", max_steps=3, log_every_steps=1, mask_examples=2),
+    ]
+    assert all(training_fingerprint(p, N, D) == fp for p in same)
+    different = [
+        make_params(tmp_path / "x", optimizer=dict(lr=2e-3)),
+        make_params(tmp_path / "x", seed=1),
+        make_params(tmp_path / "x", epochs=3),
+        make_params(tmp_path / "x", batch_size=16),
+        make_params(tmp_path / "x", masking=dict(num_masking_patches=10)),
+        make_params(tmp_path / "x", model=dict(overrides=dict(depth=2))),
+        make_params(tmp_path / "x", augmentation=dict(enabled=True)),
+    ]
+    fps = {training_fingerprint(p, N, D) for p in different}
+    assert fp not in fps and len(fps) == len(different)
+    assert training_fingerprint(base, N + 1, D) != fp and training_fingerprint(base, N, D + 1) != fp
+
+
+def test_resume_never_restarts_and_leaves_a_resumable_folder(tmp_path, data):
+    """A restart over a finished run's folder must not delete its own new checkpoint in favour of stale ones."""
+    root = tmp_path / "ckpt"
+    full = _run(make_params(root), data)  # steps 1..8 -> step_6, step_8
+    restart = _run(make_params(root, max_steps=3, checkpoint=dict(every_steps=3, resume="never")), data)
+    assert restart.resumed_from_step == 0 and len(restart.history) == 3
+    folder = _only_fingerprint_dir(root)
+    latest = (folder / "latest").read_text().strip()
+    assert latest == "step_3" and _step_tags(folder) == ["step_3"]
+    resumed = _run(make_params(root), data)
+    assert resumed.resumed_from_step == 3 and len(resumed.history) == 5
+    for got, want in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(got, want)
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path, data):
+    with pytest.raises(ValueError, match="batch_size 64 exceeds the 32"):
+        _run(make_params(tmp_path / "ckpt", batch_size=64), data)
+
+
+# ------------------------------------------------------------------------------------------- masks and data order
+def _recorded_run(params: PretrainParams, data, monkeypatch):
+    """Run, recording per step the sample indices the targets were looked up for and the masks the student got."""
+    images, targets = data
+    seen_indices, seen_masks = [], []
+
+    class RecordingMIM(EvaMIM):
+        def forward(self, images, mask):
+            seen_masks.append(mask.detach().cpu().clone())
+            return super().forward(images, mask)
+
+    def target_fn(indices, x):
+        seen_indices.append(indices.clone().numpy())
+        return targets[indices]
+
+    monkeypatch.setattr(loop, "EvaMIM", RecordingMIM)
+    run_pretraining(params, images, target_fn, D, progress=False)
+    return seen_indices, seen_masks
+
+
+def test_batches_and_masks_are_pure_functions_of_the_seed(tmp_path, data, monkeypatch):
+    params = make_params(tmp_path / "s0", checkpoint=dict(resume="never"))
+    indices, masks = _recorded_run(params, data, monkeypatch)
+    assert len(indices) == len(masks) == 8
+    masker = make_mask_generator(params, grid=7)
+    for step, (idx, mask) in enumerate(zip(indices, masks)):
+        epoch, within = divmod(step, 4)
+        np.testing.assert_array_equal(idx, epoch_permutation(0, epoch, N)[within * 8 : (within + 1) * 8])
+        assert mask.dtype == torch.bool and mask.shape == (8, 49)
+        expected = np.stack([masker(mask_rng(0, epoch, int(i))).reshape(-1) for i in idx])
+        np.testing.assert_array_equal(mask.numpy(), expected)
+        np.testing.assert_array_equal(mask.sum(1).numpy(), expected.sum(1))
+        assert (mask.sum(1) <= 20).all() and (mask.sum(1) >= 4).all()
+    for epoch in range(2):  # every image exactly once per epoch, in a different order each epoch
+        assert sorted(np.concatenate(indices[epoch * 4 : epoch * 4 + 4]).tolist()) == list(range(N))
+    assert not np.array_equal(np.concatenate(indices[:4]), np.concatenate(indices[4:]))
+    # An image's mask changes from epoch to epoch (seeded by epoch and index).
+    first = {int(i): m for idx, ms in zip(indices[:4], masks[:4]) for i, m in zip(idx, ms)}
+    second = {int(i): m for idx, ms in zip(indices[4:], masks[4:]) for i, m in zip(idx, ms)}
+    assert sum(not torch.equal(first[i], second[i]) for i in range(N)) > N // 2
+
+    indices_again, masks_again = _recorded_run(make_params(tmp_path / "s0b", checkpoint=dict(resume="never")),
+                                               data, monkeypatch)
+    assert all(np.array_equal(a, b) for a, b in zip(indices, indices_again))
+    assert all(torch.equal(a, b) for a, b in zip(masks, masks_again))
+
+    indices_1, masks_1 = _recorded_run(make_params(tmp_path / "s1", seed=1, checkpoint=dict(resume="never")),
+                                       data, monkeypatch)
+    assert not all(np.array_equal(a, b) for a, b in zip(indices, indices_1))
+    by_index_0 = {int(i): m for idx, ms in zip(indices[:4], masks[:4]) for i, m in zip(idx, ms)}
+    by_index_1 = {int(i): m for idx, ms in zip(indices_1[:4], masks_1[:4]) for i, m in zip(idx, ms)}
+    assert sum(not torch.equal(by_index_0[i], by_index_1[i]) for i in range(N)) > N // 2
+
+
+def test_schedule_helper_matches_the_reference_formula():
+    """The reference loop above writes the schedule out by hand; pin it to the library's schedule."""
+    schedule = WarmupCosineSchedule.from_epochs(1e-3, 1e-5, epochs=2, steps_per_epoch=4, warmup_epochs=1)
+    values = [schedule(s) for s in range(8)]
+    assert values[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
+    assert values[4] == pytest.approx(1e-3)  # the cosine starts at its top
+    assert values[5] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * 1 / 4)))
