@@ -1,12 +1,16 @@
-"""Kedro hooks: pre-flight checks before a pipeline runs."""
+"""Kedro hooks: pre-flight checks before a pipeline runs; MLflow params of typed blocks and run closing."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+from pydantic import BaseModel
 
 from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
+
+_MLFLOW_PARAM_MAX_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+_MLFLOW_BATCH = 100  # params per log_batch call
 
 
 def _params(catalog: Any, name: str, model: type) -> Any:
@@ -14,9 +18,12 @@ def _params(catalog: Any, name: str, model: type) -> Any:
 
 
 class PreflightHook:
-    """Refuses to start a run that would fail later for want of data, weights or a GPU; nothing is written."""
+    """Refuses to start a run that would fail later for want of data, weights or a GPU; nothing is written.
 
-    @hook_impl
+    ``tryfirst``: runs before kedro-mlflow's ``before_pipeline_run``, so a refused run leaves no MLflow run behind.
+    """
+
+    @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         from eva_pipeline import preflight  # torch-heavy: only when a pipeline really runs
 
@@ -38,3 +45,82 @@ class PreflightHook:
             problems += preflight.check_teacher(teacher)
             problems += preflight.check_device(teacher.device, what="teacher_targets")
         preflight.raise_if_problems(problems)
+
+
+def flatten_params(prefix: str, value: Any, sep: str = ".") -> dict[str, Any]:
+    """``{"pretrain.optimizer.lr": 1e-3, ...}``: dicts and lists of dicts flattened (list items by index)."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and any(isinstance(v, (dict, BaseModel)) for v in value):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(flatten_params(f"{prefix}{sep}{key}", item, sep))
+    return flat
+
+
+class MlflowRunHook:
+    """Two fixes around kedro-mlflow's run handling (the run itself is kedro-mlflow's).
+
+    * Typed parameters: each field of a pydantic ``params:`` input is logged as its own MLflow param
+      (``pretrain.optimizer.lr``). kedro-mlflow flattens only plain dicts; a validated parameter block reaches the
+      nodes as a pydantic model, which it logs as one truncated string. ``trylast``: after kedro-mlflow has
+      re-opened the run for the node.
+    * Closing the run: kedro-mlflow re-opens its run before every node, and MLflow 3 stacks a run re-opened with
+      ``nested=True`` once more each time, so its single ``end_run()`` leaves the run active in this process. A second
+      session in the same process (a notebook, a test) would then log into the first one's run. ``trylast`` after a
+      pipeline: end what is left of a run that kedro-mlflow opened (a run active before the session is left alone).
+    """
+
+    def __init__(self) -> None:
+        self._logged: set[tuple[str, str]] = set()
+        self._outer_run_id: str | None = None
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self) -> None:
+        import mlflow
+
+        outer = mlflow.active_run()
+        self._outer_run_id = None if outer is None else outer.info.run_id
+
+    @hook_impl(trylast=True)
+    def before_node_run(self, inputs: dict[str, Any]) -> None:
+        typed = {
+            k[len("params:") :]: v for k, v in inputs.items() if k.startswith("params:") and isinstance(v, BaseModel)
+        }
+        if not typed:
+            return
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:  # tracking disabled for this pipeline
+            return
+        params: dict[str, str] = {}
+        for name, value in typed.items():
+            if (run.info.run_id, name) in self._logged:
+                continue
+            self._logged.add((run.info.run_id, name))
+            params.update({k: str(v)[:_MLFLOW_PARAM_MAX_LENGTH] for k, v in flatten_params(name, value).items()})
+        items = sorted(params.items())
+        for start in range(0, len(items), _MLFLOW_BATCH):
+            mlflow.log_params(dict(items[start : start + _MLFLOW_BATCH]))
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self) -> None:
+        self._end_leftover_runs("FINISHED")
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self) -> None:
+        self._end_leftover_runs("FAILED")
+
+    def _end_leftover_runs(self, status: str) -> None:
+        import mlflow
+
+        if self._outer_run_id is not None:
+            return
+        while mlflow.active_run() is not None:
+            mlflow.end_run(status)

@@ -12,6 +12,7 @@ import torch
 
 from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
 from eva_pipeline.data import source_kinds
+from eva_pipeline.masking import BlockMaskGenerator
 from eva_pipeline.models import get_config
 from eva_pipeline.teachers import TeacherWeightsUnavailable, check_teacher_weights
 
@@ -79,10 +80,22 @@ def check_world_size(params: PretrainParams) -> list[str]:
 
 
 def check_model(params: PretrainParams) -> list[str]:
+    """The named model with its overrides, and the masking on that model's patch grid."""
     try:
-        get_config(params.model.name, **params.model.overrides)
+        config = get_config(params.model.name, **params.model.overrides)
     except (KeyError, TypeError, ValueError) as exc:
         return [f"pretrain.model: {exc}"]
+    m = params.masking
+    try:
+        BlockMaskGenerator(
+            grid=(config.grid_size, config.grid_size),
+            num_masking_patches=m.num_masking_patches,
+            min_num_patches=m.min_num_patches,
+            max_num_patches=m.max_num_patches,
+            min_aspect=m.min_aspect,
+        )
+    except ValueError as exc:
+        return [f"pretrain.masking (model {params.model.name}, {config.grid_size}x{config.grid_size} patches): {exc}"]
     return []
 
 

@@ -10,6 +10,6 @@ CONFIG_LOADER_ARGS = {
     "merge_strategy": {"parameters": "soft"},
 }
 
-from eva_pipeline.hooks import PreflightHook  # noqa: E402
+from eva_pipeline.hooks import MlflowRunHook, PreflightHook  # noqa: E402
 
-HOOKS = (PreflightHook(),)
+HOOKS = (PreflightHook(), MlflowRunHook())

@@ -1,0 +1,227 @@
+"""Shared fixtures of the pipeline tests: a tiny configuration, a catalog under tmp, a throw-away Kedro project.
+
+Tiny run: 256 pre-training / 200 probe images of the embedded Fashion-MNIST subset, teacher batch 32, 5 training
+steps of batch 32. Everything the pipelines write goes under pytest's tmp folders; the repository's data/ and
+mlflow.db are never touched (MLFLOW_TRACKING_URI points into tmp too, in case anything logs without a run).
+
+Fixtures rather than a helper module: under pytest's importlib import mode, test modules cannot import siblings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_BASE = PROJECT_ROOT / "conf" / "base"
+RAW = PROJECT_ROOT / "data" / "01_raw" / "fashion_mnist"
+PIPELINES = ("ingestion", "teacher_targets", "train_student", "evaluation")
+PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
+
+
+def _read_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def base_params() -> dict[str, dict]:
+    """The four parameter blocks as conf/base has them (plain dicts)."""
+    out: dict[str, dict] = {}
+    for name in ("ingestion", "teacher_targets", "pretrain", "evaluation"):
+        out.update(_read_yaml(CONF_BASE / f"parameters_{name}.yml"))
+    return out
+
+
+def tiny_params(workdir: Path) -> dict[str, dict]:
+    """conf/base scaled down for tests; raw paths absolute, every output folder under ``workdir``."""
+    params = base_params()
+    for source, limit in zip(params["ingestion"]["sources"], (PRETRAIN_IMAGES, PROBE_IMAGES)):
+        source["limit"] = limit
+        for key in ("images", "labels"):
+            source[key] = str(PROJECT_ROOT / source[key])
+    params["teacher_targets"].update(batch_size=BATCH, output_dir=str(workdir / "teacher_targets"))
+    params["pretrain"].update(batch_size=BATCH, max_steps=STEPS, log_every_steps=1, mask_examples=4)
+    params["pretrain"]["checkpoint"]["dir"] = str(workdir / "checkpoints")
+    return params
+
+
+def typed_params(params: dict[str, dict]) -> dict[str, Any]:
+    """``params:<block>`` -> the validated pydantic object, as a KedroSession puts it into the catalog."""
+    from eva_pipeline.config import EvaluationParams, IngestionParams, PretrainParams, TeacherTargetsParams
+
+    models = {
+        "ingestion": IngestionParams,
+        "teacher_targets": TeacherTargetsParams,
+        "pretrain": PretrainParams,
+        "evaluation": EvaluationParams,
+    }
+    return {f"params:{name}": models[name].model_validate(value) for name, value in params.items()}
+
+
+def catalog_config(workdir: Path) -> dict[str, dict]:
+    """conf/base/catalog.yml with every filepath under ``workdir``; MLflow wrappers replaced by what they wrap."""
+    conf = copy.deepcopy(_read_yaml(CONF_BASE / "catalog.yml"))
+    for name, entry in list(conf.items()):
+        if entry["type"].endswith("MlflowArtifactDataset"):
+            entry = conf[name] = entry["dataset"]
+        elif entry["type"].startswith("kedro_mlflow."):
+            conf[name] = {"type": "kedro.io.MemoryDataset"}
+            continue
+        if "filepath" in entry:
+            entry["filepath"] = str(workdir / entry["filepath"])
+    return conf
+
+
+def make_catalog(workdir: Path, params: dict[str, dict]):
+    from kedro.io import DataCatalog
+
+    catalog = DataCatalog.from_config(catalog_config(workdir))
+    for name, value in typed_params(params).items():
+        catalog[name] = value
+    return catalog
+
+
+def run_pipeline(name: str, catalog) -> dict:
+    """One registered stage on ``catalog`` with Kedro's SequentialRunner (no hooks: the slice alone)."""
+    from kedro.runner import SequentialRunner
+
+    from eva_pipeline.pipelines import pretrain
+
+    return SequentialRunner().run(pretrain.STAGES[name].create_pipeline(), catalog)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Stray MLflow calls (no run opened by kedro-mlflow) must not create ./mlflow.db or ./mlruns in the repo."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('stray_mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        mlflow.set_tracking_uri(uri)
+        yield
+        mlflow.set_tracking_uri(previous)
+
+
+# ------------------------------------------------------------------------------------------------ stage chain
+class Workspace:
+    """One tmp folder, its catalog and the tiny params; stages run lazily, each once per test session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.params = tiny_params(root)
+        self.catalog = make_catalog(root, self.params)
+        self.outputs: dict[str, dict] = {}
+
+    def path(self, dataset: str) -> Path:
+        return Path(catalog_config(self.root)[dataset]["filepath"])
+
+    def run(self, stage: str) -> dict:
+        if stage not in self.outputs:
+            for upstream in PIPELINES[: PIPELINES.index(stage)]:
+                self.run(upstream)
+            self.outputs[stage] = run_pipeline(stage, self.catalog)
+        return self.outputs[stage]
+
+    def run_again(self, stage: str) -> dict:
+        self.run(stage)
+        return run_pipeline(stage, self.catalog)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    return Workspace(tmp_path_factory.mktemp("pipelines"))
+
+
+# ------------------------------------------------------------------------------------------------ Kedro project
+def write_project(root: Path, env: str = "test", extra_params: dict | None = None) -> Path:
+    """A Kedro project in ``root`` with this repo's conf/base and an env ``env`` holding the tiny config.
+
+    The package is the installed ``eva_pipeline`` (``src/`` is an empty folder so bootstrapping accepts the layout).
+    Parameters with relative paths resolve against the working directory: run with ``cwd=root``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
+    shutil.copytree(CONF_BASE, root / "conf" / "base")
+    (root / "conf" / "local").mkdir()
+    (root / "src").mkdir()
+    env_dir = root / "conf" / env
+    env_dir.mkdir()
+    params = tiny_params(root / "data")
+    params["teacher_targets"]["output_dir"] = "data/04_feature/teacher_targets"  # relative: under cwd = root
+    params["pretrain"]["checkpoint"]["dir"] = "data/06_models/checkpoints"
+    del params["evaluation"]
+    for block, values in (extra_params or {}).items():
+        params.setdefault(block, {}).update(values)
+    (env_dir / "parameters.yml").write_text(yaml.safe_dump(params, sort_keys=False))
+    mlflow_conf = _read_yaml(CONF_BASE / "mlflow.yml")
+    mlflow_conf["server"]["mlflow_tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    (env_dir / "mlflow.yml").write_text(yaml.safe_dump(mlflow_conf, sort_keys=False))
+    return root
+
+
+@contextlib.contextmanager
+def project_context(root: Path, **kwargs: Any) -> Iterator[Path]:
+    """Write a test project in ``root``, chdir into it and bootstrap it; undone on exit."""
+    import mlflow
+    from kedro.framework.startup import bootstrap_project
+
+    write_project(root, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.syspath_prepend(str(root / "src"))  # what bootstrap_project adds, restored on exit
+        bootstrap_project(root)
+        try:
+            yield root
+        finally:
+            while mlflow.active_run() is not None:  # a failed test must not leave a run open for the next one
+                mlflow.end_run("FAILED")
+            mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))  # kedro-mlflow pointed it at root
+
+
+@pytest.fixture
+def kedro_project(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Factory: ``kedro_project(name, extra_params=...)`` -> a bootstrapped test project (cwd) under tmp_path."""
+    with contextlib.ExitStack() as stack:
+        yield lambda name="project", **kwargs: stack.enter_context(project_context(tmp_path / name, **kwargs))
+
+
+def file_listing(root: Path) -> dict[str, tuple[int, int]]:
+    """path -> (size, mtime_ns) of every file below ``root``: compare two listings to see what a run wrote."""
+    if not root.exists():
+        return {}
+    files = (p for p in sorted(root.rglob("*")) if p.is_file())
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+
+
+@pytest.fixture(scope="session")
+def pl() -> SimpleNamespace:
+    """The helpers above for test modules (which cannot import this conftest under --import-mode=importlib)."""
+    return SimpleNamespace(
+        PROJECT_ROOT=PROJECT_ROOT,
+        CONF_BASE=CONF_BASE,
+        RAW=RAW,
+        PIPELINES=PIPELINES,
+        PRETRAIN_IMAGES=PRETRAIN_IMAGES,
+        PROBE_IMAGES=PROBE_IMAGES,
+        BATCH=BATCH,
+        STEPS=STEPS,
+        read_yaml=_read_yaml,
+        base_params=base_params,
+        tiny_params=tiny_params,
+        typed_params=typed_params,
+        catalog_config=catalog_config,
+        make_catalog=make_catalog,
+        run_pipeline=run_pipeline,
+        file_listing=file_listing,
+        project_context=project_context,
+    )

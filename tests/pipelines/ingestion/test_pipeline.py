@@ -1,0 +1,42 @@
+"""The ingestion pipeline alone (SequentialRunner, tmp catalog): manifest rows and columns, report counts."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from eva_pipeline.data import MANIFEST_COLUMNS, validate_manifest
+
+
+def test_manifest_has_every_configured_image_in_its_split(workspace, pl):
+    workspace.run("ingestion")
+    manifest = pd.read_parquet(workspace.path("manifest"))  # what the next stage reads, after the round trip
+
+    assert tuple(manifest.columns) == MANIFEST_COLUMNS
+    validate_manifest(manifest)  # dtypes, unique ids, no probe image in pre-training
+    assert len(manifest) == pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
+    assert manifest["split"].value_counts().to_dict() == {"pretrain": pl.PRETRAIN_IMAGES, "probe": pl.PROBE_IMAGES}
+    probe = manifest[manifest["split"] == "probe"]
+    assert probe["label"].notna().all() and set(probe["label"]) <= set(range(10))
+    # manifest order is the sample order downstream: source order, then item order
+    assert manifest["id"].iloc[0] == "fashion_mnist_train/0"
+    assert manifest["id"].iloc[pl.PRETRAIN_IMAGES] == "fashion_mnist_test/0"
+    assert (manifest[["width", "height"]] == 28).all().all()
+
+
+def test_report_counts_found_kept_rejected(workspace, pl):
+    workspace.run("ingestion")
+    report = json.loads(workspace.path("ingestion_report").read_text())
+
+    train, test = report["sources"]["fashion_mnist_train"], report["sources"]["fashion_mnist_test"]
+    assert (train["found"], train["kept"], train["limit"]) == (pl.PRETRAIN_IMAGES,) * 3
+    assert (test["found"], test["kept"], test["limit"]) == (pl.PROBE_IMAGES,) * 3
+    assert train["available"] == 10_000 and test["available"] == 5_000
+    for source in (train, test):
+        assert source["found"] == source["kept"] + source["rejected"] + source["duplicates"]
+    assert report["totals"]["kept"] == pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
+    assert report["splits"]["pretrain"]["items"] == pl.PRETRAIN_IMAGES
+    assert report["splits"]["probe"] == {"items": pl.PROBE_IMAGES, "labelled": pl.PROBE_IMAGES,
+                                          "sources": ["fashion_mnist_test"]}
+    assert sum(report["label_histogram"]["probe"].values()) == pl.PROBE_IMAGES

@@ -1,0 +1,68 @@
+"""The teacher_targets pipeline alone: receipt, the target store on disk, and reuse of the store on a re-run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from eva_pipeline.data import load_targets, manifest_digest, select_split
+from eva_pipeline.pipelines.teacher_targets import nodes as teacher_nodes
+
+GRID, TARGET_DIM = 7, 112  # eva_tiny_patch4_28: 28 px / patch 4; EfficientNet-Lite0 block 10: 112 channels
+
+
+def _receipt(workspace) -> dict:
+    return json.loads(workspace.path("teacher_targets_receipt").read_text())
+
+
+def _store_files(store: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(store.iterdir())}
+
+
+def test_receipt_describes_the_stored_targets(workspace, pl):
+    workspace.run("teacher_targets")
+    receipt = _receipt(workspace)
+    manifest = pd.read_parquet(workspace.path("manifest"))
+
+    assert receipt["mode"] == "cached"
+    assert receipt["teacher"] == {"kind": "efficientnet_lite0", "options": {"block_index": 10}}
+    assert receipt["num_items"] == pl.PRETRAIN_IMAGES
+    assert receipt["grid"] == [GRID, GRID] and receipt["img_size"] == 28
+    assert receipt["target_dim"] == TARGET_DIM
+    assert receipt["manifest_digest"] == manifest_digest(select_split(manifest, "pretrain"))
+    assert Path(receipt["store"]) == Path(workspace.params["teacher_targets"]["output_dir"])
+
+
+def test_store_on_disk_holds_one_target_per_patch(workspace, pl):
+    workspace.run("teacher_targets")
+    store = Path(_receipt(workspace)["store"])
+
+    assert (store / "meta.json").is_file() and sorted(store.glob("shard_*.pt"))
+    targets = load_targets(store)
+    assert targets.shape == (pl.PRETRAIN_IMAGES, GRID * GRID, TARGET_DIM)
+    assert targets.dtype == torch.float16 and torch.isfinite(targets).all()
+    assert targets.float().std() > 0  # real features, not a constant
+
+
+def test_rerun_reuses_the_store_without_calling_the_teacher(workspace, monkeypatch):
+    workspace.run("teacher_targets")
+    store = Path(_receipt(workspace)["store"])
+    before, receipt_before = _store_files(store), _receipt(workspace)
+    calls = []
+    real_build = teacher_nodes.build_teacher
+
+    def counting_build(*args, **kwargs):
+        teacher = real_build(*args, **kwargs)
+        real_targets = teacher.targets
+        teacher.targets = lambda *a, **k: calls.append(1) or real_targets(*a, **k)
+        return teacher
+
+    monkeypatch.setattr(teacher_nodes, "build_teacher", counting_build)
+    workspace.run_again("teacher_targets")
+
+    assert calls == []
+    assert _store_files(store) == before  # no shard or meta.json rewritten
+    assert _receipt(workspace) == receipt_before

@@ -1,0 +1,66 @@
+"""The train_student pipeline alone: official-format weights, per-step history, summary, figures, run config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from eva_pipeline.models import EvaMIM, get_config, load_official_checkpoint
+
+TARGET_DIM = 112
+
+
+def test_weights_are_an_official_fp16_checkpoint(workspace, pl):
+    workspace.run("train_student")
+    checkpoint = torch.load(workspace.path("eva_student"), map_location="cpu", weights_only=True)
+
+    assert set(checkpoint) == {"model"}
+    state = checkpoint["model"]
+    floats = [v for v in state.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert state["lm_head.weight"].shape[0] == TARGET_DIM
+    model = EvaMIM(get_config("eva_tiny_patch4_28", target_dim=TARGET_DIM))
+    load_official_checkpoint(model, state)  # every key present, every shape right
+    # the weights moved away from the seeded initialisation
+    torch.manual_seed(workspace.params["pretrain"]["seed"])
+    init = EvaMIM(get_config("eva_tiny_patch4_28", target_dim=TARGET_DIM)).state_dict()
+    assert any(not torch.allclose(init[k].half(), state[k]) for k in state if state[k].is_floating_point())
+
+
+def test_history_has_one_row_per_step(workspace, pl):
+    workspace.run("train_student")
+    history = pd.read_csv(workspace.path("pretrain_history"))
+
+    assert len(history) == pl.STEPS
+    assert history["step"].tolist() == list(range(1, pl.STEPS + 1))
+    assert {"loss", "lr", "grad_norm", "images_per_second", "epoch"} <= set(history.columns)
+    assert np.isfinite(history[["loss", "lr", "grad_norm", "images_per_second"]].to_numpy()).all()
+    assert history["loss"].between(-1, 1).all()  # negative cosine similarity
+    assert history["lr"].iloc[0] < history["lr"].iloc[-1]  # warmup
+
+
+def test_summary_and_figures(workspace, pl):
+    workspace.run("train_student")
+    summary = json.loads(workspace.path("pretrain_summary").read_text())
+
+    assert set(summary) == {"steps", "final_loss", "images_per_second"}
+    assert summary["steps"] == pl.STEPS
+    assert math.isfinite(summary["final_loss"]) and summary["images_per_second"] > 0
+    for figure in ("pretrain_loss_plot", "mask_examples_plot"):
+        assert workspace.path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = yaml.safe_load(workspace.path("resolved_config").read_text())
+    assert resolved["pretrain"]["batch_size"] == pl.BATCH
+    assert resolved["pretrain"]["augmentation"] == {  # defaults filled in
+        "enabled": False, "scale": [0.2, 1.0], "ratio": [0.75, 4 / 3], "flip_prob": 0.5}
+    assert resolved["teacher_targets"]["teacher"]["kind"] == "efficientnet_lite0"
+
+
+def test_resumable_state_goes_to_the_configured_checkpoint_folder(workspace):
+    workspace.run("train_student")
+    folder = workspace.root / "checkpoints"
+    assert any(p.is_file() for p in folder.rglob("*"))
