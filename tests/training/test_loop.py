@@ -236,6 +236,7 @@ def test_fingerprint_covers_what_shapes_the_trajectory(tmp_path):
     fps = {training_fingerprint(p, N, D) for p in different}
     assert fp not in fps and len(fps) == len(different)
     assert training_fingerprint(base, N + 1, D) != fp and training_fingerprint(base, N, D + 1) != fp
+    assert training_fingerprint(base, N, D, data_fingerprint="other images") != fp  # same size, other data
 
 
 def test_resume_never_restarts_and_leaves_a_resumable_folder(tmp_path, data):

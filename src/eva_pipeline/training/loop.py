@@ -126,11 +126,13 @@ def run_pretraining(
     target_dim: int,
     metrics_fn: MetricsFn | None = None,
     progress: bool = True,
+    data_fingerprint: str = "",
 ) -> PretrainResult:
     """Pre-train an EVA student on ``images`` (uint8 (N, C, H, W)) against ``target_fn``'s per-patch targets.
 
     Writes resumable DeepSpeed checkpoints to ``params.checkpoint.dir`` and returns the trained student (the caller
-    stores it, e.g. in the official EVA-01 format).
+    stores it, e.g. in the official EVA-01 format). ``data_fingerprint`` identifies the images and targets (e.g.
+    manifest digest and teacher) so that a checkpoint is never resumed on other data of the same size.
     """
     device = resolve_device(params.device)
     check_precision(params.precision, device)
@@ -171,7 +173,7 @@ def run_pretraining(
     )
     masker = make_mask_generator(params, config.grid_size)
     augment = make_augmentation(params, config.img_size)
-    fingerprint = training_fingerprint(params, num_items, target_dim)
+    fingerprint = training_fingerprint(params, num_items, target_dim, data_fingerprint)
     # One folder per training configuration: changed settings start a new run and never touch another's state.
     ckpt_dir = Path(params.checkpoint.dir) / fingerprint
     start_step = _resume(engine, ckpt_dir, fingerprint) if params.checkpoint.resume == "auto" else 0
@@ -236,13 +238,15 @@ def _float(value: object) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def training_fingerprint(params: PretrainParams, num_items: int, target_dim: int) -> str:
+def training_fingerprint(params: PretrainParams, num_items: int, target_dim: int, data_fingerprint: str = "") -> str:
     """What a checkpoint must agree with to be resumed: everything that shapes the trajectory.
 
     Where checkpoints go, how often, and ``max_steps`` (a smoke-run cut-off) do not change the trajectory.
     """
     shaping = params.model_dump(mode="json", exclude={"checkpoint", "max_steps", "log_every_steps", "mask_examples", "device"})
-    blob = json.dumps({"params": shaping, "num_items": num_items, "target_dim": target_dim}, sort_keys=True)
+    blob = json.dumps(
+        {"params": shaping, "num_items": num_items, "target_dim": target_dim, "data": data_fingerprint}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -36,7 +38,14 @@ def pretrain_student(
         grid = tuple(targets_receipt["grid"])
         target_fn, target_dim = (lambda index, x: teacher.targets(x, grid)), teacher.target_dim
     result = run_pretraining(
-        params, images, target_fn, target_dim, metrics_fn=active_run_logger(prefix="pretrain/")
+        params,
+        images,
+        target_fn,
+        target_dim,
+        metrics_fn=active_run_logger(prefix="pretrain/"),
+        data_fingerprint=json.dumps(
+            {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode")}, sort_keys=True
+        ),
     )
     history = pd.DataFrame(result.history)
     history.insert(0, "step", np.arange(result.resumed_from_step + 1, result.resumed_from_step + 1 + len(history)))
@@ -54,5 +63,10 @@ def draw_mask_examples(manifest: pd.DataFrame, params: PretrainParams) -> Figure
 
 
 def resolve_run_config(params: PretrainParams, teacher_params: TeacherTargetsParams) -> dict:
-    """The validated settings with every default filled in, as the run used them (an MLflow artifact)."""
-    return {"pretrain": params.model_dump(mode="json"), "teacher_targets": teacher_params.model_dump(mode="json")}
+    """The settings that shape the student, every default filled in, as the run used them (an MLflow artifact).
+
+    Of the teacher block only what the student depends on (which teacher, cached or online) is recorded, so the
+    record changes exactly when DVC's tracked parameters of this stage do.
+    """
+    teacher = teacher_params.model_dump(mode="json", include={"teacher", "mode"})
+    return {"pretrain": params.model_dump(mode="json"), "teacher_targets": teacher}
