@@ -115,6 +115,22 @@ class DeepSpeedParams(_Params):
     loss_scale: LossScaleParams = LossScaleParams()
 
 
+class NonFiniteParams(_Params):
+    """Recovery from non-finite losses/gradients: DeepSpeed skips such steps; a run stuck skipping is rolled back."""
+
+    max_consecutive_skips: int = Field(default=20, ge=1)
+    max_rollbacks: int = Field(default=3, ge=0)
+
+
+class DistributedParams(_Params):
+    """How ranks are started when world_size > 1 (world_size 1 trains in the Kedro process)."""
+
+    launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
+    hostfile: Path | None = Field(default=None, description="DeepSpeed hostfile for multi-node runs")
+    master_addr: str | None = None
+    master_port: int = Field(default=29500, ge=1, le=65535)
+
+
 class CheckpointParams(_Params):
     dir: Path
     every_steps: int = Field(default=500, ge=1)
@@ -132,9 +148,11 @@ class PretrainParams(_Params):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     world_size: int = Field(default=1, ge=1)
+    distributed: DistributedParams = DistributedParams()
     seed: int = 0
     deepspeed: DeepSpeedParams = DeepSpeedParams()
     checkpoint: CheckpointParams
+    nonfinite: NonFiniteParams = NonFiniteParams()
     log_every_steps: int = Field(default=10, ge=1)
     mask_examples: int = Field(default=8, ge=1, description="images in the mask picture logged with the run")
     max_steps: int | None = Field(default=None, ge=1, description="stop early (smoke runs); the schedule is unchanged")

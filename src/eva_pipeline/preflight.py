@@ -66,8 +66,8 @@ def check_device(device: str, precision: str = "fp32", what: str = "pretrain") -
 
 
 def check_world_size(params: PretrainParams) -> list[str]:
-    """world_size ranks run one per GPU; CPU runs are single-process."""
-    if params.world_size == 1:
+    """On GPUs, world_size ranks run one per GPU (CPU ranks, e.g. for tests, need no check)."""
+    if params.world_size == 1 or params.device == "cpu" or params.distributed.hostfile is not None:
         return []
     gpus = torch.cuda.device_count()
     if gpus < params.world_size:

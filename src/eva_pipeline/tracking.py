@@ -18,6 +18,7 @@ class MlflowStepLogger:
 
     def __init__(self, run_id: str, tracking_uri: str | None = None, prefix: str = "", rank: int = 0) -> None:
         self.run_id = run_id
+        self.tracking_uri = tracking_uri
         self.prefix = prefix
         self.rank = rank
         self._client = MlflowClient(tracking_uri) if rank == 0 else None

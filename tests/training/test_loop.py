@@ -3,7 +3,6 @@ resumes exactly, keeps its checkpoints in order, and every batch/mask is a pure 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -26,34 +25,10 @@ from eva_pipeline.training.loop import (
 )
 from eva_pipeline.training.optim import param_groups
 from eva_pipeline.training.schedule import WarmupCosineSchedule
+from eva_test_support import TINY, make_params
 
 FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
-TINY = dict(depth=1, embed_dim=32, num_heads=2, mlp_hidden_dim=64, drop_path_rate=0.0)
 N, D = 32, 16  # images, target width; batch 8 -> 4 steps per epoch
-
-
-def make_params(ckpt_dir: Path, **changes) -> PretrainParams:
-    """A tiny CPU pre-training config writing checkpoints under ``ckpt_dir``; ``changes`` merge in (nested)."""
-    base = dict(
-        model=dict(name="eva_tiny_patch4_28", overrides=dict(TINY)),
-        masking=dict(num_masking_patches=20, min_num_patches=4),
-        optimizer=dict(lr=1e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.05),
-        epochs=2,
-        batch_size=8,
-        device="cpu",
-        seed=0,
-        checkpoint=dict(dir=str(ckpt_dir), every_steps=2, keep_last=2),
-    )
-
-    def merge(into: dict, new: dict) -> dict:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-        return into
-
-    return PretrainParams.model_validate(merge(base, copy.deepcopy(changes)))
 
 
 @pytest.fixture(scope="module")

@@ -49,14 +49,6 @@ class PretrainResult:
     resumed_from_step: int
     history: list[dict[str, float]] = field(default_factory=list)
 
-    def summary(self) -> dict[str, float]:
-        last = self.history[-10:]
-        return {
-            "steps": float(self.steps),
-            "final_loss": float(np.mean([h["loss"] for h in last])) if last else float("nan"),
-            "images_per_second": float(np.mean([h["images_per_second"] for h in last])) if last else float("nan"),
-        }
-
 
 def epoch_permutation(seed: int, epoch: int, num_items: int) -> np.ndarray:
     """The sample order of ``epoch``: the same on every rank and after a restart."""
@@ -183,7 +175,9 @@ def run_pretraining(
     perm_epoch, perm = -1, np.empty(0, dtype=np.int64)
     bar = tqdm(total=last_step, initial=start_step, desc="pretrain", unit="step", disable=not progress or rank != 0)
     engine.train()
-    for step in range(start_step, last_step):
+    guard = NonFiniteGuard(params.nonfinite.max_consecutive_skips, params.nonfinite.max_rollbacks)
+    step = start_step
+    while step < last_step:
         tick = time.perf_counter()
         epoch, within = divmod(step, steps_per_epoch)
         if epoch != perm_epoch:
@@ -192,35 +186,57 @@ def run_pretraining(
         local = batch[rank * micro : (rank + 1) * micro]
         index = torch.from_numpy(local)
         x = to_model_input(_views(images, local, augment, params.seed, epoch), config.img_size)
-        mask = batch_masks(masker, params.seed, epoch, local)
-        mask = mask.to(device, non_blocking=True)
+        masks = batch_masks(masker, params.seed, epoch, batch)  # the whole global batch: cheap, and every rank
+        mask = masks[rank * micro : (rank + 1) * micro].to(device, non_blocking=True)  # knows its token count
         target = target_fn(index, x).to(device, non_blocking=True)[mask]
         x = x.to(device, dtype, non_blocking=True)
 
         lr = schedule(step)
         apply_lr(engine.optimizer, lr)
-        loss = mim_cosine_loss(engine(x, mask), target)
+        # Each rank's share of the global token mean: DeepSpeed averages gradients over ranks, so the update equals
+        # a single process's on the whole batch, however the masked tokens fall across ranks.
+        loss = mim_cosine_loss(engine(x, mask), target, num_tokens=int(masks.sum()) / world)
         engine.backward(loss)
         engine.step()
 
         elapsed = time.perf_counter() - tick
+        applied = engine.was_step_applied()
         record = {
+            "step": float(step + 1),
             "loss": loss.item(),
             "lr": lr,
             "grad_norm": _float(engine.get_global_grad_norm()),
             "images_per_second": params.batch_size / elapsed,
             "epoch": float(epoch),
+            "step_skipped": float(not applied),
         }
         if params.precision == "fp16":
             record["loss_scale"] = float(engine.optimizer.cur_scale)
         history.append(record)
+        if guard.observe(applied):  # too many non-finite steps in a row: back to the last good state
+            if not (ckpt_dir / "latest").exists():
+                raise NonFiniteTrainingError(
+                    f"{guard.max_consecutive_skips} consecutive non-finite steps at step {step + 1}, before the first "
+                    f"checkpoint (pretrain.checkpoint.every_steps={params.checkpoint.every_steps}): nothing to roll "
+                    f"back to. Lower pretrain.optimizer.lr or check the inputs and targets for NaN/inf"
+                )
+            restored = _resume(engine, ckpt_dir, fingerprint)
+            log.warning(
+                "%d consecutive non-finite steps at step %d: rolled back to the checkpoint of step %d (rollback %d/%d)",
+                guard.max_consecutive_skips, step + 1, restored, guard.rollbacks, guard.max_rollbacks,
+            )
+            bar.reset(total=last_step)
+            bar.update(restored)
+            step = restored
+            continue
         if rank == 0:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_second']:.0f}")
             if metrics_fn is not None and ((step + 1) % params.log_every_steps == 0 or step + 1 == last_step):
                 metrics_fn(step + 1, record)
-        if (step + 1) % params.checkpoint.every_steps == 0 or step + 1 == last_step:
+        if applied and ((step + 1) % params.checkpoint.every_steps == 0 or step + 1 == last_step):
             _save(engine, ckpt_dir, step + 1, params.checkpoint.keep_last, fingerprint)
+        step += 1
     bar.close()
 
     return PretrainResult(
@@ -230,6 +246,40 @@ def run_pretraining(
         resumed_from_step=start_step,
         history=history,
     )
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training kept producing non-finite losses or gradients even after rolling back; the message says what to try."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; asks for a rollback after ``max_consecutive_skips``.
+
+    DeepSpeed already skips a step whose gradients are not finite (and lowers the fp16 loss scale); a run that keeps
+    skipping is stuck, so it is rolled back to the last checkpoint, at most ``max_rollbacks`` times. (The public EVA
+    code's equivalent path reloads a checkpoint it never saved.)
+    """
+
+    max_consecutive_skips: int
+    max_rollbacks: int
+    consecutive: int = 0
+    rollbacks: int = 0
+
+    def observe(self, applied: bool) -> bool:
+        """Record one step; True when the caller must roll back now."""
+        self.consecutive = 0 if applied else self.consecutive + 1
+        if self.consecutive < self.max_consecutive_skips:
+            return False
+        if self.rollbacks >= self.max_rollbacks:
+            raise NonFiniteTrainingError(
+                f"{self.consecutive} consecutive non-finite steps after {self.rollbacks} rollback(s): training is "
+                f"stuck. Lower pretrain.optimizer.lr, use precision bf16 instead of fp16, or check the inputs and "
+                f"teacher targets for NaN/inf; the last good checkpoint is kept"
+            )
+        self.consecutive = 0
+        self.rollbacks += 1
+        return True
 
 
 def _float(value: object) -> float:
@@ -243,7 +293,7 @@ def training_fingerprint(params: PretrainParams, num_items: int, target_dim: int
 
     Where checkpoints go, how often, and ``max_steps`` (a smoke-run cut-off) do not change the trajectory.
     """
-    shaping = params.model_dump(mode="json", exclude={"checkpoint", "max_steps", "log_every_steps", "mask_examples", "device"})
+    shaping = params.model_dump(mode="json", exclude={"checkpoint", "max_steps", "log_every_steps", "mask_examples", "device", "distributed"})
     blob = json.dumps(
         {"params": shaping, "num_items": num_items, "target_dim": target_dim, "data": data_fingerprint}, sort_keys=True
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,16 +16,24 @@ from eva_pipeline.evaluation import loss_curve, mask_overview
 from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
 from eva_pipeline.preflight import check_augmentation, raise_if_problems
 from eva_pipeline.tracking import active_run_logger
+from eva_pipeline.models import EvaMIM, load_official_checkpoint
+from eva_pipeline.training.launch import launch
 from eva_pipeline.training.loop import batch_masks, cached_targets, make_mask_generator, run_pretraining
+from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 
 
 def pretrain_student(
     manifest: pd.DataFrame, targets_receipt: dict, params: PretrainParams, teacher_params: TeacherTargetsParams
 ) -> tuple[nn.Module, pd.DataFrame, dict, Figure]:
-    """Pre-train the student; per-step metrics stream to the MLflow run while it trains."""
+    """Pre-train the student; per-step metrics stream to the MLflow run while it trains.
+
+    World size 1 trains in this process; more ranks are launched as workers on a frozen run file (same loop).
+    """
     rows = split_rows(manifest, "pretrain")
     raise_if_problems(check_augmentation(params, teacher_params))
-    images = load_images(rows)
+    data_fingerprint = json.dumps(
+        {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode")}, sort_keys=True
+    )
     if targets_receipt["mode"] == "cached":
         targets = load_targets(targets_receipt["store"])
         if targets.shape[0] != len(rows):
@@ -32,25 +41,80 @@ def pretrain_student(
                 f"stored teacher targets cover {targets.shape[0]} images but the manifest has {len(rows)} "
                 f"pre-training images: re-run the teacher_targets pipeline"
             )
-        target_fn, target_dim = cached_targets(targets), int(targets.shape[-1])
+        target_dim = int(targets.shape[-1])
+        target_fn = cached_targets(targets)
     else:
-        teacher = build_teacher(teacher_params.teacher, teacher_params.device)
+        # In-process the teacher runs in every step; with several ranks each builds its own (this one gives the size).
+        teacher = build_teacher(teacher_params.teacher, teacher_params.device if params.world_size == 1 else "cpu")
         grid = tuple(targets_receipt["grid"])
-        target_fn, target_dim = (lambda index, x: teacher.targets(x, grid)), teacher.target_dim
-    result = run_pretraining(
-        params,
-        images,
-        target_fn,
-        target_dim,
-        metrics_fn=active_run_logger(prefix="pretrain/"),
-        data_fingerprint=json.dumps(
-            {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode")}, sort_keys=True
-        ),
+        target_dim = teacher.target_dim
+        target_fn = lambda index, x: teacher.targets(x, grid)  # noqa: E731
+    if params.world_size > 1:
+        target_fn = teacher = None  # the ranks build their own; free this process's copy while they train
+        model, records = _train_distributed(rows, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
+    else:
+        result = run_pretraining(
+            params,
+            load_images(rows),
+            target_fn,
+            target_dim,
+            metrics_fn=active_run_logger(prefix="pretrain/"),
+            data_fingerprint=data_fingerprint,
+        )
+        model, records = result.model, result.history
+    history = pd.DataFrame(records)
+    if not history.empty:
+        history["step"] = history["step"].astype("int64")
+    steps = history["step"].to_numpy() if not history.empty else np.zeros(0)
+    losses = history["loss"].to_numpy() if not history.empty else np.zeros(0)
+    figure = loss_curve(steps, losses, title="EVA pre-training loss (-cos)")
+    return model, history, _summary(records), figure
+
+
+def _summary(records: list[dict]) -> dict[str, float]:
+    last = records[-10:]
+    if not last:
+        return {"steps": 0.0, "final_loss": float("nan"), "images_per_second": float("nan")}
+    return {
+        "steps": float(records[-1]["step"]),
+        "final_loss": float(np.mean([r["loss"] for r in last])),
+        "images_per_second": float(np.mean([r["images_per_second"] for r in last])),
+    }
+
+
+def _train_distributed(
+    rows: pd.DataFrame,
+    receipt: dict,
+    params: PretrainParams,
+    teacher_params: TeacherTargetsParams,
+    target_dim: int,
+    data_fingerprint: str,
+) -> tuple[nn.Module, list[dict]]:
+    """Launch ``world_size`` ranks on a frozen run file; rank 0 writes the weights and history read back here."""
+    run_dir = Path(params.checkpoint.dir) / "launch"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(run_dir / "pretrain_images.parquet")
+    mlflow_run = None
+    logger = active_run_logger(prefix="pretrain/")
+    if logger is not None:
+        mlflow_run = {"run_id": logger.run_id, "tracking_uri": logger.tracking_uri}
+    spec = RunSpec(
+        params=params.model_dump(mode="json"),
+        images=str(run_dir / "pretrain_images.parquet"),
+        target_dim=target_dim,
+        output_dir=str(run_dir),
+        targets_store=receipt.get("store") if receipt["mode"] == "cached" else None,
+        teacher=teacher_params.teacher.model_dump(mode="json"),
+        teacher_device=teacher_params.device,
+        data_fingerprint=data_fingerprint,
+        mlflow=mlflow_run,
     )
-    history = pd.DataFrame(result.history)
-    history.insert(0, "step", np.arange(result.resumed_from_step + 1, result.resumed_from_step + 1 + len(history)))
-    figure = loss_curve(history["step"].to_numpy(), history["loss"].to_numpy(), title="EVA pre-training loss (-cos)")
-    return result.model, history, result.summary(), figure
+    for stale in (WEIGHTS_FILE, HISTORY_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
+    launch(params, spec.write(run_dir / "run.json"), run_dir / "ranks.log")
+    model = EvaMIM(student_config(params.model, target_dim=target_dim))
+    load_official_checkpoint(model, run_dir / WEIGHTS_FILE)
+    return model, json.loads((run_dir / HISTORY_FILE).read_text())["history"]
 
 
 def draw_mask_examples(manifest: pd.DataFrame, params: PretrainParams) -> Figure:

@@ -1,0 +1,62 @@
+"""Start the training ranks for world size > 1 and wait for them (the pattern of conventions.md).
+
+Kedro runs one process; running ``kedro run`` under a launcher would repeat upstream nodes on every rank, race dataset
+writes and open one MLflow run per rank. Instead the training node writes a frozen run file and launches
+``eva_pipeline.training.worker`` through the DeepSpeed launcher (GPUs, multi-node with a hostfile) or torch elastic.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from eva_pipeline.config import PretrainParams
+
+WORKER_MODULE = "eva_pipeline.training.worker"
+
+
+class LaunchError(RuntimeError):
+    """A rank failed; the message names the command and where the ranks' output went."""
+
+
+def launch_command(params: PretrainParams, spec_path: Path) -> list[str]:
+    """The command that starts ``params.world_size`` ranks of the worker on ``spec_path``."""
+    dist = params.distributed
+    if dist.launcher == "torchrun":
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nproc_per_node", str(params.world_size),
+            "--master_port", str(dist.master_port),
+            "-m", WORKER_MODULE, str(spec_path),
+        ]  # fmt: skip
+    command = [str(Path(sys.executable).with_name("deepspeed"))]
+    if dist.hostfile is not None:  # multi-node: one line per host, "host slots=N"; ranks = total slots
+        command += ["--hostfile", str(dist.hostfile)]
+        if dist.master_addr is not None:
+            command += ["--master_addr", dist.master_addr]
+    else:
+        command += ["--num_gpus", str(params.world_size)]
+    command += ["--master_port", str(dist.master_port), "--no_local_rank", "--module", WORKER_MODULE, str(spec_path)]
+    return command
+
+
+def launch(params: PretrainParams, spec_path: Path, log_path: Path) -> None:
+    """Run the ranks to completion; their combined output goes to ``log_path`` (and the console)."""
+    command = launch_command(params, spec_path)
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the launcher sets these per rank
+    if params.device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            sys.stderr.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise LaunchError(f"training ranks failed (exit code {code}); command: {' '.join(command)}; log: {log_path}")

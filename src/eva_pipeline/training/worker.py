@@ -1,0 +1,106 @@
+"""Kedro-free entry point of one training rank: ``python -m eva_pipeline.training.worker <run.json>``.
+
+The training node writes one frozen, fully resolved run file and starts ``world_size`` of these through the DeepSpeed
+launcher (or torch elastic); each rank trains its share of every batch, every rank saves its checkpoint shard, and
+rank 0 alone logs to the MLflow run the Kedro session opened and writes the final weights and history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from eva_pipeline.config import PretrainParams, TeacherParams
+from eva_pipeline.data import load_images, load_targets, select_split
+from eva_pipeline.models import save_official_checkpoint
+from eva_pipeline.teachers import create_teacher
+from eva_pipeline.tracking import MlflowStepLogger
+from eva_pipeline.training.loop import TargetFn, cached_targets, run_pretraining
+
+WEIGHTS_FILE = "student_fp32.pt"
+HISTORY_FILE = "history.json"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a rank needs, as plain JSON: parameters, where the data and targets are, where results go."""
+
+    params: dict[str, Any]
+    images: str  # Parquet of the pre-training manifest rows, in sample-index order
+    target_dim: int
+    output_dir: str
+    targets_store: str | None = None  # cached targets; None -> online teacher
+    teacher: dict[str, Any] | None = None
+    teacher_device: str = "auto"
+    data_fingerprint: str = ""
+    mlflow: dict[str, str] | None = field(default=None)  # {"tracking_uri": ..., "run_id": ...}
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2, default=str))
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> RunSpec:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def _target_fn(spec: RunSpec, rank: int) -> TargetFn:
+    if spec.targets_store is not None:
+        return cached_targets(load_targets(spec.targets_store))
+    from eva_pipeline.training.engine import resolve_device
+
+    teacher_params = TeacherParams.model_validate(spec.teacher)
+    device = resolve_device(spec.teacher_device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    teacher = create_teacher(teacher_params.kind, **{"device": str(device), **teacher_params.options})
+    params = PretrainParams.model_validate(spec.params)
+    from eva_pipeline.models import get_config
+
+    grid = get_config(params.model.name, **params.model.overrides).grid_size
+    return lambda index, x: teacher.targets(x.to(device), (grid, grid))
+
+
+def run(spec: RunSpec) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    params = PretrainParams.model_validate(spec.params)
+    if params.device in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rows = select_split(pd.read_parquet(spec.images), "pretrain")
+    logger = None
+    if spec.mlflow is not None:
+        logger = MlflowStepLogger(spec.mlflow["run_id"], spec.mlflow["tracking_uri"], prefix="pretrain/", rank=rank)
+    result = run_pretraining(
+        params,
+        load_images(rows),
+        _target_fn(spec, rank),
+        spec.target_dim,
+        metrics_fn=logger,
+        data_fingerprint=spec.data_fingerprint,
+    )
+    if rank == 0:
+        out = Path(spec.output_dir)
+        save_official_checkpoint(result.model, out / WEIGHTS_FILE, dtype=None)
+        tmp = out / f".{HISTORY_FILE}.tmp"
+        tmp.write_text(json.dumps({"history": result.history, "steps": result.steps}))
+        os.replace(tmp, out / HISTORY_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    args = [a for a in args if not a.startswith("--local_rank")]  # the DeepSpeed launcher may append it
+    if len(args) != 1:
+        raise SystemExit("usage: python -m eva_pipeline.training.worker <run.json>")
+    run(RunSpec.read(Path(args[0])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Data parallelism: 2 CPU ranks (gloo, torch elastic launch) with the same global batch reach the same weights as
+1 rank, ZeRO-1 really partitions the optimizer state (one shard per rank), and the launcher commands are right."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from eva_pipeline.config import PretrainParams
+from eva_pipeline.data import build_manifest, compute_targets, load_targets, SourceSpec
+from eva_pipeline.models import EvaMIM, get_config, load_official_checkpoint
+from eva_pipeline.training.launch import WORKER_MODULE, launch, launch_command
+from eva_pipeline.training.loop import cached_targets, run_pretraining
+from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
+from eva_test_support import make_params
+
+FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist"
+N, D, STEPS = 32, 16, 3
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A 32-image manifest of real images and a cached target store, as the pipeline would leave them."""
+    root = tmp_path_factory.mktemp("dist")
+    spec = SourceSpec(
+        name="fm", kind="idx", split="pretrain", images=FMNIST / "train-images-idx3-ubyte.gz", limit=N
+    )
+    manifest, _ = build_manifest([spec])
+    manifest.to_parquet(root / "manifest.parquet")
+    gen = torch.Generator().manual_seed(5)
+    targets = torch.randn(N, 49, D, generator=gen)
+    store = compute_targets(
+        root / "targets", {"test": 1}, N, lambda a, b: targets[a:b], lambda t: t, shard_size=16, progress=False
+    )
+    return root, manifest, store
+
+
+def _params(ckpt: Path, world_size: int) -> PretrainParams:
+    return make_params(
+        ckpt,
+        world_size=world_size,
+        batch_size=16,
+        max_steps=STEPS,
+        checkpoint=dict(every_steps=STEPS, keep_last=1),
+        distributed=dict(launcher="torchrun", master_port=29631),
+    )
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_path):
+    root, manifest, store = workspace
+    from eva_pipeline.data import load_images
+
+    single = run_pretraining(
+        _params(tmp_path / "one", 1), load_images(manifest), cached_targets(load_targets(store)), D, progress=False
+    )
+
+    params = _params(tmp_path / "two", 2)
+    spec = RunSpec(
+        params=params.model_dump(mode="json"),
+        images=str(root / "manifest.parquet"),
+        target_dim=D,
+        output_dir=str(tmp_path / "out"),
+        targets_store=str(store),
+    )
+    launch(params, spec.write(tmp_path / "run.json"), tmp_path / "ranks.log")
+
+    model = EvaMIM(get_config(params.model.name, **params.model.overrides, target_dim=D))
+    load_official_checkpoint(model, tmp_path / "out" / WEIGHTS_FILE)
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=2e-6, msg=key)
+    history = pd.read_json(tmp_path / "out" / HISTORY_FILE, typ="series")["history"]
+    assert [h["step"] for h in history] == [1.0, 2.0, 3.0]
+
+    (folder,) = [p for p in (tmp_path / "two").iterdir() if p.is_dir()]
+    shards = sorted((folder / f"step_{STEPS}").glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    assert [s.name.split("_")[3] for s in shards] == ["0", "1"]  # one optimizer shard per rank
+    sizes = []
+    for shard in shards:
+        state = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        flat = state["single_partition_of_fp32_groups"]
+        sizes.append(sum(t.numel() for t in flat))
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(sizes) >= total and max(sizes) <= total // 2 + 64  # each rank holds about half
+
+
+def _base(world_size: int, **distributed) -> PretrainParams:
+    return make_params(Path("ck"), world_size=world_size, batch_size=8 * world_size, distributed=distributed)
+
+
+def test_launch_commands():
+    spec = Path("run.json")
+    torchrun = launch_command(_base(2, launcher="torchrun", master_port=1234), spec)
+    assert torchrun == [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "1234",
+        "-m", WORKER_MODULE, "run.json",
+    ]  # fmt: skip
+    single_node = launch_command(_base(8), spec)
+    assert Path(single_node[0]).name == "deepspeed"
+    assert single_node[1:] == [
+        "--num_gpus", "8", "--master_port", "29500", "--no_local_rank", "--module", WORKER_MODULE, "run.json"
+    ]
+    multi_node = launch_command(_base(16, hostfile="/etc/hosts.ds", master_addr="10.0.0.1"), spec)
+    assert multi_node[1:5] == ["--hostfile", "/etc/hosts.ds", "--master_addr", "10.0.0.1"]
+    assert "--num_gpus" not in multi_node
+
+
+def test_failed_ranks_raise_with_the_log(tmp_path):
+    params = _base(2, launcher="torchrun", master_port=29632)
+    with pytest.raises(Exception, match="training ranks failed"):
+        launch(params, tmp_path / "missing.json", tmp_path / "ranks.log")
+    assert (tmp_path / "ranks.log").read_text()
