@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from eva_pipeline.data.augment import RandomResizedCropFlip, view_rng
 from eva_pipeline.data.transforms import to_model_input
 from eva_pipeline.masking import BlockMaskGenerator, mask_rng
 from eva_pipeline.models import EvaMIM, get_config
+from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine, resolve_device
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
@@ -36,7 +36,6 @@ TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricsFn = Callable[[int, dict[str, float]], None]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_CHECKPOINT_PREFIX = "step_"
 
 
 @dataclass
@@ -93,24 +92,6 @@ def cached_targets(targets: torch.Tensor) -> TargetFn:
     return lambda indices, images: targets[indices]
 
 
-def _checkpoint_tags(root: Path) -> list[str]:
-    tags = [p.name for p in root.glob(f"{_CHECKPOINT_PREFIX}*") if p.is_dir()]
-    return sorted(tags, key=lambda t: int(t[len(_CHECKPOINT_PREFIX) :]))
-
-
-def _prune_checkpoints(root: Path, keep_last: int, current_step: int) -> None:
-    """Keep the ``keep_last`` newest checkpoints up to ``current_step`` (the one ``latest`` now names).
-
-    Tags past ``current_step`` are stale, left by an earlier run of the same configuration that this one restarted
-    (``resume: never``): kept, they would outrank the new checkpoints and get the one ``latest`` names deleted.
-    """
-    tags = _checkpoint_tags(root)
-    stale = [t for t in tags if int(t[len(_CHECKPOINT_PREFIX) :]) > current_step]
-    current = [t for t in tags if t not in stale]
-    for tag in stale + current[:-keep_last]:
-        shutil.rmtree(root / tag, ignore_errors=True)
-
-
 def run_pretraining(
     params: PretrainParams,
     images: torch.Tensor,
@@ -134,6 +115,11 @@ def run_pretraining(
         raise ValueError(f"batch_size {params.batch_size} exceeds the {num_items} pre-training images")
     total_steps = steps_per_epoch * params.epochs
     last_step = min(total_steps, params.max_steps or total_steps)
+
+    fingerprint = training_fingerprint(params, num_items, target_dim, data_fingerprint)
+    # One folder per training configuration: changed settings start a new run and never touch another's state.
+    ckpt_dir = Path(params.checkpoint.dir) / fingerprint
+    checkpointing.ensure_writable(ckpt_dir)
 
     torch.manual_seed(params.seed)
     config = get_config(params.model.name, **{**params.model.overrides, "target_dim": target_dim})
@@ -165,10 +151,7 @@ def run_pretraining(
     )
     masker = make_mask_generator(params, config.grid_size)
     augment = make_augmentation(params, config.img_size)
-    fingerprint = training_fingerprint(params, num_items, target_dim, data_fingerprint)
-    # One folder per training configuration: changed settings start a new run and never touch another's state.
-    ckpt_dir = Path(params.checkpoint.dir) / fingerprint
-    start_step = _resume(engine, ckpt_dir, fingerprint) if params.checkpoint.resume == "auto" else 0
+    start_step = checkpointing.resume(engine, ckpt_dir, fingerprint) if params.checkpoint.resume == "auto" else 0
 
     dtype = _DTYPES[params.precision]
     history: list[dict[str, float]] = []
@@ -214,13 +197,13 @@ def run_pretraining(
             record["loss_scale"] = float(engine.optimizer.cur_scale)
         history.append(record)
         if guard.observe(applied):  # too many non-finite steps in a row: back to the last good state
-            if not (ckpt_dir / "latest").exists():
+            if not checkpointing.tags(ckpt_dir):
                 raise NonFiniteTrainingError(
                     f"{guard.max_consecutive_skips} consecutive non-finite steps at step {step + 1}, before the first "
                     f"checkpoint (pretrain.checkpoint.every_steps={params.checkpoint.every_steps}): nothing to roll "
                     f"back to. Lower pretrain.optimizer.lr or check the inputs and targets for NaN/inf"
                 )
-            restored = _resume(engine, ckpt_dir, fingerprint)
+            restored = checkpointing.resume(engine, ckpt_dir, fingerprint)
             log.warning(
                 "%d consecutive non-finite steps at step %d: rolled back to the checkpoint of step %d (rollback %d/%d)",
                 guard.max_consecutive_skips, step + 1, restored, guard.rollbacks, guard.max_rollbacks,
@@ -235,7 +218,8 @@ def run_pretraining(
             if metrics_fn is not None and ((step + 1) % params.log_every_steps == 0 or step + 1 == last_step):
                 metrics_fn(step + 1, record)
         if applied and ((step + 1) % params.checkpoint.every_steps == 0 or step + 1 == last_step):
-            _save(engine, ckpt_dir, step + 1, params.checkpoint.keep_last, fingerprint)
+            state = {"global_step": step + 1, "fingerprint": fingerprint}
+            checkpointing.save(engine, ckpt_dir, step + 1, params.checkpoint.keep_last, state)
         step += 1
     bar.close()
 
@@ -298,34 +282,3 @@ def training_fingerprint(params: PretrainParams, num_items: int, target_dim: int
         {"params": shaping, "num_items": num_items, "target_dim": target_dim, "data": data_fingerprint}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _save(engine, ckpt_dir: Path, step: int, keep_last: int, fingerprint: str) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(
-        str(ckpt_dir),
-        tag=f"{_CHECKPOINT_PREFIX}{step}",
-        client_state={"global_step": step, "fingerprint": fingerprint},
-    )
-    if engine.global_rank == 0:
-        _prune_checkpoints(ckpt_dir, keep_last, step)
-
-
-def _resume(engine, ckpt_dir: Path, fingerprint: str) -> int:
-    """Load the latest checkpoint if there is one; returns the step to continue from."""
-    if not (ckpt_dir / "latest").exists():
-        return 0
-    tag = (ckpt_dir / "latest").read_text().strip()
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise RuntimeError(
-            f"checkpoint {ckpt_dir / tag} named by {ckpt_dir / 'latest'} could not be loaded; "
-            f"remove it (or set pretrain.checkpoint.resume: never) to start over"
-        )
-    if client_state.get("fingerprint") != fingerprint:
-        raise RuntimeError(
-            f"the checkpoint in {ckpt_dir} was written by a run with other settings; move it away to start over"
-        )
-    step = int(client_state["global_step"])
-    log.info("resumed pre-training from %s at step %d", path, step)
-    return step

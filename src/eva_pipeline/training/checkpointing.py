@@ -1,0 +1,138 @@
+"""Resumable training state on disk: DeepSpeed checkpoints made crash-safe.
+
+Layout: ``<dir>/step_<n>/`` (DeepSpeed's files, one optimizer shard per rank) plus a ``.complete`` marker written once
+every rank has finished, and ``<dir>/latest`` naming the newest complete tag, replaced atomically. A crash at any
+point (SIGKILL, disk full) therefore leaves either the old or the new checkpoint as ``latest``, never a torn one; only
+complete checkpoints are ever resumed, and older ones are removed only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PREFIX = "step_"
+COMPLETE_MARKER = ".complete"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """Saving or resuming failed; the message says which files and what state is intact."""
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag[len(PREFIX) :])
+
+
+def tags(root: Path, complete_only: bool = True) -> list[str]:
+    """Checkpoint tags under ``root``, oldest first."""
+    found = [
+        p.name
+        for p in root.glob(f"{PREFIX}*")
+        if p.is_dir() and p.name[len(PREFIX) :].isdigit() and (not complete_only or (p / COMPLETE_MARKER).exists())
+    ]
+    return sorted(found, key=step_of)
+
+
+def ensure_writable(root: Path) -> None:
+    """Fail before training, not at the first checkpoint an hour later, when ``root`` cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"the checkpoint folder {root} is not writable ({exc.strerror or exc}); set pretrain.checkpoint.dir to a "
+            f"writable location"
+        ) from exc
+
+
+def _write_latest(root: Path, tag: str) -> None:
+    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.write_text(tag)
+    os.replace(tmp, root / LATEST)
+
+
+def save(engine: Any, root: Path, step: int, keep_last: int, client_state: dict) -> None:
+    """Save the engine's state as ``step_<step>`` on every rank; publish it as ``latest`` once complete; prune."""
+    tag = tag_for(step)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as exc:
+        if engine.global_rank == 0:
+            shutil.rmtree(root / tag, ignore_errors=True)
+        latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else "none yet"
+        raise CheckpointError(
+            f"saving checkpoint {root / tag} failed ({exc.strerror or exc}; disk full?). The last complete checkpoint "
+            f"({latest}) is intact; free space or change pretrain.checkpoint.dir and re-run to resume from it"
+        ) from exc
+    _barrier()
+    if engine.global_rank == 0:
+        (root / tag / COMPLETE_MARKER).write_text(str(step))
+        _write_latest(root, tag)
+        prune(root, keep_last, step)
+    _barrier()
+
+
+def prune(root: Path, keep_last: int, current_step: int) -> None:
+    """Keep the ``keep_last`` newest complete checkpoints up to ``current_step`` (the one ``latest`` now names).
+
+    Tags past ``current_step`` are stale, left by an earlier run of the same configuration that this one restarted
+    (``resume: never``); incomplete tags are leftovers of a crash. Both go.
+    """
+    everything = tags(root, complete_only=False)
+    complete = [t for t in tags(root) if step_of(t) <= current_step]
+    doomed = [t for t in everything if t not in complete] + complete[:-keep_last]
+    for tag in doomed:
+        shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def resume(engine: Any, root: Path, fingerprint: str) -> int:
+    """Load the newest complete checkpoint (the one ``latest`` names, else older ones); the step to continue from.
+
+    A checkpoint that cannot be read is skipped with a warning, never deleted; if none can be read, a clear error.
+    """
+    candidates = tags(root)
+    if not candidates:
+        return 0
+    named = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    order = ([named] if named in candidates else []) + [t for t in reversed(candidates) if t != named]
+    failures = []
+    for tag in order:
+        try:
+            path, client_state = engine.load_checkpoint(str(root), tag=tag)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: try the previous checkpoint
+            failures.append(f"{tag}: {type(exc).__name__}: {exc}")
+            log.warning("checkpoint %s could not be loaded (%s); trying an older one", root / tag, exc)
+            continue
+        if path is None:
+            failures.append(f"{tag}: DeepSpeed found no checkpoint files")
+            continue
+        if client_state.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"the checkpoint {root / tag} was written by a run with other settings; move {root} away to start over"
+            )
+        step = int(client_state["global_step"])
+        log.info("resumed pre-training from %s at step %d", path, step)
+        return step
+    raise CheckpointError(
+        f"no checkpoint in {root} could be loaded ({'; '.join(failures)}). Nothing was deleted: inspect or move the "
+        f"folder away to start over, or set pretrain.checkpoint.resume: never"
+    )
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,174 @@
+"""Crash safety: a run killed with SIGKILL at arbitrary points and restarted with the same command ends bit-identical
+to an uninterrupted run; torn, corrupt or unwritable checkpoints give clear errors and never cost the last good state."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eva_pipeline.data import SourceSpec, build_manifest, compute_targets, load_images, load_targets
+from eva_pipeline.models import extract_state_dict
+from eva_pipeline.training import checkpointing
+from eva_pipeline.training.checkpointing import COMPLETE_MARKER, CheckpointError
+from eva_pipeline.training.loop import cached_targets, run_pretraining
+from eva_pipeline.training.worker import WEIGHTS_FILE, RunSpec
+from eva_test_support import make_params
+
+FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
+N, D = 64, 16  # batch 8 -> 8 steps per epoch; 3 epochs = 24 steps
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    manifest, _ = build_manifest([SourceSpec(name="fm", kind="idx", split="pretrain", images=FMNIST, limit=N)])
+    manifest.to_parquet(root / "manifest.parquet")
+    targets = torch.randn(N, 49, D, generator=torch.Generator().manual_seed(3))
+    store = compute_targets(root / "targets", {"t": 1}, N, lambda a, b: targets[a:b], lambda t: t, progress=False)
+    return root, manifest, store
+
+
+def _spec(workspace, out: Path, every_steps: int = 1) -> RunSpec:
+    root, _, store = workspace
+    params = make_params(out / "ckpt", epochs=3, checkpoint=dict(every_steps=every_steps, keep_last=2))
+    return RunSpec(
+        params=params.model_dump(mode="json"),
+        images=str(root / "manifest.parquet"),
+        target_dim=D,
+        output_dir=str(out),
+        targets_store=str(store),
+    )
+
+
+def _command(spec_path: Path) -> list[str]:
+    return [sys.executable, "-m", "eva_pipeline.training.worker", str(spec_path)]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return extract_state_dict(torch.load(out / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+
+
+@pytest.mark.slow
+def test_sigkill_at_arbitrary_points_then_restart_is_bit_identical(workspace, tmp_path):
+    clean_dir, crash_dir = tmp_path / "clean", tmp_path / "crash"
+    clean_spec = _spec(workspace, clean_dir).write(clean_dir / "run.json")
+    subprocess.run(_command(clean_spec), env=_env(), check=True, capture_output=True)
+
+    crash_spec = _spec(workspace, crash_dir).write(crash_dir / "run.json")
+    rng = random.Random(20261129)
+    kills = 0
+    for _attempt in range(3):
+        proc = subprocess.Popen(_command(crash_spec), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = set(checkpointing.tags(next(iter((crash_dir / "ckpt").glob("*")), crash_dir / "none")))
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:  # wait for a new checkpoint: training is running
+            folders = list((crash_dir / "ckpt").glob("*")) if (crash_dir / "ckpt").exists() else []
+            if folders and set(checkpointing.tags(folders[0])) - before:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))  # then anywhere: mid-step, mid-save, mid-prune
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the run finished before it could be killed: make it longer"
+    subprocess.run(_command(crash_spec), env=_env(), check=True, capture_output=True)  # the same command, to the end
+
+    clean, crashed = _weights(clean_dir), _weights(crash_dir)
+    assert clean.keys() == crashed.keys()
+    for key in clean:
+        assert torch.equal(clean[key], crashed[key]), key
+    (folder,) = list((crash_dir / "ckpt").iterdir())
+    assert len(checkpointing.tags(folder)) == 2 and checkpointing.tags(folder, complete_only=False) == checkpointing.tags(folder)
+
+
+def _params(tmp_path: Path, **changes):
+    return make_params(tmp_path / "ckpt", epochs=1, checkpoint=dict(every_steps=2, keep_last=3), **changes)
+
+
+def _train(params, workspace, **kwargs):
+    _, manifest, store = workspace
+    return run_pretraining(params, load_images(manifest), cached_targets(load_targets(store)), D, progress=False, **kwargs)
+
+
+def test_corrupt_latest_falls_back_to_the_previous_checkpoint(workspace, tmp_path):
+    params = _params(tmp_path, max_steps=6)
+    _train(params, workspace)
+    (folder,) = list((tmp_path / "ckpt").iterdir())
+    assert checkpointing.tags(folder) == ["step_2", "step_4", "step_6"]
+    model_file = folder / "step_6" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])  # torn by a crash that bypassed our marker, say
+
+    result = _train(_params(tmp_path), workspace)  # resume auto: step_6 unreadable -> step_4
+    assert result.resumed_from_step == 4
+    assert (folder / "step_6").exists() or checkpointing.tags(folder)[-1] == "step_8"  # nothing lost on the way
+    reference = _train(_params(tmp_path / "ref"), workspace)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[key], value), key
+
+
+def test_no_readable_checkpoint_is_a_clear_error_and_deletes_nothing(workspace, tmp_path):
+    params = _params(tmp_path, max_steps=4)
+    _train(params, workspace)
+    (folder,) = list((tmp_path / "ckpt").iterdir())
+    for tag in checkpointing.tags(folder):
+        (folder / tag / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
+    listing = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(CheckpointError, match="no checkpoint .* could be loaded.*Nothing was deleted"):
+        _train(_params(tmp_path), workspace)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == listing
+
+
+def test_incomplete_checkpoint_is_ignored_and_cleaned(workspace, tmp_path):
+    _train(_params(tmp_path, max_steps=4), workspace)
+    (folder,) = list((tmp_path / "ckpt").iterdir())
+    (folder / "step_4" / COMPLETE_MARKER).unlink()  # as if killed before every rank finished step 4
+    result = _train(_params(tmp_path, max_steps=6), workspace)
+    assert result.resumed_from_step == 2
+    assert checkpointing.tags(folder, complete_only=False) == checkpointing.tags(folder) == ["step_2", "step_4", "step_6"]
+
+
+def test_disk_full_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
+    saves = {"n": 0}
+    real_save = checkpointing.save
+
+    def failing_save(engine, root, step, keep_last, state):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            original = engine.save_checkpoint
+
+            def full(*args, **kwargs):
+                original(*args, **kwargs)  # the files get (partly) written, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            monkeypatch.setattr(engine, "save_checkpoint", full)
+        return real_save(engine, root, step, keep_last, state)
+
+    monkeypatch.setattr(checkpointing, "save", failing_save)
+    with pytest.raises(CheckpointError, match=r"disk full\?.*\(step_2\) is intact"):
+        _train(_params(tmp_path, max_steps=6), workspace)
+    (folder,) = list((tmp_path / "ckpt").iterdir())
+    assert (folder / "latest").read_text() == "step_2"
+    assert checkpointing.tags(folder, complete_only=False) == ["step_2"]  # the torn step_4 was removed
+
+
+def test_unwritable_checkpoint_folder_fails_before_training(workspace, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    params = make_params(blocker / "ckpt", epochs=1)
+    with pytest.raises(CheckpointError, match="is not writable"):
+        _train(params, workspace)
