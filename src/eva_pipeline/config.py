@@ -146,6 +146,7 @@ class PretrainParams(_Params):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1, description="global batch size (all ranks)")
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    compile: bool = Field(default=False, description="torch.compile the student through DeepSpeed (GPU runs)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     world_size: int = Field(default=1, ge=1)
     distributed: DistributedParams = DistributedParams()

@@ -114,3 +114,33 @@ def test_failed_ranks_raise_with_the_log(tmp_path):
     with pytest.raises(Exception, match="training ranks failed"):
         launch(params, tmp_path / "missing.json", tmp_path / "ranks.log")
     assert (tmp_path / "ranks.log").read_text()
+
+
+@pytest.mark.slow
+def test_training_node_launches_ranks_into_one_mlflow_run(workspace, tmp_path):
+    """The Kedro node with world_size 2: workers are launched, rank 0 alone logs into the session's run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from eva_pipeline.config import TeacherTargetsParams
+    from eva_pipeline.pipelines.train_student.nodes import pretrain_student
+
+    root, manifest, store = workspace
+    receipt = {"mode": "cached", "store": str(store), "num_items": N, "grid": [7, 7], "manifest_digest": "x",
+               "teacher": {"kind": "efficientnet_lite0"}}  # fmt: skip
+    teacher = TeacherTargetsParams(teacher={"kind": "efficientnet_lite0"}, output_dir=tmp_path / "unused")
+    params = _params(tmp_path / "node", 2).model_copy(update={"log_every_steps": 1})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as run:
+            model, history, summary, figure = pretrain_student(manifest, receipt, params, teacher)
+        client = MlflowClient(uri)
+        runs = client.search_runs([run.info.experiment_id])
+        assert len(runs) == 1  # the workers opened no runs of their own
+        losses = client.get_metric_history(run.info.run_id, "pretrain/loss")
+        assert [m.step for m in losses] == [1, 2, 3]  # logged once per step: by rank 0 only
+        assert list(history["step"]) == [1, 2, 3] and summary["steps"] == 3.0
+        assert model.lm_head.out_features == D
+    finally:
+        mlflow.set_tracking_uri(None)

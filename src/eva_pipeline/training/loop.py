@@ -141,6 +141,8 @@ def run_pretraining(
             f"runs are started by the DeepSpeed launcher (README 'Scaling out')"
         )
     micro = params.batch_size // world
+    if params.compile:
+        engine.compile()
 
     schedule = WarmupCosineSchedule.from_epochs(
         base_value=params.optimizer.lr,
@@ -171,8 +173,9 @@ def run_pretraining(
         x = to_model_input(_views(images, local, augment, params.seed, epoch), config.img_size)
         masks = batch_masks(masker, params.seed, epoch, batch)  # the whole global batch: cheap, and every rank
         mask = masks[rank * micro : (rank + 1) * micro].to(device, non_blocking=True)  # knows its token count
+        x = x.to(device, non_blocking=True)  # an online teacher then works on the device, with no round trip
         target = target_fn(index, x).to(device, non_blocking=True)[mask]
-        x = x.to(device, dtype, non_blocking=True)
+        x = x.to(dtype)
 
         lr = schedule(step)
         apply_lr(engine.optimizer, lr)
@@ -277,7 +280,7 @@ def training_fingerprint(params: PretrainParams, num_items: int, target_dim: int
 
     Where checkpoints go, how often, and ``max_steps`` (a smoke-run cut-off) do not change the trajectory.
     """
-    shaping = params.model_dump(mode="json", exclude={"checkpoint", "max_steps", "log_every_steps", "mask_examples", "device", "distributed"})
+    shaping = params.model_dump(mode="json", exclude={"checkpoint", "max_steps", "log_every_steps", "mask_examples", "device", "distributed", "compile"})
     blob = json.dumps(
         {"params": shaping, "num_items": num_items, "target_dim": target_dim, "data": data_fingerprint}, sort_keys=True
     )

