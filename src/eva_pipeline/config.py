@@ -27,10 +27,16 @@ class SourceParams(_Params):
     images: Path
     labels: Path | None = None
     limit: int | None = Field(default=None, ge=1)
+    layout: Literal["auto", "class_folders", "flat"] = Field(
+        default="auto", description="image_folder only: class sub-folders (labelled) or a flat image folder"
+    )
 
 
 class IngestionParams(_Params):
     sources: list[SourceParams] = Field(min_length=1)
+    rejections_path: Path | None = Field(
+        default=None, description="JSON lines listing every rejected item with its reason (the report keeps examples)"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> IngestionParams:

@@ -174,7 +174,7 @@ def test_new_source_kind_plugs_in_with_rejections(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(manifest_mod, "_SOURCE_READERS", dict(manifest_mod._SOURCE_READERS))
     (tmp_path / "list.txt").write_text("ok1.png\nbroken.png\nok2.png\n")
 
-    @register_source_kind("file_list")
+    @register_source_kind("toy_list")
     def read_list(spec: SourceSpec) -> SourceScan:
         scan = SourceScan(available=3)
         for i, name in enumerate((tmp_path / "list.txt").read_text().split()):
@@ -189,12 +189,12 @@ def test_new_source_kind_plugs_in_with_rejections(tmp_path, monkeypatch) -> None
             scan.hashes.append(f"h{i}")
         return scan
 
-    manifest, report = build_manifest([SourceSpec("files", "file_list", "pretrain", tmp_path / "list.txt")])
+    manifest, report = build_manifest([SourceSpec("files", "toy_list", "pretrain", tmp_path / "list.txt")])
     assert manifest["location"].tolist() == ["ok1.png", "ok2.png"] and manifest["id"].tolist() == ["files/0", "files/1"]
     src = report["sources"]["files"]
     assert (src["found"], src["kept"], src["rejected"]) == (3, 2, 1)
     assert src["rejected_examples"] == [{"location": "broken.png", "reason": "cannot decode"}]
-    assert "file_list" in manifest_mod.source_kinds()
+    assert "toy_list" in manifest_mod.source_kinds()
 
 
 def test_validate_manifest_reports_every_problem(embedded) -> None:

@@ -133,7 +133,8 @@ def test_training_node_launches_ranks_into_one_mlflow_run(workspace, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run() as run:
+        experiment_id = MlflowClient(uri).create_experiment("node-test")  # not another test's active experiment
+        with mlflow.start_run(experiment_id=experiment_id) as run:
             model, history, summary, figure = pretrain_student(manifest, receipt, params, teacher)
         client = MlflowClient(uri)
         runs = client.search_runs([run.info.experiment_id])

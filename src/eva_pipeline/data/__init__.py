@@ -1,4 +1,5 @@
-"""Data: IDX reading, the image manifest and its ingestion, pixel loading, model-input transforms, target store.
+"""Data: IDX reading, the image manifest and its ingestion (IDX, image folders, file lists, webdataset shards, with
+robust decoding that records every rejected image), pixel loading, model-input transforms, target store.
 
 Kedro-free; the ingestion and teacher_targets pipelines call these from thin nodes. Names are imported lazily
 (PEP 562), so ``from eva_pipeline.data import SPLITS`` in a pipeline definition does not pull in torch.
@@ -10,6 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
+    "IMAGE_EXTENSIONS": "decode",
+    "decode_image": "decode",
     "EMBEDDED_DATA_DIR": "idx",
     "parse_idx": "idx",
     "read_idx": "idx",
@@ -31,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "select_split": "manifest",
     "source_kinds": "manifest",
     "validate_manifest": "manifest",
+    "detect_folder_layout": "sources",
     "TargetStore": "target_store",
     "TargetStoreError": "target_store",
     "compute_targets": "target_store",
@@ -58,6 +62,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from eva_pipeline.data.decode import IMAGE_EXTENSIONS, decode_image
     from eva_pipeline.data.idx import EMBEDDED_DATA_DIR, parse_idx, read_idx, write_idx
     from eva_pipeline.data.images import load_images, register_container, split_location
     from eva_pipeline.data.manifest import (
@@ -76,6 +81,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         source_kinds,
         validate_manifest,
     )
+    from eva_pipeline.data.sources import detect_folder_layout
     from eva_pipeline.data.target_store import (
         TargetStore,
         TargetStoreError,

@@ -1,7 +1,8 @@
 """Pixels for manifest rows: resolve each ``location`` to a uint8 image, reading every container only once.
 
-Locations are ``"path"`` (an encoded image file, decoded with PIL as RGB) or ``"path#member"`` (an item inside a
-container; IDX for now, tar shards later through :func:`register_container`). Rows that share a container are
+Locations are ``"path"`` (an encoded image file, decoded as RGB by :func:`~eva_pipeline.data.decode.decode_image`,
+EXIF rotation applied, as at ingestion) or ``"path#member"`` (an item inside a container: IDX, or a webdataset
+``.tar`` shard; more through :func:`register_container`). Rows that share a container are
 gathered with one read and one fancy index, so the 10k-image demo loads in a fraction of a second.
 """
 
@@ -15,20 +16,30 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
+from eva_pipeline.data.decode import decode_image
 from eva_pipeline.data.idx import read_idx
 
 #: A container reader: (container path, members of the requested rows) -> uint8 array (n, H, W, C).
 ContainerReader = Callable[[Path, list[str]], np.ndarray]
 _CONTAINERS: list[tuple[Callable[[Path], bool], ContainerReader]] = []
+#: Readers whose items' ``content_hash`` is of the encoded bytes, not of the decoded pixels (not re-checked).
+_ENCODED_HASH_READERS: set[ContainerReader] = set()
 
 
-def register_container(matches: Callable[[Path], bool]) -> Callable[[ContainerReader], ContainerReader]:
-    """Decorator: use ``reader`` for ``"path#member"`` locations whose path satisfies ``matches`` (checked first)."""
+def register_container(
+    matches: Callable[[Path], bool], *, pixel_hashes: bool = True
+) -> Callable[[ContainerReader], ContainerReader]:
+    """Decorator: use ``reader`` for ``"path#member"`` locations whose path satisfies ``matches`` (checked first).
+
+    ``pixel_hashes``: the container's ``content_hash`` is the sha1 of the item's pixel bytes, which
+    ``load_images(verify_hashes=True)`` can check; False when it is of the encoded bytes (then not checked).
+    """
 
     def decorate(reader: ContainerReader) -> ContainerReader:
         _CONTAINERS.insert(0, (matches, reader))
+        if not pixel_hashes:
+            _ENCODED_HASH_READERS.add(reader)
         return reader
 
     return decorate
@@ -55,15 +66,47 @@ def _read_idx_members(path: Path, members: list[str]) -> np.ndarray:
     return items[..., None] if items.ndim == 3 else items
 
 
-def _read_file(path: Path) -> np.ndarray:
-    """One encoded image file -> (H, W, 3) uint8 via PIL (RGB, as the reference's loader)."""
+def _is_tar(path: Path) -> bool:
+    return path.suffix.lower() == ".tar"
+
+
+def _decode_or_raise(data: bytes, name: str) -> np.ndarray:
+    image, rejection = decode_image(data, name, min_side=1)  # the size policy is ingestion's, not the loader's
+    if rejection is not None:
+        raise ValueError(f"{name}: cannot decode ({rejection.reason}: {rejection.detail}); stale manifest?")
+    return np.array(image)  # a writable copy: torch.from_numpy warns on read-only
+
+
+@register_container(_is_tar, pixel_hashes=False)
+def _read_tar_members(path: Path, members: list[str]) -> np.ndarray:
+    """Members of one webdataset tar shard -> (n, H, W, 3); the shard is read once, stopping after the last one."""
+    from eva_pipeline.data.sources import iter_tar_files
+
+    wanted = set(members)
+    found: dict[str, bytes] = {}
     try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only
+        for item in iter_tar_files(path, select=wanted.__contains__):
+            found[item["fname"]] = item["data"]
+            if len(found) == len(wanted):
+                break
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard not found: {path} (stale manifest or wrong working directory?)") from None
+    if missing := sorted(wanted - set(found)):
+        raise ValueError(f"shard {path}: {len(missing)} member(s) not found, e.g. {missing[:3]} (stale manifest?)")
+    pixels = [_decode_or_raise(found[m], f"{path}#{m}") for m in members]
+    if len({p.shape for p in pixels}) != 1:
+        sizes = sorted({p.shape[:2] for p in pixels})
+        raise ValueError(f"load_images needs images of one size to stack them, found sizes (H, W) {sizes} in {path}")
+    return np.stack(pixels)
+
+
+def _read_file(path: Path) -> np.ndarray:
+    """One encoded image file -> (H, W, 3) uint8 RGB, decoded exactly as at ingestion."""
+    try:
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path} (stale manifest or wrong working directory?)") from None
-    except OSError as exc:
-        raise ValueError(f"image file {path}: cannot decode ({exc})") from exc
+    return _decode_or_raise(data, str(path))
 
 
 def split_location(location: str) -> tuple[str, str | None]:
@@ -99,10 +142,13 @@ def load_images(
             members.append(member)
 
     parts: list[tuple[np.ndarray, np.ndarray]] = []  # (row indices, (n, H, W, C) pixels)
+    unhashed: set[int] = set()  # rows whose content_hash is of encoded bytes: not comparable with pixels
     for path, (rows, members) in groups.items():
         container = resolve(path)
         reader = next(r for match, r in _CONTAINERS if match(container))
         parts.append((np.asarray(rows), reader(container, members)))
+        if reader in _ENCODED_HASH_READERS:
+            unhashed.update(rows)
     for row, path in files:
         parts.append((np.asarray([row]), _read_file(resolve(path))[None]))
     if n == 0:
@@ -118,7 +164,7 @@ def load_images(
     ids, hashes = (manifest["id"].tolist(), manifest["content_hash"].tolist()) if verify else ([], [])
     for rows, pixels in parts:
         if verify:
-            _check_hashes(ids, locations, hashes, rows, pixels)
+            _check_hashes(ids, locations, hashes, rows, pixels, unhashed)
         # (n, H, W, C) -> (n, C, H, W); a grayscale item broadcasts over 3 channels when the batch is mixed.
         out[torch.from_numpy(rows)] = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).expand(
             -1, channels, -1, -1
@@ -136,11 +182,14 @@ def _check_sizes(manifest: pd.DataFrame, height: int, width: int) -> None:
         )
 
 
-def _check_hashes(ids: list[str], locations: list[str], hashes: list, rows: np.ndarray, pixels: np.ndarray) -> None:
-    """Only container items are checked here (their hash is of the raw pixel bytes; a file's is of its encoding)."""
+def _check_hashes(
+    ids: list[str], locations: list[str], hashes: list, rows: np.ndarray, pixels: np.ndarray, unhashed: set[int]
+) -> None:
+    """Only items of pixel-hashed containers are checked here (a file's or a shard member's hash is of its
+    encoding, not of the decoded pixels)."""
     for row, item in zip(rows.tolist(), pixels):
         expected = hashes[row]
-        if expected is None or pd.isna(expected) or split_location(locations[row])[1] is None:
+        if expected is None or pd.isna(expected) or split_location(locations[row])[1] is None or row in unhashed:
             continue
         if hashlib.sha1(np.ascontiguousarray(item)).hexdigest() != expected:
             raise ValueError(

@@ -6,12 +6,15 @@ array container (IDX), and later ``"shard.tar#member"``. The ``split`` column ke
 pre-training; exact-duplicate detection by content hash keeps the same image from appearing in both.
 
 Source kinds are looked up in a small registry (:func:`register_source_kind`), so new kinds ("image_folder",
-"file_list", "webdataset") plug in without changing :func:`build_manifest` or its callers.
+"file_list", "webdataset") plug in without changing :func:`build_manifest` or its callers. The readers of
+encoded images live in :mod:`eva_pipeline.data.sources`; every unreadable item is recorded as a rejection with
+its reason (:mod:`eva_pipeline.data.decode`), never dropped silently nor replaced by another image.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +65,8 @@ _STRING_COLUMNS = ("id", "source", "location", "split")
 PIXEL_DIGEST_COLUMNS: tuple[str, ...] = ("id", "location", "width", "height", "size_bytes", "content_hash")
 #: How many rejected / duplicate items the report lists by name per source (all of them are counted).
 REPORT_EXAMPLES: int = 20
+#: Layouts of an ``image_folder`` source: decided from the tree, one class folder per label, or unlabelled.
+FOLDER_LAYOUTS: tuple[str, ...] = ("auto", "class_folders", "flat")
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,8 @@ class SourceSpec:
 
     ``kind`` names a registered reader ("idx" built in). ``images`` is the container or folder, ``labels`` an
     optional companion file, ``limit`` keeps only the first items (quick runs). Relative paths are stored as
-    given, so a manifest built from the project root stays valid when the project moves.
+    given, so a manifest built from the project root stays valid when the project moves. ``layout`` only
+    matters for ``image_folder`` sources (see :data:`FOLDER_LAYOUTS`).
     """
 
     name: str
@@ -79,6 +85,7 @@ class SourceSpec:
     images: str | os.PathLike[str]
     labels: str | os.PathLike[str] | None = None
     limit: int | None = None
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.name or "#" in self.name or self.name != self.name.strip():
@@ -87,6 +94,8 @@ class SourceSpec:
             raise ValueError(f"source {self.name!r}: split must be one of {SPLITS}, got {self.split!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or int(self.limit) != self.limit or self.limit < 1):
             raise ValueError(f"source {self.name!r}: limit must be a positive integer or None, got {self.limit!r}")
+        if self.layout not in FOLDER_LAYOUTS:
+            raise ValueError(f"source {self.name!r}: layout must be one of {FOLDER_LAYOUTS}, got {self.layout!r}")
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any]) -> "SourceSpec":
@@ -103,7 +112,8 @@ class SourceScan:
     """What a source reader found, item by item (after ``limit``), before de-duplication.
 
     Parallel lists, one entry per accepted item; ``rejections`` lists unreadable items with the reason, so that
-    nothing is dropped silently. ``available`` is the number of items in the source before ``limit``.
+    nothing is dropped silently. ``available`` is the number of items in the source before ``limit``. ``info``
+    is copied into the source's entry of the ingestion report (e.g. the class names of an image folder).
     """
 
     available: int
@@ -114,6 +124,22 @@ class SourceScan:
     size_bytes: list[int] = field(default_factory=list)
     hashes: list[str | None] = field(default_factory=list)
     rejections: list[dict[str, str]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def add(
+        self, location: str, label: int | None, width: int, height: int, size_bytes: int, digest: str | None
+    ) -> None:
+        """Record one accepted item."""
+        self.locations.append(location)
+        self.labels.append(label)
+        self.widths.append(int(width))
+        self.heights.append(int(height))
+        self.size_bytes.append(int(size_bytes))
+        self.hashes.append(digest)
+
+    def reject(self, location: str, reason: str, detail: str = "") -> None:
+        """Record one unreadable item: ``reason`` is a stable code, ``detail`` the specifics."""
+        self.rejections.append({"location": location, "reason": reason, "detail": detail})
 
     @property
     def found(self) -> int:
@@ -197,13 +223,21 @@ def _check_paths(spec: SourceSpec) -> None:
         )
 
 
-def build_manifest(specs: Sequence[SourceSpec], *, dedup: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
+def build_manifest(
+    specs: Sequence[SourceSpec],
+    *,
+    dedup: bool = True,
+    rejections_path: str | os.PathLike[str] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Scan every source and return ``(manifest, report)``; raises before returning anything if a source is bad.
 
     With ``dedup`` an item whose content hash was already kept is dropped and counted. Probe sources are
     de-duplicated first, so an image present in both splits stays a probe image and never enters pre-training.
     ``report`` is JSON-ready: per source found / kept / rejected / duplicates (found == kept + rejected +
-    duplicates), totals, per-split counts and the label histogram of each split.
+    duplicates), totals, per-split counts and the label histogram of each split. Each source lists its first
+    :data:`REPORT_EXAMPLES` rejections and the count of every rejection reason; with ``rejections_path`` every
+    rejection of every source is also written there as JSON lines (``source``, ``location``, ``reason``,
+    ``detail``), and the report names the file.
     """
     specs = list(specs)
     if not specs:
@@ -262,6 +296,8 @@ def build_manifest(specs: Sequence[SourceSpec], *, dedup: bool = True) -> tuple[
                 }
             )
         )
+        if not len(idx):  # nothing kept: give the empty frame the manifest's dtypes (not float64)
+            frames[-1] = frames[-1].astype(MANIFEST_DTYPES)
         sources_report[spec.name] = {
             "kind": spec.kind,
             "split": spec.split,
@@ -273,13 +309,30 @@ def build_manifest(specs: Sequence[SourceSpec], *, dedup: bool = True) -> tuple[
             "kept": int(len(idx)),
             "rejected": len(scan.rejections),
             "duplicates": int(len(kept) - len(idx)),
+            "rejection_reasons": dict(sorted(Counter(r.get("reason", "") for r in scan.rejections).items())),
             "rejected_examples": scan.rejections[:REPORT_EXAMPLES],
             "duplicate_examples": dup_examples,
+            **{key: value for key, value in scan.info.items() if key not in ("kind", "split", "found", "kept")},
         }
     # String columns keep pandas' inferred string dtype (nulls stay nulls); numeric ones are typed above.
     manifest = pd.concat(frames, ignore_index=True)
     validate_manifest(manifest)
-    return manifest, _report(manifest, sources_report, dedup)
+    report = _report(manifest, sources_report, dedup)
+    if rejections_path is not None:
+        _write_rejections(Path(rejections_path), specs, scans)
+        report["rejections_file"] = str(rejections_path)
+    return manifest, report
+
+
+def _write_rejections(path: Path, specs: Sequence[SourceSpec], scans: Sequence[SourceScan]) -> None:
+    """Every rejection as one JSON line (written whole to a temporary file, then moved into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for spec, scan in zip(specs, scans):
+            for rejection in scan.rejections:
+                fh.write(json.dumps({"source": spec.name, **rejection}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def _report(manifest: pd.DataFrame, sources: dict[str, Any], dedup: bool) -> dict[str, Any]:
@@ -362,3 +415,7 @@ def manifest_digest(manifest: pd.DataFrame, columns: Sequence[str] = PIXEL_DIGES
         values = manifest[col].astype(object).where(manifest[col].notna(), None)
         h.update(("\x1f".join("\x00" if v is None else str(v) for v in values) + "\x1e").encode())
     return h.hexdigest()
+
+
+# Built-in readers of encoded images ("image_folder", "file_list", "webdataset") register themselves on import.
+from eva_pipeline.data import sources as _sources  # noqa: E402,F401  (after the registry exists: circular import)

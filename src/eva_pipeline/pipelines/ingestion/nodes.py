@@ -10,9 +10,14 @@ from eva_pipeline.data import build_manifest as _build_manifest
 
 
 def build_manifest(params: IngestionParams) -> tuple[pd.DataFrame, dict]:
-    """Index every configured source into one manifest; the report counts what was found, kept and rejected."""
+    """Index every configured source into one manifest; the report counts what was found, kept and rejected.
+
+    Every rejected item (unreadable, corrupt, too small, ...) is listed with its reason in ``rejections_path``.
+    """
     specs = [
-        SourceSpec(name=s.name, kind=s.kind, split=s.split, images=s.images, labels=s.labels, limit=s.limit)
+        SourceSpec(
+            name=s.name, kind=s.kind, split=s.split, images=s.images, labels=s.labels, limit=s.limit, layout=s.layout
+        )
         for s in params.sources
     ]
-    return _build_manifest(specs)
+    return _build_manifest(specs, rejections_path=params.rejections_path)

@@ -1,0 +1,344 @@
+"""image_folder / file_list / webdataset readers and the shared robust decoder, on a small tree built in tmp.
+
+Every bad case must be rejected with its reason (never a crash, a silent drop or a substitution); every
+convertible case must be kept, with the pixels load_images returns being the right RGB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eva_pipeline.data import decode
+from eva_pipeline.data.images import load_images
+from eva_pipeline.data.manifest import SourceSpec, build_manifest, source_kinds
+from eva_pipeline.data.sources import detect_folder_layout, parse_list_line
+
+BOMB_LIMIT = 5000  # Image.MAX_IMAGE_PIXELS during ingestion: the 100x100 "bomb" exceeds it, 32x32 images do not
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _noise(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _exif_jpeg(quality: int = 95) -> bytes:
+    """40 wide x 20 tall, left half red, right half blue, EXIF orientation 6 (display rotated 90 deg clockwise)."""
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(Image.fromarray(arr), "JPEG", quality=quality, exif=exif.tobytes())
+
+
+def _palette_png() -> bytes:
+    img = Image.new("P", (32, 32), 1)
+    img.putpalette([0, 0, 0, 10, 200, 30] + [0] * (256 * 3 - 6))
+    return _encode(img, "PNG")
+
+
+CASES: dict[str, bytes] = {}
+
+
+def _cases() -> dict[str, bytes]:
+    if not CASES:
+        good_jpeg = _encode(Image.new("RGB", (32, 32), (200, 40, 90)), "JPEG", quality=95)
+        big_jpeg = _encode(_noise(64, 64, 0), "JPEG", quality=90)
+        CASES.update(
+            good_jpeg=good_jpeg,
+            good_png=_encode(Image.new("RGB", (32, 32), (1, 2, 3)), "PNG"),
+            good_webp=_encode(Image.new("RGB", (32, 32), (0, 128, 255)), "WEBP", lossless=True),
+            cmyk=_encode(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", quality=95),  # red
+            palette=_palette_png(),
+            rgba=_encode(Image.new("RGBA", (32, 32), (255, 0, 0, 128)), "PNG"),
+            png16=_encode(Image.fromarray(np.full((32, 32), 40000, np.uint16)), "PNG"),
+            gray=_encode(Image.new("L", (32, 32), 77), "PNG"),
+            exif=_exif_jpeg(),
+            tiny=_encode(Image.new("RGB", (8, 8), (5, 5, 5)), "PNG"),
+            empty=b"",
+            truncated=big_jpeg[: len(big_jpeg) // 2],
+            text=b"this is not an image\n",
+            bomb=_encode(Image.new("RGB", (100, 100), (9, 9, 9)), "PNG"),
+        )
+    return CASES
+
+
+#: What each case must become: an RGB pixel (kept) or a rejection reason.
+EXPECTED_PIXEL = {
+    "good_jpeg": (200, 40, 90),
+    "good_png": (1, 2, 3),
+    "good_webp": (0, 128, 255),
+    "cmyk": (255, 0, 0),
+    "palette": (10, 200, 30),
+    "rgba": (255, 127, 127),
+    "png16": (156, 156, 156),  # round(40000 * 255 / 65535)
+    "gray": (77, 77, 77),
+}
+EXPECTED_REASON = {
+    "tiny": decode.TOO_SMALL,
+    "empty": decode.EMPTY,
+    "truncated": decode.CORRUPT,
+    "text": decode.NOT_AN_IMAGE,
+    "bomb": decode.BOMB,
+}
+FILE_NAMES = {  # case -> file name (extensions in mixed case on purpose)
+    "good_jpeg": "good.jpg", "good_png": "good.png", "good_webp": "good.WEBP", "cmyk": "cmyk.jpeg",
+    "palette": "palette.png", "rgba": "rgba.png", "png16": "png16.png", "gray": "gray.PNG", "exif": "exif.jpg",
+    "tiny": "tiny.png", "empty": "empty.jpg", "truncated": "truncated.jpg", "text": "text.jpg", "bomb": "bomb.png",
+}  # fmt: skip
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> Path:
+    """tree/ (class folders bird (empty), cat, dog), flat/, list.txt + imgs/, wds/ (2 shards)."""
+    root = tmp_path_factory.mktemp("sources")
+    c = _cases()
+    tree = root / "tree"
+    (tree / "bird").mkdir(parents=True)
+    for case in ("good_jpeg", "good_png", "good_webp", "cmyk", "palette", "rgba"):
+        (tree / "cat").mkdir(exist_ok=True)
+        (tree / "cat" / FILE_NAMES[case]).write_bytes(c[case])
+    (tree / "dog" / "nested").mkdir(parents=True)
+    (tree / "dog" / "nested" / FILE_NAMES["png16"]).write_bytes(c["png16"])
+    for case in ("gray", "exif", *EXPECTED_REASON):
+        (tree / "dog" / FILE_NAMES[case]).write_bytes(c[case])
+    (tree / "dog" / "notes.txt").write_text("not an image name: ignored, but counted")
+
+    flat = root / "flat"
+    (flat / "sub").mkdir(parents=True)
+    (flat / "a.png").write_bytes(_encode(_noise(20, 20, 1), "PNG"))
+    (flat / "sub" / "b.jpg").write_bytes(_encode(_noise(24, 20, 2), "JPEG"))
+
+    imgs = root / "lists" / "imgs"
+    imgs.mkdir(parents=True)
+    (imgs / "dup.jpg").write_bytes(c["good_jpeg"])  # the same bytes as tree/cat/good.jpg
+    (imgs / "gray.png").write_bytes(_encode(Image.new("L", (30, 30), 200), "PNG"))
+    (imgs / "with space.png").write_bytes(_encode(_noise(18, 18, 3), "PNG"))
+    (root / "lists" / "list.txt").write_text(
+        "# a comment\n\nimgs/dup.jpg 5\nimgs/gray.png\t3\nimgs/with space.png\nimgs/missing.jpg 1\n"
+        "imgs/gray.png\t4\nimgs/dup.jpg\tnot-a-label\n"
+    )
+
+    wds = root / "wds"  # images of their own (not duplicates of the tree's)
+    wds.mkdir()
+    _tar(wds / "00000.tar", [
+        ("000000000.jpg", _encode(Image.new("RGB", (32, 32), (10, 20, 30)), "JPEG")),
+        ("000000000.txt", b"a caption"), ("000000000.json", b"{}"),
+        ("000000001.png", _encode(Image.new("RGBA", (32, 32), (0, 0, 255, 128)), "PNG")), ("000000001.cls", b"7"),
+        ("000000002.jpg", c["truncated"]),
+    ])  # fmt: skip
+    _tar(wds / "00001.tar", [
+        ("000000003.webp", _encode(Image.new("RGB", (32, 32), (50, 60, 70)), "WEBP", lossless=True)),
+        ("000000004.txt", b"caption without an image"),
+        ("000000005.png", _exif_jpeg(quality=80)),  # a JPEG under a .png name: PIL sniffs the content
+        ("000000006.jpg", c["text"]),
+    ])  # fmt: skip
+    return root
+
+
+def _specs(root: Path) -> list[SourceSpec]:
+    return [
+        SourceSpec("tree", "image_folder", "pretrain", root / "tree"),
+        SourceSpec("flat", "image_folder", "probe", root / "flat"),
+        SourceSpec("list", "file_list", "pretrain", root / "lists" / "list.txt"),
+        SourceSpec("wds", "webdataset", "pretrain", root / "wds"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ingested(layout):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image, "MAX_IMAGE_PIXELS", BOMB_LIMIT)
+        manifest, report = build_manifest(_specs(layout), rejections_path=layout / "report" / "rejections.jsonl")
+    return layout, manifest, report
+
+
+def _rejections(report: dict, source: str) -> dict[str, str]:
+    return {Path(r["location"]).name: r["reason"] for r in report["sources"][source]["rejected_examples"]}
+
+
+def test_kinds_registered() -> None:
+    assert {"idx", "image_folder", "file_list", "webdataset"} <= set(source_kinds())
+
+
+def test_counts_add_up(ingested) -> None:
+    _, manifest, report = ingested
+    for name, src in report["sources"].items():
+        assert src["found"] == src["kept"] + src["rejected"] + src["duplicates"], name
+        assert src["kept"] == int((manifest["source"] == name).sum())
+        assert sum(src["rejection_reasons"].values()) == src["rejected"]
+    totals = report["totals"]
+    assert totals["found"] == totals["kept"] + totals["rejected"] + totals["duplicates"]
+
+
+def test_image_folder_class_folders_labels_and_rejections(ingested) -> None:
+    _, manifest, report = ingested
+    src = report["sources"]["tree"]
+    assert src["layout"] == "class_folders" and src["classes"] == ["bird", "cat", "dog"]
+    assert src["ignored_files"] == 1 and src["ignored_examples"][0].endswith("dog/notes.txt")
+    assert _rejections(report, "tree") == {FILE_NAMES[k]: reason for k, reason in EXPECTED_REASON.items()}
+    assert src["kept"] == 9 and src["available"] == 14 and src["duplicates"] == 0
+    rows = manifest[manifest["source"] == "tree"]
+    rows = rows.set_index(rows["location"].map(lambda s: Path(s).name))
+    assert int(rows.loc["cmyk.jpeg", "label"]) == 1 and int(rows.loc["png16.png", "label"]) == 2  # bird=0 (empty)
+    assert set(rows["label"].astype(int)) == {1, 2}
+    assert rows.loc["good.jpg", "content_hash"] == hashlib.sha1(_cases()["good_jpeg"]).hexdigest()
+    assert rows.loc["good.jpg", "size_bytes"] == len(_cases()["good_jpeg"])
+
+
+def test_convertible_cases_load_as_correct_rgb(ingested) -> None:
+    _, manifest, _ = ingested
+    rows = manifest[manifest["source"] == "tree"]
+    by_name = {Path(loc).name: i for i, loc in zip(rows.index, rows["location"])}
+    for case, rgb in EXPECTED_PIXEL.items():
+        pixels = load_images(manifest.loc[[by_name[FILE_NAMES[case]]]])
+        assert pixels.shape == (1, 3, 32, 32), case
+        tol = 12 if case in ("cmyk", "good_jpeg") else 1  # lossy JPEG / CMYK conversion: roughly right
+        got = pixels[0, :, 16, 16].tolist()
+        assert np.abs(np.subtract(got, rgb)).max() <= tol, (case, got, rgb)
+
+
+def test_exif_rotation_swaps_size_and_rotates_pixels(ingested) -> None:
+    _, manifest, _ = ingested
+    row = manifest[manifest["location"].str.endswith("tree/dog/exif.jpg")]
+    assert (int(row["width"].iloc[0]), int(row["height"].iloc[0])) == (20, 40)  # stored 40x20, orientation 6
+    pixels = load_images(row)[0]
+    assert pixels.shape == (3, 40, 20)
+    # Rotated 90 deg clockwise: the left (red) half is now on top, the right (blue) half at the bottom.
+    assert pixels[:, 5, 10].tolist()[0] > 200 and pixels[:, 5, 10].tolist()[2] < 50
+    assert pixels[:, 35, 10].tolist()[2] > 200 and pixels[:, 35, 10].tolist()[0] < 50
+
+
+def test_flat_folder_is_unlabelled(ingested) -> None:
+    _, manifest, report = ingested
+    assert report["sources"]["flat"]["layout"] == "flat" and "classes" not in report["sources"]["flat"]
+    rows = manifest[manifest["source"] == "flat"]
+    assert rows["label"].isna().all() and [Path(p).name for p in rows["location"]] == ["a.png", "b.jpg"]
+    assert load_images(rows.iloc[[1]]).shape == (1, 3, 20, 24)
+
+
+def test_file_list_resolves_paths_labels_missing_and_duplicates(ingested) -> None:
+    root, manifest, report = ingested
+    src = report["sources"]["list"]
+    assert src["found"] == 6 and src["kept"] == 2 and src["duplicates"] == 1 and src["rejected"] == 3
+    good_id = manifest.loc[manifest["location"].str.endswith("tree/cat/good.jpg"), "id"].item()
+    assert src["duplicate_examples"] == [{"id": "list/0", "duplicate_of": good_id}]
+    reasons = {r["location"].split("/lists/")[-1]: r["reason"] for r in src["rejected_examples"]}
+    assert reasons == {"imgs/missing.jpg": "missing file", "imgs/gray.png": "repeated entry", "list.txt:8": "bad line"}
+    rows = manifest[manifest["source"] == "list"]
+    assert rows["location"].tolist() == [(root / "lists/imgs" / n).as_posix() for n in ("gray.png", "with space.png")]
+    assert rows["label"].tolist()[0] == 3 and rows["label"].isna().tolist() == [False, True]
+    assert load_images(rows.iloc[[0]])[0, :, 3, 3].tolist() == [200, 200, 200]
+
+
+def test_webdataset_shards(ingested) -> None:
+    root, manifest, report = ingested
+    src = report["sources"]["wds"]
+    assert src["shards"] == 2 and src["available"] == 7 and not src["available_is_lower_bound"]
+    assert {k.split("#")[-1]: v for k, v in ((r["location"], r["reason"]) for r in src["rejected_examples"])} == {
+        "000000002.jpg": decode.CORRUPT,
+        "000000004": "no image in sample",
+        "000000006.jpg": decode.NOT_AN_IMAGE,
+    }
+    rows = manifest[manifest["source"] == "wds"].reset_index(drop=True)
+    assert [loc.split("/wds/")[-1] for loc in rows["location"]] == [
+        "00000.tar#000000000.jpg", "00000.tar#000000001.png", "00001.tar#000000003.webp", "00001.tar#000000005.png"
+    ]  # fmt: skip
+    assert rows["label"].tolist()[1] == 7 and rows["label"].isna().tolist() == [True, False, True, True]
+    pixels = load_images(rows.iloc[:3])  # two shards, 32x32 items, each shard read once
+    assert pixels[1, :, 4, 4].tolist() == [127, 127, 255]  # RGBA over white
+    assert pixels[2, :, 4, 4].tolist() == [50, 60, 70]
+    assert load_images(rows.iloc[[3]]).shape == (1, 3, 40, 20)  # EXIF rotation inside a shard too
+    assert load_images(rows.iloc[:3], verify_hashes=True).shape == (3, 3, 32, 32)  # encoded hashes: not compared
+
+
+def test_rejections_file_lists_everything(ingested) -> None:
+    root, _, report = ingested
+    lines = [json.loads(x) for x in (root / "report" / "rejections.jsonl").read_text().splitlines()]
+    assert len(lines) == report["totals"]["rejected"] and report["rejections_file"].endswith("rejections.jsonl")
+    assert {"source", "location", "reason", "detail"} <= set(lines[0])
+
+
+def test_limits_and_explicit_layout(layout) -> None:
+    specs = [
+        SourceSpec("tree", "image_folder", "pretrain", layout / "tree", limit=3),
+        SourceSpec("flatdog", "image_folder", "pretrain", layout / "tree" / "dog", layout="flat", limit=2),
+        SourceSpec("wds", "webdataset", "pretrain", layout / "wds" / "00000.tar", limit=2),
+        SourceSpec("list", "file_list", "probe", layout / "lists" / "list.txt", limit=2),
+    ]
+    manifest, report = build_manifest(specs)
+    tree, wds = report["sources"]["tree"], report["sources"]["wds"]
+    assert tree["available"] == 14 and tree["found"] == 3
+    assert report["sources"]["flatdog"]["layout"] == "flat"
+    assert manifest.loc[manifest["source"] == "flatdog", "label"].isna().all()
+    assert wds["found"] == 2 and wds["available_is_lower_bound"]
+    assert report["sources"]["list"]["available"] == 6 and report["sources"]["list"]["found"] == 2
+    with pytest.raises(ValueError, match="layout"):
+        SourceSpec("x", "image_folder", "pretrain", layout, layout="nested")
+
+
+def test_detect_layout_and_parse_list_line(layout, tmp_path) -> None:
+    assert detect_folder_layout(layout / "tree") == "class_folders"
+    assert detect_folder_layout(layout / "flat") == "flat"
+    (tmp_path / "root.jpg").write_bytes(b"")
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "x.jpg").write_bytes(b"")
+    assert detect_folder_layout(tmp_path) == "flat"  # an image at the root: not a class-folder tree
+    assert parse_list_line("a b.jpg\t3") == ("a b.jpg", 3)
+    assert parse_list_line("a b.jpg") == ("a b.jpg", None)
+    assert parse_list_line("x.jpg -1") == ("x.jpg", -1)
+    with pytest.raises(ValueError):
+        parse_list_line("x.jpg\tcat")
+
+
+def test_decode_image_modes_directly() -> None:
+    la = _encode(Image.new("LA", (20, 20), (0, 0)), "PNG")  # fully transparent black -> white
+    img, why = decode.decode_image(la, "la.png")
+    assert why is None and img.mode == "RGB" and img.getpixel((3, 3)) == (255, 255, 255)
+    img, why = decode.decode_image(_cases()["png16"], "p16.png", min_side=64)
+    assert img is None and why.reason == decode.TOO_SMALL and "32x32" in why.detail
+    assert decode.is_image_name("A.TIFF") and not decode.is_image_name("a.txt") and not decode.is_image_name("jpg")
+
+
+def test_damaged_shard_and_misuse(tmp_path) -> None:
+    good = _encode(_noise(32, 32, 7), "PNG")
+    _tar(tmp_path / "00000.tar", [("a.png", good), ("b.png", _encode(_noise(32, 32, 8), "PNG") * 3)])
+    data = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(data[: 512 + len(good) + 512 + 700])  # cut inside member b
+    manifest, report = build_manifest([SourceSpec("w", "webdataset", "pretrain", tmp_path)])
+    src = report["sources"]["w"]
+    assert src["kept"] == 1 and manifest["location"].item().endswith("00000.tar#a.png")
+    assert src["rejection_reasons"] == {"corrupt shard": 1}
+    assert src["found"] == src["kept"] + src["rejected"] + src["duplicates"]
+    with pytest.raises(ValueError, match="takes no labels file"):
+        build_manifest([SourceSpec("w", "webdataset", "pretrain", tmp_path, labels=tmp_path / "00000.tar")])
+    with pytest.raises(ValueError, match="no .tar shards"):
+        (tmp_path / "empty").mkdir()
+        build_manifest([SourceSpec("w", "webdataset", "pretrain", tmp_path / "empty")])
+
+
+def test_source_with_nothing_readable(tmp_path) -> None:
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    manifest, report = build_manifest([SourceSpec("bad", "image_folder", "pretrain", tmp_path)])
+    assert len(manifest) == 0 and report["sources"]["bad"]["rejection_reasons"] == {decode.EMPTY: 1}
