@@ -39,19 +39,20 @@ def workspace(tmp_path_factory):
     return root, manifest, store
 
 
-def _params(ckpt: Path, world_size: int) -> PretrainParams:
+def _params(ckpt: Path, world_size: int, launcher: str = "torchrun", port: int = 29631) -> PretrainParams:
     return make_params(
         ckpt,
         world_size=world_size,
         batch_size=16,
         max_steps=STEPS,
         checkpoint=dict(every_steps=STEPS, keep_last=1),
-        distributed=dict(launcher="torchrun", master_port=29631),
+        distributed=dict(launcher=launcher, master_port=port),
     )
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_path):
+@pytest.mark.parametrize(("launcher", "port"), [("torchrun", 29631), ("deepspeed", 29633)])
+def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_path, launcher, port):
     root, manifest, store = workspace
     from eva_pipeline.data import load_images
 
@@ -59,7 +60,7 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
         _params(tmp_path / "one", 1), load_images(manifest), cached_targets(load_targets(store)), D, progress=False
     )
 
-    params = _params(tmp_path / "two", 2)
+    params = _params(tmp_path / "two", 2, launcher, port)
     spec = RunSpec(
         params=params.model_dump(mode="json"),
         images=str(root / "manifest.parquet"),
