@@ -23,12 +23,14 @@ def make_params(ckpt_dir: Path, **changes) -> PretrainParams:
         checkpoint=dict(dir=str(ckpt_dir), every_steps=2, keep_last=2),
     )
 
-    def merge(into: dict, new: dict) -> dict:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-        return into
+    return PretrainParams.model_validate(merge_nested(base, copy.deepcopy(changes)))
 
-    return PretrainParams.model_validate(merge(base, copy.deepcopy(changes)))
+
+def merge_nested(into: dict, new: dict) -> dict:
+    """Merge ``new`` into ``into`` in place, recursing into dicts present in both."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_nested(into[key], value)
+        else:
+            into[key] = value
+    return into

@@ -7,7 +7,6 @@ optimiser must keep our AdamW groups (weight decay and ``lr_scale``) so the sche
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -26,31 +25,12 @@ from eva_pipeline.training.engine import (
 )
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
-
-TINY = dict(depth=2, embed_dim=32, num_heads=2, mlp_hidden_dim=64, drop_path_rate=0.0)
-
+from eva_test_support import make_params as make_tiny_params
+from eva_test_support import TINY, merge_nested
 
 def make_params(tmp_path, **changes) -> PretrainParams:
-    """A tiny CPU pre-training config; ``changes`` are merged into it (nested dicts merge)."""
-    base = dict(
-        model=dict(name="eva_tiny_patch4_28", overrides=dict(TINY)),
-        masking=dict(num_masking_patches=20, min_num_patches=4),
-        optimizer=dict(lr=1e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.05),
-        epochs=2,
-        batch_size=8,
-        device="cpu",
-        checkpoint=dict(dir=str(tmp_path / "ckpt"), every_steps=2, keep_last=2),
-    )
-
-    def merge(into: dict, new: dict) -> dict:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-        return into
-
-    return PretrainParams.model_validate(merge(base, copy.deepcopy(changes)))
+    """The shared tiny CPU config with a 2-block student, checkpoints under ``tmp_path``; ``changes`` merge in."""
+    return make_tiny_params(tmp_path / "ckpt", **merge_nested({"model": {"overrides": {"depth": 2}}}, changes))
 
 
 # ------------------------------------------------------------------------------------------- deepspeed_config
@@ -149,7 +129,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- the ZeRO optimiser
 def _layer_decayed_model_and_groups(seed: int):
     torch.manual_seed(seed)
-    model = EvaMIM(get_config("eva_tiny_patch4_28", **TINY, target_dim=8))
+    model = EvaMIM(get_config("eva_tiny_patch4_28", **{**TINY, "depth": 2}, target_dim=8))
     depth = model.config.depth
     groups = param_groups(model, 0.05, layer_decay=0.5, layer_id=lambda n: get_layer_id(n, depth), num_layers=depth)
     return model, groups
