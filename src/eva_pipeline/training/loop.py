@@ -219,7 +219,7 @@ def run_pretraining(
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_second']:.0f}")
             if metrics_fn is not None and ((step + 1) % params.log_every_steps == 0 or step + 1 == last_step):
-                metrics_fn(step + 1, record)
+                metrics_fn(step + 1, {k: v for k, v in record.items() if k != "step"})  # the step is the x-axis
         if applied and ((step + 1) % params.checkpoint.every_steps == 0 or step + 1 == last_step):
             state = {"global_step": step + 1, "fingerprint": fingerprint}
             checkpointing.save(engine, ckpt_dir, step + 1, params.checkpoint.keep_last, state)
