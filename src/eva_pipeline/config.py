@@ -37,6 +37,10 @@ class IngestionParams(_Params):
     rejections_path: Path | None = Field(
         default=None, description="JSON lines listing every rejected item with its reason (the report keeps examples)"
     )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="incremental scan cache: unchanged files/shards are not re-read on a re-run (None: read all)",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> IngestionParams:

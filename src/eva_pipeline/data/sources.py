@@ -9,6 +9,9 @@ in ``available`` without being read (webdataset: reading stops, see ``available_
 Locations: a file is its path (the source's folder or the list file's folder joined with the relative path,
 so relative sources give relative locations); a webdataset item is ``"shard.tar#member"``. A ``#`` inside a
 file path or member name would make the location ambiguous, so such items are rejected (``unsupported path``).
+
+Incremental scans: given a :class:`~eva_pipeline.data.scan_cache.UnitCache` (``units``), each image file and each
+shard is one cache unit; an unchanged one is replayed from the cache without being opened.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Iterator
 
 from eva_pipeline.data.decode import IMAGE_EXTENSIONS, decode_image, is_image_name
 from eva_pipeline.data.manifest import SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.data.scan_cache import UnitCache
 
 MISSING = "missing file"
 UNREADABLE = "unreadable file"
@@ -68,6 +72,14 @@ def _ingest_file(scan: SourceScan, location: str, label: int | None) -> None:
     _ingest(scan, location, label, data, location)
 
 
+def _ingest_file_unit(units: UnitCache | None, scan: SourceScan, location: str, label: int | None) -> None:
+    """:func:`_ingest_file` as one cache unit (the file's result is cached without its label)."""
+    if units is None or "#" in location:
+        _ingest_file(scan, location, label)
+    else:
+        units.run(scan, location, [location], lambda sub: _ingest_file(sub, location, None), label=label)
+
+
 def _no_labels_file(spec: SourceSpec) -> None:
     if spec.labels is not None:
         raise ValueError(f"a {spec.kind} source takes no labels file (got {spec.labels})")
@@ -109,7 +121,7 @@ def detect_folder_layout(root: str | os.PathLike[str]) -> str:
 
 
 @register_source_kind("image_folder")
-def read_image_folder(spec: SourceSpec) -> SourceScan:
+def read_image_folder(spec: SourceSpec, units: UnitCache | None = None) -> SourceScan:
     """A directory tree of image files. Class folders: label = index of the immediate subdirectory in sorted
     order (every visible subdirectory is a class, as torchvision's ImageFolder), names in ``info["classes"]``;
     an image directly under the root is then rejected. Flat: every image in the tree, unlabelled."""
@@ -144,7 +156,7 @@ def read_image_folder(spec: SourceSpec) -> SourceScan:
                 scan.reject(location, OUTSIDE_CLASSES, "an image directly under the root of a class-folder tree")
                 continue
             label = classes[top]
-        _ingest_file(scan, location, label)
+        _ingest_file_unit(units, scan, location, label)
     scan.available = candidates
     scan.info.update({"layout": layout, "ignored_files": n_ignored, "ignored_examples": ignored})
     if layout == "class_folders":
@@ -178,7 +190,7 @@ def parse_list_line(line: str) -> tuple[str, int | None]:
 
 
 @register_source_kind("file_list")
-def read_file_list(spec: SourceSpec) -> SourceScan:
+def read_file_list(spec: SourceSpec, units: UnitCache | None = None) -> SourceScan:
     """A UTF-8 text file, one ``path[<TAB or space>label]`` per line; relative paths are resolved against the
     list file's folder; blank lines and ``#`` comment lines are skipped; a missing file is a rejection."""
     _no_labels_file(spec)
@@ -205,7 +217,7 @@ def read_file_list(spec: SourceSpec) -> SourceScan:
                 scan.reject(location, REPEATED, f"line {lineno} repeats an earlier line of {list_path}")
                 continue
             seen.add(location)
-            _ingest_file(scan, location, label)
+            _ingest_file_unit(units, scan, location, label)
     scan.available = candidates
     return scan
 
@@ -251,12 +263,10 @@ def _image_member(sample: dict[str, Any]) -> str | None:
 
 
 @register_source_kind("webdataset")
-def read_webdataset(spec: SourceSpec) -> SourceScan:
+def read_webdataset(spec: SourceSpec, units: UnitCache | None = None) -> SourceScan:
     """img2dataset-style shards: members ``<key>.jpg|png|webp`` (+ optional ``.txt``/``.json``/``.cls``) grouped
     into samples with webdataset; label from ``.cls`` when present. A shard that cannot be read to its end is
     one ``corrupt shard`` rejection (the samples before the damage are kept)."""
-    from webdataset.tariterators import group_by_keys
-
     _no_labels_file(spec)
     shards = webdataset_shards(spec.images)
     if not shards:
@@ -267,26 +277,55 @@ def read_webdataset(spec: SourceSpec) -> SourceScan:
     candidates = 0
     stopped = False
     for shard in shards:
-        shard_loc = shard.as_posix()
-        errors: list[Exception] = []
-        try:
-            for sample in group_by_keys(iter_tar_files(shard, errors=errors), lcase=False):
-                candidates += 1
-                if spec.limit is not None and candidates > spec.limit:
-                    candidates -= 1
-                    stopped = True
-                    break
-                _ingest_sample(scan, shard_loc, sample)
-        except Exception as exc:  # noqa: BLE001 - e.g. webdataset's "duplicate file name" in a sample
-            errors.append(exc)
-        for exc in errors:
-            scan.reject(shard_loc, CORRUPT_SHARD, f"{type(exc).__name__}: {exc}")
-        if stopped:
+        remaining = None if spec.limit is None else spec.limit - candidates
+        if units is None:
+            meta = _read_shard(scan, shard, remaining)
+        else:
+            meta = units.run(
+                scan,
+                shard.as_posix(),
+                [shard],
+                lambda sub, shard=shard, remaining=remaining: _read_shard(sub, shard, remaining),
+                reusable=lambda m, remaining=remaining: _shard_reusable(m, remaining),
+            )
+        candidates += meta["samples"]
+        if meta["stopped"]:
+            stopped = True
             break
     scan.available = candidates
     scan.info["shards"] = len(shards)
     scan.info["available_is_lower_bound"] = stopped
     return scan
+
+
+def _read_shard(scan: SourceScan, shard: Path, remaining: int | None) -> dict[str, Any]:
+    """Ingest the samples of one shard, at most ``remaining`` of them; -> ``{"samples", "stopped", "quota"}``
+    (``stopped``: a sample beyond ``remaining`` was seen, so reading stopped there)."""
+    from webdataset.tariterators import group_by_keys
+
+    shard_loc = shard.as_posix()
+    errors: list[Exception] = []
+    samples = 0
+    stopped = False
+    try:
+        for sample in group_by_keys(iter_tar_files(shard, errors=errors), lcase=False):
+            if remaining is not None and samples + 1 > remaining:
+                stopped = True
+                break
+            samples += 1
+            _ingest_sample(scan, shard_loc, sample)
+    except Exception as exc:  # noqa: BLE001 - e.g. webdataset's "duplicate file name" in a sample
+        errors.append(exc)
+    for exc in errors:
+        scan.reject(shard_loc, CORRUPT_SHARD, f"{type(exc).__name__}: {exc}")
+    return {"samples": samples, "stopped": stopped, "quota": remaining}
+
+
+def _shard_reusable(meta: dict[str, Any], remaining: int | None) -> bool:
+    """A cached shard result holds for ``remaining``: read with the same quota, or read to its end within it."""
+    if meta.get("quota") == remaining:
+        return True
+    return not meta["stopped"] and (remaining is None or meta["samples"] <= remaining)
 
 
 def _ingest_sample(scan: SourceScan, shard_loc: str, sample: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ def build_manifest(params: IngestionParams) -> tuple[pd.DataFrame, dict]:
     """Index every configured source into one manifest; the report counts what was found, kept and rejected.
 
     Every rejected item (unreadable, corrupt, too small, ...) is listed with its reason in ``rejections_path``.
+    With ``cache_dir`` a re-run reads only the files / shards that are new or changed since the last run.
     """
     specs = [
         SourceSpec(
@@ -20,4 +21,4 @@ def build_manifest(params: IngestionParams) -> tuple[pd.DataFrame, dict]:
         )
         for s in params.sources
     ]
-    return _build_manifest(specs, rejections_path=params.rejections_path)
+    return _build_manifest(specs, rejections_path=params.rejections_path, cache_dir=params.cache_dir)
