@@ -127,7 +127,7 @@ def test_training_node_launches_ranks_into_one_mlflow_run(workspace, tmp_path):
     from eva_pipeline.pipelines.train_student.nodes import pretrain_student
 
     root, manifest, store = workspace
-    receipt = {"mode": "cached", "store": str(store), "num_items": N, "grid": [7, 7], "manifest_digest": "x",
+    receipt = {"mode": "cached", "store": str(store), "num_items": N, "target_dim": D, "grid": [7, 7], "manifest_digest": "x",
                "teacher": {"kind": "efficientnet_lite0"}}  # fmt: skip
     teacher = TeacherTargetsParams(teacher={"kind": "efficientnet_lite0"}, output_dir=tmp_path / "unused")
     params = _params(tmp_path / "node", 2).model_copy(update={"log_every_steps": 1})

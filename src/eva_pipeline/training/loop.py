@@ -40,7 +40,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class PretrainResult:
-    """What a finished run hands back: where the weights are and how training went."""
+    """What a finished run hands back: the trained student and how training went."""
 
     model: EvaMIM
     steps: int

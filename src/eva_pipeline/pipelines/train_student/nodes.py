@@ -34,25 +34,27 @@ def pretrain_student(
     data_fingerprint = json.dumps(
         {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode")}, sort_keys=True
     )
-    if targets_receipt["mode"] == "cached":
-        targets = load_targets(targets_receipt["store"])
-        if targets.shape[0] != len(rows):
+    cached = targets_receipt["mode"] == "cached"
+    if cached:
+        if targets_receipt["num_items"] != len(rows):
             raise ValueError(
-                f"stored teacher targets cover {targets.shape[0]} images but the manifest has {len(rows)} "
+                f"stored teacher targets cover {targets_receipt['num_items']} images but the manifest has {len(rows)} "
                 f"pre-training images: re-run the teacher_targets pipeline"
             )
-        target_dim = int(targets.shape[-1])
-        target_fn = cached_targets(targets)
+        target_dim, teacher = int(targets_receipt["target_dim"]), None
     else:
         # In-process the teacher runs in every step; with several ranks each builds its own (this one gives the size).
         teacher = build_teacher(teacher_params.teacher, teacher_params.device if params.world_size == 1 else "cpu")
-        grid = tuple(targets_receipt["grid"])
         target_dim = teacher.target_dim
-        target_fn = lambda index, x: teacher.targets(x, grid)  # noqa: E731
     if params.world_size > 1:
-        target_fn = teacher = None  # the ranks build their own; free this process's copy while they train
+        teacher = None  # the ranks build their own; free this process's copy while they train
         model, records = _train_distributed(rows, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
     else:
+        if cached:
+            target_fn = cached_targets(load_targets(targets_receipt["store"]))
+        else:
+            grid = tuple(targets_receipt["grid"])
+            target_fn = lambda index, x: teacher.targets(x, grid)  # noqa: E731
         result = run_pretraining(
             params,
             load_images(rows),
