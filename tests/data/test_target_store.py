@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eva_pipeline.data.target_store import (
+    STORE_FORMAT,
     TargetStore,
     TargetStoreError,
     compute_targets,
@@ -58,6 +59,11 @@ def _compute(root, teacher=None, fingerprint=FINGERPRINT, shard_size=SHARD, batc
     return teacher, batches
 
 
+def _shard(root, index):
+    """Path of shard ``index`` of the store in ``root`` (its name carries the layout id from meta.json)."""
+    return TargetStore(root).shard_path(index)
+
+
 def _direct() -> torch.Tensor:
     """The same targets computed without the store, shard by shard (fp32 -> fp16 as the store does)."""
     teacher, batches = FakeTeacher(), Batches()
@@ -75,10 +81,11 @@ def test_round_trip_equals_direct_computation(tmp_path) -> None:
     torch.testing.assert_close(targets.float(), whole, rtol=2e-3, atol=2e-3)
     meta = json.loads((tmp_path / "store" / "meta.json").read_text())
     assert meta["fingerprint"] == FINGERPRINT and meta["fingerprint_hash"] == fingerprint_hash(FINGERPRINT)
-    layout = (meta["num_items"], meta["shard_size"], meta["shape"], meta["dtype"])
-    assert layout == (50, 16, [50, 16, 12], "torch.float16")
+    layout = (meta["format"], meta["num_items"], meta["views_per_item"], meta["num_rows"], meta["shard_size"])
+    assert layout == (STORE_FORMAT, 50, 1, 50, 16) and meta["dtype"] == "torch.float16"
+    tag = meta["layout"]
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
-        "meta.json", "shard_00000.pt", "shard_00001.pt", "shard_00002.pt", "shard_00003.pt"
+        "meta.json", *(f"shard_0000{i}_{tag}.pt" for i in range(4))
     ]
     assert is_complete(tmp_path / "store", FINGERPRINT) and TargetStore(tmp_path / "store").fingerprint == FINGERPRINT
 
@@ -93,24 +100,27 @@ def test_complete_store_is_reused_without_teacher_calls(tmp_path) -> None:
 
 def test_lost_shard_is_recomputed_alone(tmp_path) -> None:
     _compute(tmp_path)
-    kept = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt") if p.name != "shard_00001.pt"}
-    (tmp_path / "shard_00001.pt").unlink()
+    lost = _shard(tmp_path, 1)
+    kept = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt") if p != lost}
+    lost.unlink()
     assert not is_complete(tmp_path, FINGERPRINT)
-    with pytest.raises(TargetStoreError, match=r"incomplete: 1 of 4 shard\(s\) missing \(shard_00001\.pt\).*targets"):
+    missing = r"incomplete: 1 of 4 shard\(s\) missing \(shard_00001_\w+\.pt\).*targets"
+    with pytest.raises(TargetStoreError, match=missing):
         load_targets(tmp_path)
     teacher, batches = _compute(tmp_path)
     assert teacher.calls == [16] and batches.ranges == [(16, 32)]
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt") if p.name != "shard_00001.pt"} == kept
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt") if p != lost} == kept
     assert torch.equal(load_targets(tmp_path, FINGERPRINT), _direct())
 
 
 def test_crash_midway_then_resume(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="simulated crash"):
         _compute(tmp_path, teacher=FakeTeacher(fail_on_call=3))
-    assert sorted(p.name for p in tmp_path.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
+    assert sorted(tmp_path.glob("shard_*.pt")) == [_shard(tmp_path, 0), _shard(tmp_path, 1)]
     assert not list(tmp_path.glob(".*"))  # no half-written temporary files
     assert not is_complete(tmp_path, FINGERPRINT)
-    with pytest.raises(TargetStoreError, match=r"2 of 4 shard\(s\) missing \(shard_00002\.pt, shard_00003\.pt\)"):
+    missing = r"2 of 4 shard\(s\) missing \(shard_00002_\w+\.pt, shard_00003_\w+\.pt\)"
+    with pytest.raises(TargetStoreError, match=missing):
         load_targets(tmp_path)
     teacher, batches = _compute(tmp_path)
     assert teacher.calls == [16, 2] and batches.ranges == [(32, 48), (48, 50)]
@@ -134,14 +144,14 @@ def test_changed_fingerprint_recomputes_everything(tmp_path, caplog) -> None:
 def test_changed_shard_size_recomputes(tmp_path) -> None:
     _compute(tmp_path)
     teacher, _ = _compute(tmp_path, shard_size=32)
-    assert teacher.calls == [32, 18] and not (tmp_path / "shard_00002.pt").exists()
+    assert teacher.calls == [32, 18] and len(list(tmp_path.glob("shard_*.pt"))) == 2
     assert torch.equal(load_targets(tmp_path), _direct())
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "foreign"])
 def test_corrupt_shard_is_named_on_load_and_recomputed(tmp_path, damage) -> None:
     _compute(tmp_path)
-    shard = tmp_path / "shard_00002.pt"
+    shard = _shard(tmp_path, 2)
     if damage == "garbage":
         shard.write_bytes(b"\x00" * 100)
     elif damage == "truncate":
@@ -149,8 +159,8 @@ def test_corrupt_shard_is_named_on_load_and_recomputed(tmp_path, damage) -> None
     else:  # a well-formed shard of another fingerprint copied in
         other = tmp_path / "other"
         _compute(other, fingerprint={**FINGERPRINT, "grid": [2, 2]})
-        shard.write_bytes((other / "shard_00002.pt").read_bytes())
-    with pytest.raises(TargetStoreError, match=r"shard_00002\.pt is corrupt.*re-run the teacher_targets pipeline"):
+        shard.write_bytes(_shard(other, 2).read_bytes())
+    with pytest.raises(TargetStoreError, match=r"shard_00002_\w+\.pt is corrupt.*re-run the teacher_targets pipeline"):
         load_targets(tmp_path)
     teacher, _ = _compute(tmp_path)  # the re-run the message asks for repairs exactly that shard
     assert teacher.calls == [16]
