@@ -69,6 +69,15 @@ class TeacherParams(_Params):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class DistributedParams(_Params):
+    """How ranks are started when world_size > 1 (world_size 1 trains in the Kedro process)."""
+
+    launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
+    hostfile: Path | None = Field(default=None, description="DeepSpeed hostfile for multi-node runs")
+    master_addr: str | None = None
+    master_port: int = Field(default=29500, ge=1, le=65535)
+
+
 class TeacherTargetsParams(_Params):
     teacher: TeacherParams
     mode: Literal["cached", "online"] = "cached"
@@ -76,6 +85,14 @@ class TeacherTargetsParams(_Params):
     shard_size: int = Field(default=2048, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: Path
+    views_per_image: int = Field(
+        default=0,
+        ge=0,
+        description="0: one target per image, of the whole image (no augmentation); K >= 1: K augmented views per "
+        "image (pretrain.augmentation), each stored with its crop; epoch e trains on view e % K",
+    )
+    world_size: int = Field(default=1, ge=1, description="extraction processes (one per GPU); each writes its shards")
+    distributed: DistributedParams = DistributedParams()
 
 
 # ---------------------------------------------------------------------------------------------------- pretrain
@@ -101,13 +118,23 @@ class OptimizerParams(_Params):
 
 
 class AugmentationParams(_Params):
-    """EVA's view augmentation (spec section 7); student and teacher see the same view, so it needs the online
-    teacher (stored targets are of the un-augmented image)."""
+    """EVA's view augmentation (spec section 7); student and teacher see the same view: the online teacher sees
+    the student's crop, stored targets (teacher_targets.views_per_image >= 1) carry the crop they were made of."""
 
     enabled: bool = False
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = Field(default=0.5, ge=0, le=1)
+
+
+class LoaderParams(_Params):
+    """How training batches stream from the manifest (eva_pipeline.data.stream)."""
+
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank (0: in-process)")
+    shuffle_block: int = Field(default=4096, ge=1, description="rows per shuffled block (read sequentially)")
+    shuffle_window_blocks: int = Field(
+        default=16, ge=1, description="blocks shuffled together; memory is one window of indices"
+    )
 
 
 class LossScaleParams(_Params):
@@ -132,15 +159,6 @@ class NonFiniteParams(_Params):
     max_rollbacks: int = Field(default=3, ge=0)
 
 
-class DistributedParams(_Params):
-    """How ranks are started when world_size > 1 (world_size 1 trains in the Kedro process)."""
-
-    launcher: Literal["deepspeed", "torchrun"] = "deepspeed"
-    hostfile: Path | None = Field(default=None, description="DeepSpeed hostfile for multi-node runs")
-    master_addr: str | None = None
-    master_port: int = Field(default=29500, ge=1, le=65535)
-
-
 class CheckpointParams(_Params):
     dir: Path
     every_steps: int = Field(default=500, ge=1)
@@ -153,6 +171,7 @@ class PretrainParams(_Params):
     masking: MaskingParams
     optimizer: OptimizerParams
     augmentation: AugmentationParams = AugmentationParams()
+    loader: LoaderParams = LoaderParams()
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1, description="global batch size (all ranks)")
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"

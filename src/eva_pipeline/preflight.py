@@ -100,10 +100,18 @@ def check_model(params: PretrainParams) -> list[str]:
 
 
 def check_augmentation(pretrain: PretrainParams, teacher: TeacherTargetsParams) -> list[str]:
-    if pretrain.augmentation.enabled and teacher.mode != "online":
+    """Student and teacher must see the same view: stored targets of augmented training need stored crops."""
+    if teacher.mode != "cached":
+        return []
+    if pretrain.augmentation.enabled and teacher.views_per_image == 0:
         return [
-            "pretrain.augmentation.enabled needs teacher_targets.mode: online (stored targets are of the "
-            "un-augmented image, and student and teacher must see the same view)"
+            "pretrain.augmentation.enabled with teacher_targets.mode: cached needs teacher_targets.views_per_image "
+            ">= 1 (targets stored per augmented view, with its crop), or teacher_targets.mode: online"
+        ]
+    if not pretrain.augmentation.enabled and teacher.views_per_image > 0:
+        return [
+            f"teacher_targets.views_per_image is {teacher.views_per_image} but pretrain.augmentation.enabled is "
+            "false: enable the augmentation the views are drawn with, or set views_per_image: 0"
         ]
     return []
 

@@ -85,7 +85,7 @@ def _reference_loop(params: PretrainParams, images: torch.Tensor, targets: torch
     model.train()
     for step in range(steps):
         epoch, within = divmod(step, steps_per_epoch)
-        idx = epoch_permutation(params.seed, epoch, num)[within * batch : (within + 1) * batch]
+        idx = epoch_permutation(params, epoch, num)[within * batch : (within + 1) * batch]
         x = to_model_input(images[torch.from_numpy(idx)], config.img_size)
         mask = batch_masks(masker, params.seed, epoch, idx)
         for group in optimizer.param_groups:
@@ -261,7 +261,7 @@ def test_batches_and_masks_are_pure_functions_of_the_seed(tmp_path, data, monkey
     masker = make_mask_generator(params, grid=7)
     for step, (idx, mask) in enumerate(zip(indices, masks)):
         epoch, within = divmod(step, 4)
-        np.testing.assert_array_equal(idx, epoch_permutation(0, epoch, N)[within * 8 : (within + 1) * 8])
+        np.testing.assert_array_equal(idx, epoch_permutation(params, epoch, N)[within * 8 : (within + 1) * 8])
         assert mask.dtype == torch.bool and mask.shape == (8, 49)
         expected = np.stack([masker(mask_rng(0, epoch, int(i))).reshape(-1) for i in idx])
         np.testing.assert_array_equal(mask.numpy(), expected)

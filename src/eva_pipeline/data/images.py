@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,9 +55,17 @@ def _is_idx(path: Path) -> bool:
 @register_container(_is_idx)
 def _read_idx_members(path: Path, members: list[str]) -> np.ndarray:
     """IDX items by integer index -> (n, H, W, C); the file is decompressed once for all members."""
+    return _idx_items(path, _checked_idx(path), members)
+
+
+def _checked_idx(path: Path) -> np.ndarray:
     array = read_idx(path)
     if array.ndim not in (3, 4) or array.dtype != np.uint8:
         raise ValueError(f"IDX file {path}: expected uint8 images (N, H, W[, C]), got {array.dtype} {array.shape}")
+    return array
+
+
+def _idx_items(path: Path, array: np.ndarray, members: list[str]) -> np.ndarray:
     try:
         index = np.asarray([int(m) for m in members], dtype=np.int64)
     except ValueError as exc:
@@ -107,6 +117,88 @@ def _read_file(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path} (stale manifest or wrong working directory?)") from None
     return _decode_or_raise(data, str(path))
+
+
+class PixelReader:
+    """Random access to the pixels of single manifest rows, for loaders that stream a few rows at a time.
+
+    ``load_images`` reads each container whole, which suits one pass over a small split. A streaming loader asks
+    for a batch of scattered rows at every step instead, so this reader keeps, per process, a bounded number of
+    decompressed IDX arrays and of tar-shard member indices (name -> offset, size; built from the tar headers with
+    the standard ``tarfile`` module, then every member is one ``seek`` + ``read``). Items are decoded exactly as at
+    ingestion. Picklable: a copy sent to a DataLoader worker starts with empty caches.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, max_containers: int = 8) -> None:
+        self.root = None if root is None else Path(root)
+        self.max_containers = max_containers
+        self._cache: OrderedDict[tuple[str, int, int], object] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+    def _resolve(self, path: str) -> Path:
+        return self.root / path if self.root is not None and not Path(path).is_absolute() else Path(path)
+
+    def _cached(self, path: Path, build: Callable[[Path], object]) -> object:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"container not found: {path} (stale manifest or wrong working directory?)") from None
+        key = (str(path), st.st_size, st.st_mtime_ns)  # a rewritten file is re-read, never served stale
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        value = build(path)
+        self._cache[key] = value
+        while len(self._cache) > self.max_containers:
+            self._cache.popitem(last=False)
+        return value
+
+    def read(self, locations: Sequence[str]) -> list[np.ndarray]:
+        """The (H, W, C) uint8 pixels of each location, in order (C = 1 for grayscale IDX items, else 3)."""
+        out: list[np.ndarray | None] = [None] * len(locations)
+        groups: dict[str, tuple[list[int], list[str]]] = {}
+        for k, location in enumerate(locations):
+            path, member = split_location(location)
+            if member is None:
+                out[k] = _read_file(self._resolve(path))
+            else:
+                rows, members = groups.setdefault(path, ([], []))
+                rows.append(k)
+                members.append(member)
+        for path, (rows, members) in groups.items():
+            container = self._resolve(path)
+            reader = next(r for match, r in _CONTAINERS if match(container))
+            if reader is _read_idx_members:
+                array = self._cached(container, _checked_idx)
+                items = _idx_items(container, array, members)
+            elif reader is _read_tar_members:
+                index = self._cached(container, _tar_index)
+                items = _read_indexed_tar(container, index, members)
+            else:  # a registered container without a random-access path: its batch reader
+                items = reader(container, members)
+            for k, item in zip(rows, items):
+                out[k] = item if item.ndim == 3 else item[..., None]
+        return out  # type: ignore[return-value]
+
+
+def _tar_index(path: Path) -> dict[str, tuple[int, int]]:
+    """member name -> (data offset, size) of a tar shard, from its headers only (data blocks are skipped)."""
+    with tarfile.open(path, mode="r:") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+
+
+def _read_indexed_tar(path: Path, index: dict[str, tuple[int, int]], members: list[str]) -> list[np.ndarray]:
+    if missing := [m for m in members if m not in index]:
+        raise ValueError(f"shard {path}: {len(missing)} member(s) not found, e.g. {missing[:3]} (stale manifest?)")
+    items = []
+    with path.open("rb") as fh:
+        for member in members:
+            offset, size = index[member]
+            fh.seek(offset)
+            items.append(_decode_or_raise(fh.read(size), f"{path}#{member}"))
+    return items
 
 
 def split_location(location: str) -> tuple[str, str | None]:

@@ -48,3 +48,17 @@ def to_model_input(images: torch.Tensor, size: int, *, chunk_size: int = 256) ->
             torch.mul(x[:, 0 if channels == 1 else c], scales[c], out=channel)
             channel.sub_(shifts[c])
     return out
+
+
+def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
+    """One uint8 image (C, H, W) -> (C, size, size) uint8 with the resize :func:`to_model_input` uses (bicubic,
+    antialiased, clamped and rounded), so a loader that resizes early gives the same model input as resizing late."""
+    import torch
+    import torch.nn.functional as F
+
+    if image.shape[-2:] == (size, size):
+        return image
+    x = F.interpolate(
+        image[None].float(), size=(size, size), mode=RESIZE_MODE, align_corners=False, antialias=RESIZE_ANTIALIAS
+    )
+    return x.clamp_(0.0, 255.0).round_()[0].to(torch.uint8)

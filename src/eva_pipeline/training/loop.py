@@ -19,9 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from eva_pipeline.config import PretrainParams
-from eva_pipeline.data.augment import RandomResizedCropFlip, view_rng
+from eva_pipeline.data.augment import RandomResizedCropFlip
+from eva_pipeline.data.stream import BatchPlan, EpochOrder, TensorPixels, batch_loader, batch_masks
 from eva_pipeline.data.transforms import to_model_input
-from eva_pipeline.masking import BlockMaskGenerator, mask_rng
+from eva_pipeline.masking import BlockMaskGenerator
 from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine, resolve_device
@@ -49,9 +50,14 @@ class PretrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def epoch_permutation(seed: int, epoch: int, num_items: int) -> np.ndarray:
-    """The sample order of ``epoch``: the same on every rank and after a restart."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED])).permutation(num_items)
+def epoch_order(params: PretrainParams, num_items: int) -> EpochOrder:
+    """The sample order of every epoch: the same on every rank and after a restart."""
+    return EpochOrder(num_items, params.seed, params.loader.shuffle_block, params.loader.shuffle_window_blocks)
+
+
+def epoch_permutation(params: PretrainParams, epoch: int, num_items: int) -> np.ndarray:
+    """The whole sample order of ``epoch`` (small data and tests: it is O(num_items))."""
+    return epoch_order(params, num_items).epoch(epoch)
 
 
 def make_mask_generator(params: PretrainParams, grid: int) -> BlockMaskGenerator:
@@ -70,46 +76,44 @@ def make_augmentation(params: PretrainParams, size: int) -> RandomResizedCropFli
     return RandomResizedCropFlip(size, a.scale, a.ratio, a.flip_prob) if a.enabled else None
 
 
-def _views(
-    images: torch.Tensor, indices: np.ndarray, augment: RandomResizedCropFlip | None, seed: int, epoch: int
-) -> torch.Tensor:
-    """The batch's uint8 images, each through its own seeded view when augmenting."""
-    if augment is None:
-        return images[torch.from_numpy(indices)]
-    height, width = images.shape[-2:]
-    return torch.stack(
-        [augment.apply(images[i], augment.sample(height, width, view_rng(seed, epoch, int(i)))) for i in indices]
-    )
-
-
-def batch_masks(generator: BlockMaskGenerator, seed: int, epoch: int, indices: np.ndarray) -> torch.Tensor:
-    """(B, N) boolean masks, each drawn from its sample's own seeded generator."""
-    return torch.from_numpy(np.stack([generator(mask_rng(seed, epoch, int(i))).reshape(-1) for i in indices]))
-
-
 def cached_targets(targets: torch.Tensor) -> TargetFn:
-    """Targets precomputed by the teacher_targets pipeline, looked up by sample index."""
+    """Targets held in memory, looked up by sample index (tests and small data; stores are read by the loader)."""
     return lambda indices, images: targets[indices]
+
+
+def _view_mode(params: PretrainParams, stored: object) -> str:
+    if stored is not None and getattr(stored, "has_crops", False):
+        return "stored"
+    return "augment" if params.augmentation.enabled else "resize"
 
 
 def run_pretraining(
     params: PretrainParams,
-    images: torch.Tensor,
-    target_fn: TargetFn,
+    pixels: torch.Tensor | object,
+    targets: TargetFn | object,
     target_dim: int,
     metrics_fn: MetricsFn | None = None,
     progress: bool = True,
     data_fingerprint: str = "",
 ) -> PretrainResult:
-    """Pre-train an EVA student on ``images`` (uint8 (N, C, H, W)) against ``target_fn``'s per-patch targets.
+    """Pre-train an EVA student on ``pixels`` against per-patch teacher targets.
+
+    ``pixels``: the pre-training images, a :class:`~eva_pipeline.data.stream.ManifestPixels` (streamed from the
+    manifest) or a uint8 tensor (N, C, H, W) held in memory. ``targets``: a target-store reader (its targets, and
+    crops when it has views, are read by the loader with the pixels) or a function ``(indices, model input) ->
+    targets`` called on every batch (the online teacher). Batches stream through
+    :func:`~eva_pipeline.data.stream.batch_loader` with ``params.loader.num_workers`` workers.
 
     Writes resumable DeepSpeed checkpoints to ``params.checkpoint.dir`` and returns the trained student (the caller
     stores it, e.g. in the official EVA-01 format). ``data_fingerprint`` identifies the images and targets (e.g.
     manifest digest and teacher) so that a checkpoint is never resumed on other data of the same size.
     """
+    if isinstance(pixels, torch.Tensor):
+        pixels = TensorPixels(pixels)
+    stored = targets if hasattr(targets, "get") and hasattr(targets, "views_per_item") else None
     device = resolve_device(params.device)
     check_precision(params.precision, device)
-    num_items = images.shape[0]
+    num_items = len(pixels)
     steps_per_epoch = num_items // params.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {params.batch_size} exceeds the {num_items} pre-training images")
@@ -140,7 +144,6 @@ def run_pretraining(
             f"pretrain.world_size is {params.world_size} but this process group has {world} rank(s): multi-process "
             f"runs are started by the DeepSpeed launcher (README 'Scaling out')"
         )
-    micro = params.batch_size // world
     if params.compile:
         engine.compile()
 
@@ -151,37 +154,45 @@ def run_pretraining(
         steps_per_epoch=steps_per_epoch,
         warmup_epochs=params.optimizer.warmup_epochs,
     )
-    masker = make_mask_generator(params, config.grid_size)
-    augment = make_augmentation(params, config.img_size)
+    plan = BatchPlan(
+        pixels=pixels,
+        order=epoch_order(params, num_items),
+        global_batch=params.batch_size,
+        rank=rank,
+        world_size=world,
+        img_size=config.img_size,
+        seed=params.seed,
+        masker=make_mask_generator(params, config.grid_size),
+        view_mode=_view_mode(params, stored),
+        augment=make_augmentation(params, config.img_size),
+        targets=stored,
+    )
     start_step = checkpointing.resume(engine, ckpt_dir, fingerprint) if params.checkpoint.resume == "auto" else 0
 
     dtype = _DTYPES[params.precision]
     history: list[dict[str, float]] = []
-    perm_epoch, perm = -1, np.empty(0, dtype=np.int64)
     bar = tqdm(total=last_step, initial=start_step, desc="pretrain", unit="step", disable=not progress or rank != 0)
     engine.train()
     guard = NonFiniteGuard(params.nonfinite.max_consecutive_skips, params.nonfinite.max_rollbacks)
     step = start_step
+    batches = iter(batch_loader(plan, start_step, last_step, params.loader.num_workers))
     while step < last_step:
         tick = time.perf_counter()
-        epoch, within = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm_epoch, perm = epoch, epoch_permutation(params.seed, epoch, num_items)
-        batch = perm[within * params.batch_size : (within + 1) * params.batch_size]
-        local = batch[rank * micro : (rank + 1) * micro]
-        index = torch.from_numpy(local)
-        x = to_model_input(_views(images, local, augment, params.seed, epoch), config.img_size)
-        masks = batch_masks(masker, params.seed, epoch, batch)  # the whole global batch: cheap, and every rank
-        mask = masks[rank * micro : (rank + 1) * micro].to(device, non_blocking=True)  # knows its token count
-        x = x.to(device, non_blocking=True)  # an online teacher then works on the device, with no round trip
-        target = target_fn(index, x).to(device, non_blocking=True)[mask]
+        epoch = step // steps_per_epoch
+        batch = next(batches)
+        assert batch.step == step, f"loader out of step: got {batch.step}, expected {step}"
+        mask = batch.mask.to(device, non_blocking=True)
+        x = to_model_input(batch.images, config.img_size).to(device, non_blocking=True)
+        # An online teacher works on the device, with no round trip; stored targets came with the batch.
+        raw = batch.targets if batch.targets is not None else targets(batch.indices, x)
+        target = raw.to(device, non_blocking=True)[mask]
         x = x.to(dtype)
 
         lr = schedule(step)
         apply_lr(engine.optimizer, lr)
         # Each rank's share of the global token mean: DeepSpeed averages gradients over ranks, so the update equals
         # a single process's on the whole batch, however the masked tokens fall across ranks.
-        loss = mim_cosine_loss(engine(x, mask), target, num_tokens=int(masks.sum()) / world)
+        loss = mim_cosine_loss(engine(x, mask), target, num_tokens=batch.num_masked / world)
         engine.backward(loss)
         engine.step()
 
@@ -214,6 +225,7 @@ def run_pretraining(
             bar.reset(total=last_step)
             bar.update(restored)
             step = restored
+            batches = iter(batch_loader(plan, step, last_step, params.loader.num_workers))
             continue
         if rank == 0:
             bar.update(1)

@@ -14,15 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from eva_pipeline.config import PretrainParams, TeacherParams
-from eva_pipeline.data import load_images, load_targets, select_split
+from eva_pipeline.data.stream import ManifestPixels, ParquetRows
+from eva_pipeline.data.target_store import TargetStore
 from eva_pipeline.models import save_official_checkpoint
 from eva_pipeline.teachers import create_teacher
 from eva_pipeline.tracking import MlflowStepLogger
-from eva_pipeline.training.loop import TargetFn, cached_targets, run_pretraining
+from eva_pipeline.training.loop import TargetFn, run_pretraining
 
 WEIGHTS_FILE = "student_fp32.pt"
 HISTORY_FILE = "history.json"
@@ -33,7 +33,7 @@ class RunSpec:
     """Everything a rank needs, as plain JSON: parameters, where the data and targets are, where results go."""
 
     params: dict[str, Any]
-    images: str  # Parquet of the pre-training manifest rows, in sample-index order
+    images: str  # the manifest Parquet; its "pretrain" rows, in order, are the sample indices
     target_dim: int
     output_dir: str
     targets_store: str | None = None  # cached targets; None -> online teacher
@@ -52,9 +52,10 @@ class RunSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def _target_fn(spec: RunSpec, rank: int) -> TargetFn:
+def _targets(spec: RunSpec, rank: int) -> TargetFn | object:
+    """The stored targets' reader (read by the loader), or the online teacher as a per-batch function."""
     if spec.targets_store is not None:
-        return cached_targets(load_targets(spec.targets_store))
+        return TargetStore(spec.targets_store).reader()
     from eva_pipeline.training.engine import resolve_device
 
     teacher_params = TeacherParams.model_validate(spec.teacher)
@@ -74,14 +75,13 @@ def run(spec: RunSpec) -> None:
     params = PretrainParams.model_validate(spec.params)
     if params.device in ("cuda", "auto") and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    rows = select_split(pd.read_parquet(spec.images), "pretrain")
     logger = None
     if spec.mlflow is not None:
         logger = MlflowStepLogger(spec.mlflow["run_id"], spec.mlflow["tracking_uri"], prefix="pretrain/", rank=rank)
     result = run_pretraining(
         params,
-        load_images(rows),
-        _target_fn(spec, rank),
+        ManifestPixels(ParquetRows(spec.images, "pretrain")),  # streamed: no rank holds the listing
+        _targets(spec, rank),
         spec.target_dim,
         metrics_fn=logger,
         data_fingerprint=spec.data_fingerprint,
