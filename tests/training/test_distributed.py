@@ -112,7 +112,7 @@ def test_launch_commands():
 
 def test_failed_ranks_raise_with_the_log(tmp_path):
     params = _base(2, launcher="torchrun", master_port=29632)
-    with pytest.raises(Exception, match="training ranks failed"):
+    with pytest.raises(Exception, match="ranks of eva_pipeline.training.worker failed"):
         launch(params, tmp_path / "missing.json", tmp_path / "ranks.log")
     assert (tmp_path / "ranks.log").read_text()
 

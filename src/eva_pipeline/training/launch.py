@@ -1,8 +1,9 @@
-"""Start the training ranks for world size > 1 and wait for them (the pattern of conventions.md).
+"""Start the ranks of a multi-process stage for world size > 1 and wait for them (the pattern of conventions.md).
 
 Kedro runs one process; running ``kedro run`` under a launcher would repeat upstream nodes on every rank, race dataset
-writes and open one MLflow run per rank. Instead the training node writes a frozen run file and launches
-``eva_pipeline.training.worker`` through the DeepSpeed launcher (GPUs, multi-node with a hostfile) or torch elastic.
+writes and open one MLflow run per rank. Instead a node writes a frozen run file and launches a Kedro-free worker
+module (``eva_pipeline.training.worker`` for training, ``eva_pipeline.teachers.extract`` for teacher targets)
+through the DeepSpeed launcher (GPUs, multi-node with a hostfile) or torch elastic.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from eva_pipeline.config import PretrainParams
+from typing import Protocol
+
+from eva_pipeline.config import DistributedParams
 
 WORKER_MODULE = "eva_pipeline.training.worker"
 
@@ -21,15 +24,23 @@ class LaunchError(RuntimeError):
     """A rank failed; the message names the command and where the ranks' output went."""
 
 
-def launch_command(params: PretrainParams, spec_path: Path) -> list[str]:
-    """The command that starts ``params.world_size`` ranks of the worker on ``spec_path``."""
+class LaunchParams(Protocol):
+    """What launching needs of a stage's parameters (PretrainParams, TeacherTargetsParams)."""
+
+    world_size: int
+    distributed: DistributedParams
+    device: str
+
+
+def launch_command(params: LaunchParams, spec_path: Path, module: str = WORKER_MODULE) -> list[str]:
+    """The command that starts ``params.world_size`` ranks of worker ``module`` on ``spec_path``."""
     dist = params.distributed
     if dist.launcher == "torchrun":
         return [
             sys.executable, "-m", "torch.distributed.run",
             "--nproc_per_node", str(params.world_size),
             "--master_port", str(dist.master_port),
-            "-m", WORKER_MODULE, str(spec_path),
+            "-m", module, str(spec_path),
         ]  # fmt: skip
     command = [str(Path(sys.executable).with_name("deepspeed"))]
     if dist.hostfile is not None:  # multi-node: one line per host, "host slots=N"; ranks = total slots
@@ -38,13 +49,13 @@ def launch_command(params: PretrainParams, spec_path: Path) -> list[str]:
             command += ["--master_addr", dist.master_addr]
     else:
         command += ["--num_gpus", str(params.world_size)]
-    command += ["--master_port", str(dist.master_port), "--no_local_rank", "--module", WORKER_MODULE, str(spec_path)]
+    command += ["--master_port", str(dist.master_port), "--no_local_rank", "--module", module, str(spec_path)]
     return command
 
 
-def launch(params: PretrainParams, spec_path: Path, log_path: Path) -> None:
+def launch(params: LaunchParams, spec_path: Path, log_path: Path, module: str = WORKER_MODULE) -> None:
     """Run the ranks to completion; their combined output goes to ``log_path`` (and the console)."""
-    command = launch_command(params, spec_path)
+    command = launch_command(params, spec_path, module)
     env = dict(os.environ)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # the launcher sets these per rank
@@ -59,4 +70,4 @@ def launch(params: PretrainParams, spec_path: Path, log_path: Path) -> None:
             sys.stderr.write(line)
         code = proc.wait()
     if code != 0:
-        raise LaunchError(f"training ranks failed (exit code {code}); command: {' '.join(command)}; log: {log_path}")
+        raise LaunchError(f"ranks of {module} failed (exit code {code}); command: {' '.join(command)}; log: {log_path}")

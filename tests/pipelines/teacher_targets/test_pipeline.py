@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from eva_pipeline.data import load_targets, manifest_digest, select_split
-from eva_pipeline.pipelines.teacher_targets import nodes as teacher_nodes
+from eva_pipeline.teachers import extract as extract_mod
 
 GRID, TARGET_DIM = 7, 112  # eva_tiny_patch4_28: 28 px / patch 4; EfficientNet-Lite0 block 10: 112 channels
 
@@ -52,15 +52,13 @@ def test_rerun_reuses_the_store_without_calling_the_teacher(workspace, monkeypat
     store = Path(_receipt(workspace)["store"])
     before, receipt_before = _store_files(store), _receipt(workspace)
     calls = []
-    real_build = teacher_nodes.build_teacher
+    real_build = extract_mod.create_teacher
 
     def counting_build(*args, **kwargs):
-        teacher = real_build(*args, **kwargs)
-        real_targets = teacher.targets
-        teacher.targets = lambda *a, **k: calls.append(1) or real_targets(*a, **k)
-        return teacher
+        calls.append("built")
+        return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(teacher_nodes, "build_teacher", counting_build)
+    monkeypatch.setattr(extract_mod, "create_teacher", counting_build)
     workspace.run_again("teacher_targets")
 
     assert calls == []

@@ -1,39 +1,66 @@
-"""Thin node over the teacher and the target store."""
+"""Thin node over the teacher-target extraction (``eva_pipeline.teachers.extract``) and the target store."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import compute_targets, load_images, manifest_digest, to_model_input
-from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
+from eva_pipeline.data import manifest_digest
+from eva_pipeline.data.stream import FrameRows
+from eva_pipeline.data.target_store import TargetStore, TargetStoreError
+from eva_pipeline.pipelines.common import split_rows, student_config
+from eva_pipeline.teachers.extract import ExtractSpec, extract
+from eva_pipeline.training.launch import launch
+
+EXTRACT_MODULE = "eva_pipeline.teachers.extract"
 
 
 def compute_teacher_targets(manifest: pd.DataFrame, params: TeacherTargetsParams, pretrain: PretrainParams) -> dict:
-    """Run the teacher over the pre-training images once; a re-run with the same inputs and teacher reuses them."""
+    """Run the teacher over the pre-training images once (K views each, or the whole image); a re-run with the same
+    inputs, views and teacher reuses them, an interrupted one computes only the missing shards. With
+    ``world_size > 1`` one rank per GPU computes its share of the shards."""
     config = student_config(pretrain.model)  # targets are made on the student's grid and input size
-    grid = (config.grid_size, config.grid_size)
     rows = split_rows(manifest, "pretrain")
+    views = params.views_per_image
     receipt = {
         "mode": params.mode,
         "teacher": params.teacher.model_dump(mode="json"),
         "num_items": len(rows),
-        "grid": list(grid),
+        "grid": [config.grid_size, config.grid_size],
         "img_size": config.img_size,
         "manifest_digest": manifest_digest(rows),
+        "views_per_image": views,
     }
     if params.mode == "online":
         return receipt  # the training node runs the teacher on every batch instead
-    teacher = build_teacher(params.teacher, params.device)
-    images = load_images(rows)
     fingerprint = {k: receipt[k] for k in ("teacher", "num_items", "grid", "img_size", "manifest_digest")}
-    store = compute_targets(
-        params.output_dir,
-        fingerprint,
-        num_items=len(rows),
-        batch_fn=lambda start, stop: to_model_input(images[start:stop], config.img_size),
-        teacher_fn=lambda x: teacher.targets(x, grid),
+    if views:  # the crops depend on these: a change recomputes the store
+        fingerprint["views"] = {"k": views, "seed": pretrain.seed, **pretrain.augmentation.model_dump(mode="json")}
+    run_dir = Path(params.output_dir).parent / f".{Path(params.output_dir).name}_launch"
+    spec = ExtractSpec(
+        manifest=str(run_dir / "pretrain_rows.parquet"),
+        store=str(params.output_dir),
+        fingerprint=fingerprint,
+        teacher=params.teacher.model_dump(mode="json"),
+        device=params.device,
+        img_size=config.img_size,
+        grid=config.grid_size,
+        views_per_item=views,
+        augmentation=pretrain.augmentation.model_dump(mode="json"),
+        seed=pretrain.seed,
         shard_size=params.shard_size,
         batch_size=params.batch_size,
     )
-    return {**receipt, "store": str(store), "target_dim": teacher.target_dim}
+    if params.world_size == 1:
+        extract(spec, rows=FrameRows(rows))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rows.to_parquet(spec.manifest)
+        launch(params, spec.write(run_dir / "run.json"), run_dir / "ranks.log", module=EXTRACT_MODULE)
+    store = TargetStore(params.output_dir)
+    if not store.is_complete(fingerprint):
+        raise TargetStoreError(f"teacher-target extraction ended but the store {store.root} is incomplete")
+    reader = store.reader(fingerprint)
+    return {**receipt, "store": str(store.root), "target_dim": int(reader.shape[-1])}

@@ -11,14 +11,16 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import load_images, load_targets
+from eva_pipeline.data import load_images
+from eva_pipeline.data.stream import FrameRows, ManifestPixels
+from eva_pipeline.data.target_store import TargetStore
 from eva_pipeline.evaluation import loss_curve, mask_overview
 from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
 from eva_pipeline.preflight import check_augmentation, raise_if_problems
 from eva_pipeline.tracking import active_run_logger
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.training.launch import launch
-from eva_pipeline.training.loop import batch_masks, cached_targets, make_mask_generator, run_pretraining
+from eva_pipeline.training.loop import batch_masks, make_mask_generator, run_pretraining
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 
 
@@ -32,7 +34,7 @@ def pretrain_student(
     rows = split_rows(manifest, "pretrain")
     raise_if_problems(check_augmentation(params, teacher_params))
     data_fingerprint = json.dumps(
-        {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode")}, sort_keys=True
+        {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode", "views_per_image")}, sort_keys=True
     )
     cached = targets_receipt["mode"] == "cached"
     if cached:
@@ -51,14 +53,14 @@ def pretrain_student(
         model, records = _train_distributed(rows, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
     else:
         if cached:
-            target_fn = cached_targets(load_targets(targets_receipt["store"]))
+            targets = TargetStore(targets_receipt["store"]).reader()  # read by the loader, with their crops
         else:
             grid = tuple(targets_receipt["grid"])
-            target_fn = lambda index, x: teacher.targets(x, grid)  # noqa: E731
+            targets = lambda index, x: teacher.targets(x, grid)  # noqa: E731
         result = run_pretraining(
             params,
-            load_images(rows),
-            target_fn,
+            ManifestPixels(FrameRows(rows)),
+            targets,
             target_dim,
             metrics_fn=active_run_logger(prefix="pretrain/"),
             data_fingerprint=data_fingerprint,

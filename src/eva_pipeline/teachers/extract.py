@@ -1,0 +1,97 @@
+"""Teacher-target extraction, in the Kedro process or as one of several ranks: ``python -m
+eva_pipeline.teachers.extract <run.json>``.
+
+The teacher_targets node writes one frozen :class:`ExtractSpec` and, for ``world_size > 1``, starts a rank per GPU
+through the DeepSpeed launcher or torch elastic (:mod:`eva_pipeline.training.launch`). Each rank streams the images
+of its own shards from the manifest (shard ``s`` belongs to rank ``s % world_size``), runs the teacher on its device
+and writes them; a killed extraction resumes with only the missing shards, with any number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eva_pipeline.config import AugmentationParams, TeacherParams
+from eva_pipeline.data.augment import RandomResizedCropFlip
+from eva_pipeline.data.stream import ManifestPixels, ParquetRows, teacher_views
+from eva_pipeline.data.target_store import TargetStore, compute_targets
+from eva_pipeline.teachers import create_teacher
+from eva_pipeline.training.engine import resolve_device
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    """Everything a rank needs, as plain JSON."""
+
+    manifest: str  # Parquet whose "pretrain" rows, in order, are the items
+    store: str
+    fingerprint: dict[str, Any]
+    teacher: dict[str, Any]  # TeacherParams
+    device: str
+    img_size: int
+    grid: int
+    views_per_item: int  # 0: the whole image, one row per image
+    augmentation: dict[str, Any]  # AugmentationParams (used when views_per_item >= 1)
+    seed: int
+    shard_size: int
+    batch_size: int
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2, default=str))
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> ExtractSpec:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def extract(spec: ExtractSpec, rank: int = 0, world_size: int = 1, rows: Any = None, progress: bool = True) -> Path:
+    """Compute this rank's shards of the store (all of them with one rank); returns the store folder.
+
+    ``rows``: the manifest rows as a :class:`~eva_pipeline.data.stream.RowSource` (default: streamed from
+    ``spec.manifest``).
+    """
+    if TargetStore(spec.store).is_complete(spec.fingerprint):  # nothing to do: not even the teacher is built
+        return Path(spec.store)
+    device = resolve_device(spec.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    teacher_params = TeacherParams.model_validate(spec.teacher)
+    teacher = create_teacher(teacher_params.kind, **{"device": str(device), **teacher_params.options})
+    aug = AugmentationParams.model_validate(spec.augmentation)
+    augment = RandomResizedCropFlip(spec.img_size, aug.scale, aug.ratio, aug.flip_prob) if spec.views_per_item else None
+    rows = rows if rows is not None else ParquetRows(spec.manifest, "pretrain")
+    grid = (spec.grid, spec.grid)
+    return compute_targets(
+        spec.store,
+        spec.fingerprint,
+        num_items=len(rows),
+        batch_fn=teacher_views(ManifestPixels(rows), spec.img_size, spec.views_per_item, augment, spec.seed),
+        teacher_fn=lambda x: teacher.targets(x.to(device), grid),
+        shard_size=spec.shard_size,
+        batch_size=spec.batch_size,
+        views_per_item=max(spec.views_per_item, 1),
+        rank=rank,
+        world_size=world_size,
+        progress=progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if len(args) != 1:
+        raise SystemExit("usage: python -m eva_pipeline.teachers.extract <run.json>")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    extract(ExtractSpec.read(Path(args[0])), rank, world)
+
+
+if __name__ == "__main__":
+    main()
