@@ -211,3 +211,15 @@ def test_cached_openai_weights_are_found_in_the_hf_cache_with_quick_gelu(tmp_pat
 def test_unknown_model_name_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="Unknown open_clip model"):
         OpenClipTeacher("no-such-model", pretrained="openai")
+
+
+def test_target_dim_without_weights_matches_the_built_teacher(monkeypatch) -> None:
+    from eva_pipeline.teachers import teacher_target_dim
+    from eva_pipeline.teachers import factory
+
+    assert teacher_target_dim("open_clip", model_name=TINY, pretrained=None) == OpenClipTeacher(
+        TINY, pretrained=None
+    ).target_dim
+    monkeypatch.setattr(factory, "create_teacher", lambda *a, **k: pytest.fail("built a teacher"))
+    # The paper's teacher: 768-d targets known from the config alone (no weights file is looked for).
+    assert teacher_target_dim("open_clip", model_name="ViT-L-14", pretrained="openai") == 768

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from eva_pipeline.teachers.base import Teacher, TeacherWeightsUnavailable
-from eva_pipeline.teachers.factory import TEACHER_KINDS, check_teacher_weights, create_teacher
+from eva_pipeline.teachers.factory import TEACHER_KINDS, check_teacher_weights, create_teacher, teacher_target_dim
 
 if TYPE_CHECKING:
     from eva_pipeline.teachers.efficientnet_lite import EfficientNetLiteTeacher
@@ -24,6 +24,7 @@ __all__ = [
     "Teacher",
     "TeacherWeightsUnavailable",
     "check_teacher_weights",
+    "teacher_target_dim",
     "create_teacher",
 ]
 

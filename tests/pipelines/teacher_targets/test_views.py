@@ -3,6 +3,8 @@ training loader then feeds the student exactly those crops, matched with exactly
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -64,9 +66,13 @@ def test_training_batches_carry_the_crop_and_target_the_teacher_made(stored):
     assert len(common) and not torch.equal(first.images[at(first, common[0])], second.images[at(second, common[0])])
 
 
-def test_rerun_with_other_views_recomputes_and_same_views_reuses(stored):
+def test_rerun_with_other_views_recomputes_and_same_views_reuses(stored, tmp_path):
     rows, teacher_params, pretrain, receipt = stored
-    store = TargetStore(receipt["store"])
+    shutil.copytree(receipt["store"], tmp_path / "copy")  # the module's store stays as the other tests expect it
+    teacher_params = TeacherTargetsParams.model_validate(
+        {**teacher_params.model_dump(mode="json"), "output_dir": str(tmp_path / "copy")}
+    )
+    store = TargetStore(tmp_path / "copy")
     before = {p.name: p.stat().st_mtime_ns for p in store.root.glob("shard_*")}
     compute_teacher_targets(rows, teacher_params, pretrain)
     assert {p.name: p.stat().st_mtime_ns for p in store.root.glob("shard_*")} == before  # reused, not recomputed

@@ -11,6 +11,7 @@ from eva_pipeline.data import manifest_digest
 from eva_pipeline.data.stream import FrameRows
 from eva_pipeline.data.target_store import TargetStore, TargetStoreError
 from eva_pipeline.pipelines.common import split_rows, student_config
+from eva_pipeline.teachers import teacher_target_dim
 from eva_pipeline.teachers.extract import ExtractSpec, extract
 from eva_pipeline.training.launch import launch
 
@@ -33,8 +34,8 @@ def compute_teacher_targets(manifest: pd.DataFrame, params: TeacherTargetsParams
         "manifest_digest": manifest_digest(rows),
         "views_per_image": views,
     }
-    if params.mode == "online":
-        return receipt  # the training node runs the teacher on every batch instead
+    if params.mode == "online":  # the training node runs the teacher on every batch instead
+        return {**receipt, "target_dim": teacher_target_dim(params.teacher.kind, **params.teacher.options)}
     fingerprint = {k: receipt[k] for k in ("teacher", "num_items", "grid", "img_size", "manifest_digest")}
     if views:  # the crops depend on these: a change recomputes the store
         fingerprint["views"] = {"k": views, "seed": pretrain.seed, **pretrain.augmentation.model_dump(mode="json")}

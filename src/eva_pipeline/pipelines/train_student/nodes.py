@@ -37,25 +37,21 @@ def pretrain_student(
         {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode", "views_per_image")}, sort_keys=True
     )
     cached = targets_receipt["mode"] == "cached"
-    if cached:
-        if targets_receipt["num_items"] != len(rows):
-            raise ValueError(
-                f"stored teacher targets cover {targets_receipt['num_items']} images but the manifest has {len(rows)} "
-                f"pre-training images: re-run the teacher_targets pipeline"
-            )
-        target_dim, teacher = int(targets_receipt["target_dim"]), None
-    else:
-        # In-process the teacher runs in every step; with several ranks each builds its own (this one gives the size).
-        teacher = build_teacher(teacher_params.teacher, teacher_params.device if params.world_size == 1 else "cpu")
-        target_dim = teacher.target_dim
-    if params.world_size > 1:
-        teacher = None  # the ranks build their own; free this process's copy while they train
+    if targets_receipt["num_items"] != len(rows):
+        raise ValueError(
+            f"the teacher_targets receipt covers {targets_receipt['num_items']} images but the manifest has "
+            f"{len(rows)} pre-training images: re-run the teacher_targets pipeline"
+        )
+    if "target_dim" not in targets_receipt:
+        raise ValueError("the teacher_targets receipt predates target_dim: re-run the teacher_targets pipeline")
+    target_dim = int(targets_receipt["target_dim"])  # known without building the teacher (stored, or its config)
+    if params.world_size > 1:  # each rank builds its own online teacher, on its own GPU
         model, records = _train_distributed(rows, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
     else:
         if cached:
             targets = TargetStore(targets_receipt["store"]).reader()  # read by the loader, with their crops
         else:
-            grid = tuple(targets_receipt["grid"])
+            teacher, grid = build_teacher(teacher_params.teacher, teacher_params.device), tuple(targets_receipt["grid"])
             targets = lambda index, x: teacher.targets(x, grid)  # noqa: E731
         result = run_pretraining(
             params,
