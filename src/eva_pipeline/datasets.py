@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pandas as pd
 import torch
 from kedro.io import AbstractDataset, DatasetError
 from torch import nn
 
+from eva_pipeline.data.manifest_file import Manifest, write_frame
 from eva_pipeline.models import extract_state_dict, save_official_checkpoint
 
 
@@ -38,3 +40,39 @@ class EvaCheckpointDataset(AbstractDataset[nn.Module, dict[str, torch.Tensor]]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "dtype": str(self._dtype)}
+
+
+class ManifestDataset(AbstractDataset[Manifest | pd.DataFrame, Manifest]):
+    """The image manifest as a Parquet file (:data:`~eva_pipeline.data.MANIFEST_SCHEMA`, row groups).
+
+    ``load`` returns a lazy :class:`~eva_pipeline.data.Manifest` handle (path, ``num_rows``, ``split(name)``,
+    ``iter_batches``, streamed ``digest``), never the whole table. ``save`` takes the handle the ingestion node
+    returns (its temporary file is moved into place, or a loaded manifest's file copied) or a DataFrame.
+    """
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = PurePosixPath(filepath)
+        self.metadata = metadata
+
+    def load(self) -> Manifest:
+        path = Path(self._filepath)
+        if not path.exists():
+            raise DatasetError(
+                f"no manifest at {path}: run the ingestion pipeline first (kedro run --pipelines ingestion)"
+            )
+        return Manifest(path)
+
+    def save(self, data: Manifest | pd.DataFrame) -> None:
+        path = Path(self._filepath)
+        if isinstance(data, Manifest):
+            data.save(path)
+        elif isinstance(data, pd.DataFrame):
+            write_frame(data, path)
+        else:
+            raise DatasetError(f"ManifestDataset saves a Manifest or a pandas DataFrame, got {type(data).__name__}")
+
+    def _exists(self) -> bool:
+        return Path(self._filepath).exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}

@@ -134,7 +134,7 @@ def test_rebuild_reads_only_new_and_changed_units(tree, tmp_path, reads) -> None
     assert _counts(report, "wds") == (2, 0, 0)
     assert _counts(report, "idx") == (1, 0, 0)
     assert report["sources"]["wds"]["duplicates"] == 1
-    assert len(list(cache.glob("*.parquet"))) == 3 and not list(cache.glob("*.tmp"))
+    assert len(list(cache.glob("*.sqlite"))) == 3 and not list(cache.glob("*.tmp"))
     _check_same_as_fresh(specs, manifest, report)
 
     # Nothing changed: nothing is opened.
@@ -207,4 +207,49 @@ def test_webdataset_limit_across_changed_shards(tree, tmp_path, reads) -> None:
     manifest, report = build_manifest(specs, cache_dir=cache)
     assert reads == {"00000.tar", "00001.tar"}
     assert (manifest["source"] == "wds").sum() == 2  # k0 and k3 (k2 is a duplicate of folder/a/0.png)
+    _check_same_as_fresh(specs, manifest, report)
+
+
+def test_small_chunks_and_cache_give_the_same_manifest(tree, tmp_path, reads) -> None:
+    """Spilled scans (1-item chunks) replayed from the cache: the manifest of a fresh in-memory-sized build."""
+    cache = tmp_path / "cache"
+    specs = _specs(tree)
+    first, _ = build_manifest(specs, cache_dir=cache, chunk_rows=1, row_group_rows=2)
+    reads.clear()
+    again, report = build_manifest(specs, cache_dir=cache, chunk_rows=1, row_group_rows=2)
+    assert reads == set() and _counts(report, "folder") == (0, 5, 0)
+    pd.testing.assert_frame_equal(again, first)
+    _check_same_as_fresh(specs, again, report)
+
+
+def test_failed_scan_keeps_the_previous_cache(tree, tmp_path, reads, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    specs = _specs(tree)
+    build_manifest(specs, cache_dir=cache)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    _write(tree / "folder" / "a" / "9.png", _png(9))  # a new file: read, and the reading fails
+
+    def failing(scan, location, label):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(sources, "_ingest_file", failing)
+    with pytest.raises(OSError, match="disk on fire"):
+        build_manifest(specs, cache_dir=cache)
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # untouched, no temporary left
+    monkeypatch.undo()
+    (tree / "folder" / "a" / "9.png").unlink()
+    _, report = build_manifest(specs, cache_dir=cache)
+    assert _counts(report, "folder") == (0, 5, 0) and _counts(report, "wds") == (0, 2, 0)
+
+
+def test_unreadable_cache_is_rebuilt(tree, tmp_path, reads) -> None:
+    cache = tmp_path / "cache"
+    specs = _specs(tree)
+    build_manifest(specs, cache_dir=cache)
+    (folder_cache,) = [p for p in cache.iterdir() if p.name.startswith("folder-")]
+    folder_cache.write_bytes(b"not a database" * 100)
+    reads.clear()
+    manifest, report = build_manifest(specs, cache_dir=cache)
+    assert report["sources"]["folder"]["cache_invalidated"] is True and _counts(report, "folder") == (5, 0, 0)
+    assert report["sources"]["wds"]["cache_invalidated"] is False and _counts(report, "wds") == (0, 2, 0)
     _check_same_as_fresh(specs, manifest, report)

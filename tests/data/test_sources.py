@@ -342,3 +342,23 @@ def test_source_with_nothing_readable(tmp_path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"")
     manifest, report = build_manifest([SourceSpec("bad", "image_folder", "pretrain", tmp_path)])
     assert len(manifest) == 0 and report["sources"]["bad"]["rejection_reasons"] == {decode.EMPTY: 1}
+
+
+def test_small_chunks_give_the_same_manifest_and_rejections(ingested, tmp_path) -> None:
+    """Every reader through 2-item chunks (spilled items and rejections) and 3-row row groups: the same output."""
+    import re
+
+    import pandas as pd
+
+    layout, manifest, report = ingested
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image, "MAX_IMAGE_PIXELS", BOMB_LIMIT)
+        small, small_report = build_manifest(
+            _specs(layout), rejections_path=tmp_path / "rejections.jsonl", chunk_rows=2, row_group_rows=3
+        )
+    pd.testing.assert_frame_equal(small, manifest)
+    same = lambda text: re.sub(r" at 0x[0-9a-f]+", "", text)  # noqa: E731 - PIL names a BytesIO by its address
+    small_report["rejections_file"] = report["rejections_file"]
+    assert same(json.dumps(small_report, sort_keys=True)) == same(json.dumps(report, sort_keys=True))
+    rejections = (layout / "report" / "rejections.jsonl").read_text()
+    assert same((tmp_path / "rejections.jsonl").read_text()) == same(rejections)

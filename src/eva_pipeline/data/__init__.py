@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "load_images": "images",
     "register_container": "images",
     "split_location": "images",
+    "Manifest": "manifest_file",
     "MANIFEST_COLUMNS": "manifest",
     "MANIFEST_DTYPES": "manifest",
     "MANIFEST_SCHEMA": "manifest",
@@ -34,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "select_split": "manifest",
     "source_kinds": "manifest",
     "validate_manifest": "manifest",
+    "write_manifest": "manifest",
     "detect_folder_layout": "sources",
     "TargetStore": "target_store",
     "TargetStoreError": "target_store",
@@ -80,7 +82,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         select_split,
         source_kinds,
         validate_manifest,
+        write_manifest,
     )
+    from eva_pipeline.data.manifest_file import Manifest
     from eva_pipeline.data.sources import detect_folder_layout
     from eva_pipeline.data.target_store import (
         TargetStore,

@@ -8,10 +8,13 @@ without opening it; new or changed units are read; units no longer present are d
 (``removed_since_cache``). The whole cache of a source is void when the source's reader-relevant settings (kind,
 split, labels, layout, limit) or :data:`CACHE_VERSION` change.
 
-A source's cache is one Parquet file under ``cache_dir``, written in row groups to a temporary file while the
-source is scanned and moved into place (``os.replace``) when the scan succeeds. Rows: one header row per unit
-(``row_type`` 0: unit, stamp, meta JSON) followed by its items (1: location, label, width, height, size_bytes,
-hash) and rejections (2: location, reason, detail), in scan order, so a cached scan replays identically.
+A source's cache is one sqlite3 database under ``cache_dir`` (ImageNet-21K: 14M units, about 180 bytes each),
+looked up unit by unit with a bounded page cache, never loaded whole: table ``units`` (unit PRIMARY KEY, a 128-bit
+digest of the stamp, meta JSON) and table ``entries`` (per unit, in scan order: kind 1 = item with location, label,
+width, height, size_bytes, hash; kind 2 = rejection with location, reason, detail), so a cached scan replays
+identically. A scan writes a *new* database to a temporary file (the previous one attached read-only for the
+lookups; reused units are copied over inside sqlite) and moves it into place (``os.replace``) when the source
+scanned successfully: a failed scan leaves the previous cache as it was.
 
 Files modified within :data:`RACY_NS` of being stamped are read but not cached ("racily clean" as git calls it):
 a later rewrite within the same mtime tick and with the same size would otherwise go unnoticed.
@@ -23,39 +26,31 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 #: Bump when the cache layout or what a reader produces for a unit changes: older caches are then ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: A file whose mtime is this close to (or after) the time it was stamped is not cached.
 RACY_NS = 2_000_000_000
-#: Entries buffered before a row group is written.
-_CHUNK = 65_536
-_HEADER, _ITEM, _REJECTION = 0, 1, 2
+#: sqlite page cache of a scan's cache database (new + previous), in KiB.
+CACHE_KIB = 8_192
+#: Entries of one unit buffered before they are inserted.
+_FLUSH_ROWS = 4_096
+_ITEM, _REJECTION = 1, 2
 _KEEP = object()
 
-_SCHEMA = pa.schema(
-    [
-        pa.field("row_type", pa.int8()),
-        pa.field("unit", pa.string()),
-        pa.field("stamp", pa.string()),
-        pa.field("meta", pa.string()),
-        pa.field("location", pa.string()),
-        pa.field("label", pa.int64()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("size_bytes", pa.int64()),
-        pa.field("hash", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("detail", pa.string()),
-    ]
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE units (unit TEXT PRIMARY KEY, id INTEGER NOT NULL, stamp BLOB NOT NULL, meta TEXT NOT NULL)"
+    " WITHOUT ROWID",
+    "CREATE TABLE entries (unit_id INTEGER NOT NULL, pos INTEGER NOT NULL, kind INTEGER NOT NULL, location TEXT,"
+    " label INTEGER, width INTEGER, height INTEGER, size_bytes INTEGER, hash TEXT, reason TEXT, detail TEXT,"
+    " PRIMARY KEY (unit_id, pos)) WITHOUT ROWID",
 )
-_SETTINGS_KEY = b"eva_pipeline.scan_cache.settings"
+_ENTRY_COLUMNS = "kind, location, label, width, height, size_bytes, hash, reason, detail"
 
 
 def source_settings(spec: Any) -> str:
@@ -76,7 +71,12 @@ def source_settings(spec: Any) -> str:
 def cache_file(cache_dir: str | os.PathLike[str], source_name: str) -> Path:
     """Where the cache of source ``source_name`` lives (readable name + a hash, so any source name is safe)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", source_name)[:80]
-    return Path(cache_dir) / f"{safe}-{hashlib.sha1(source_name.encode()).hexdigest()[:10]}.parquet"
+    return Path(cache_dir) / f"{safe}-{hashlib.sha1(source_name.encode()).hexdigest()[:10]}.sqlite"
+
+
+def _stamp_key(unit_stamp: str) -> bytes:
+    """What the cache stores of a stamp: a 128-bit digest (compared for equality only; a third of the size)."""
+    return hashlib.blake2b(unit_stamp.encode(), digest_size=16).digest()
 
 
 def stamp(paths: Sequence[str | os.PathLike[str]]) -> tuple[str, bool]:
@@ -89,6 +89,47 @@ def stamp(paths: Sequence[str | os.PathLike[str]]) -> tuple[str, bool]:
         racy = racy or st.st_mtime_ns >= now - RACY_NS
         parts.append(f"{os.path.abspath(path)}\x1f{st.st_size}\x1f{st.st_mtime_ns}")
     return "\x1e".join(parts), racy
+
+
+class _UnitSink:
+    """What a reader's ``read`` gets for one unit: forwards every item and rejection to the source's scan (with
+    the unit's label, when given) and records it for the new cache (``db`` None: records nothing)."""
+
+    def __init__(self, scan: Any, label: Any, db: sqlite3.Connection | None, unit_id: int) -> None:
+        self.scan = scan
+        self.label = label
+        self.info: dict[str, Any] = {}
+        self.available = 0
+        self._db = db
+        self._unit_id = unit_id
+        self._rows: list[tuple[Any, ...]] = []
+        self._pos = 0
+
+    def add(
+        self, location: str, label: int | None, width: int, height: int, size_bytes: int, digest: str | None
+    ) -> None:
+        if self.label is not _KEEP:
+            label = self.label
+        self.scan.add(location, label, width, height, size_bytes, digest)
+        if self._db is not None:
+            label = None if label is None else int(label)
+            self._record(_ITEM, location, label, int(width), int(height), int(size_bytes), digest, None, None)
+
+    def reject(self, location: str, reason: str, detail: str = "") -> None:
+        self.scan.reject(location, reason, detail)
+        if self._db is not None:
+            self._record(_REJECTION, location, None, None, None, None, None, reason, detail)
+
+    def _record(self, *entry: Any) -> None:
+        self._rows.append((self._unit_id, self._pos, *entry))
+        self._pos += 1
+        if len(self._rows) >= _FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._db is not None and self._rows:
+            self._db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self._rows)
+            self._rows = []
 
 
 class UnitCache:
@@ -105,41 +146,44 @@ class UnitCache:
         self.from_cache = 0
         self.removed_since_cache = 0
         self.invalidated = False
-        self._index: dict[str, tuple[int, int]] = {}
-        self._cols: dict[str, list[Any]] = {}
-        self._looked_up: set[str] = set()
-        self._buffer: dict[str, list[Any]] = {name: [] for name in _SCHEMA.names}
-        self._writer: pq.ParquetWriter | None = None
+        self._db: sqlite3.Connection | None = None
         self._tmp: Path | None = None
+        self._has_old = False
+        self._next_id = 0
         if path is not None:
-            self._load(path)
+            self._open(Path(path))
 
-    # ------------------------------------------------------------------ loading
-    def _load(self, path: Path) -> None:
-        if not path.exists():
-            return
-        try:
-            pf = pq.ParquetFile(path)
-            meta = pf.schema_arrow.metadata or {}
-            if meta.get(_SETTINGS_KEY, b"").decode() != self.settings or pf.schema_arrow.names != _SCHEMA.names:
+    # ------------------------------------------------------------------ opening
+    def _open(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        self._tmp.unlink(missing_ok=True)
+        db = self._db = sqlite3.connect(self._tmp.resolve().as_uri(), uri=True, isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{CACHE_KIB // 2}"):
+            db.execute(f"PRAGMA {pragma}")
+        for statement in _SCHEMA:
+            db.execute(statement)
+        db.execute("INSERT INTO meta VALUES ('settings', ?)", (self.settings,))
+        db.execute("CREATE TEMP TABLE looked_up (unit TEXT PRIMARY KEY) WITHOUT ROWID")
+        if path.exists():
+            try:
+                db.execute("ATTACH DATABASE ? AS old", (path.resolve().as_uri() + "?mode=ro",))
+                row = db.execute("SELECT value FROM old.meta WHERE key = 'settings'").fetchone()
+                db.execute(f"PRAGMA old.cache_size=-{CACHE_KIB // 2}")
+                self._has_old = row is not None and row[0] == self.settings
+            except sqlite3.DatabaseError:  # unreadable or another layout: rebuild it
+                self._has_old = False
+            if not self._has_old:
                 self.invalidated = True
-                return
-            table = pf.read()
-        except (OSError, pa.ArrowException):  # unreadable cache: rebuild it
-            self.invalidated = True
-            return
-        self._cols = {name: table.column(name).to_pylist() for name in _SCHEMA.names}
-        del table
-        row_type = self._cols["row_type"]
-        units = self._cols["unit"]
-        start = None
-        for i, kind in enumerate(row_type):
-            if kind == _HEADER:
-                if start is not None:
-                    self._index[units[start]] = (start, i)
-                start = i
-        if start is not None:
-            self._index[units[start]] = (start, len(row_type))
+                self._detach()
+        db.execute("BEGIN")
+
+    def _detach(self) -> None:
+        assert self._db is not None
+        try:
+            self._db.execute("DETACH DATABASE old")
+        except sqlite3.DatabaseError:
+            pass
 
     # ------------------------------------------------------------------ scanning
     def run(
@@ -153,7 +197,8 @@ class UnitCache:
         reusable: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, Any]:
         """Add one unit's items and rejections to ``scan``: from the cache when its stamp matches (and
-        ``reusable(meta)`` agrees), else by calling ``read(sub_scan)`` (which returns the unit's ``meta``).
+        ``reusable(meta)`` agrees), else by calling ``read(sink)`` (which returns the unit's ``meta``; ``sink``
+        has the scan's ``add`` and ``reject``).
 
         ``label``, when given, overrides the label of every accepted item of the unit (labels of image files
         come from their folder or list line, not from the file). Returns the unit's ``meta``.
@@ -162,120 +207,75 @@ class UnitCache:
             unit_stamp, racy = stamp(paths)
         except OSError:
             unit_stamp, racy = None, True
-        if self.path is not None and unit_stamp is not None and unit in self._index:
-            self._looked_up.add(unit)
-            start, end = self._index[unit]
-            meta = json.loads(self._cols["meta"][start] or "{}")
-            if self._cols["stamp"][start] == unit_stamp and (reusable is None or reusable(meta)):
-                self.from_cache += 1
-                self._replay(scan, start, end, label)
-                self._write(unit, unit_stamp, meta, self._cols, start + 1, end)
-                return meta
+        db = self._db
+        if db is not None and self._has_old and unit_stamp is not None:
+            row = db.execute("SELECT id, stamp, meta FROM old.units WHERE unit = ?", (unit,)).fetchone()
+            key = _stamp_key(unit_stamp)
+            if row is not None:
+                db.execute("INSERT OR IGNORE INTO temp.looked_up VALUES (?)", (unit,))
+                old_id, old_stamp, meta_json = row
+                meta = json.loads(meta_json or "{}")
+                if old_stamp == key and (reusable is None or reusable(meta)):
+                    self.from_cache += 1
+                    self._replay(scan, old_id, label)
+                    new_id = self._new_id()
+                    db.execute(
+                        f"INSERT INTO entries SELECT ?, pos, {_ENTRY_COLUMNS} FROM old.entries WHERE unit_id = ?",
+                        (new_id, old_id),
+                    )
+                    db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?)", (unit, new_id, key, meta_json))
+                    return meta
         self.read += 1
-        if self.path is None or unit_stamp is None or racy:
-            n_items = len(scan.labels)
-            meta = read(scan) or {}
-            if label is not _KEEP:
-                for i in range(n_items, len(scan.labels)):
-                    scan.labels[i] = label
-            return meta
-        sub = type(scan)(available=0)
-        meta = read(sub) or {}
-        if label is not _KEEP:
-            sub.labels = [label] * len(sub.labels)
-        cols = {
-            "row_type": [_ITEM] * len(sub.locations) + [_REJECTION] * len(sub.rejections),
-            "location": sub.locations + [r["location"] for r in sub.rejections],
-            "label": sub.labels + [None] * len(sub.rejections),
-            "width": sub.widths + [None] * len(sub.rejections),
-            "height": sub.heights + [None] * len(sub.rejections),
-            "size_bytes": sub.size_bytes + [None] * len(sub.rejections),
-            "hash": sub.hashes + [None] * len(sub.rejections),
-            "reason": [None] * len(sub.locations) + [r["reason"] for r in sub.rejections],
-            "detail": [None] * len(sub.locations) + [r["detail"] for r in sub.rejections],
-        }
-        self._write(unit, unit_stamp, meta, cols, 0, len(cols["row_type"]))
-        self.merge(scan, sub)
+        if db is None or unit_stamp is None or racy:
+            return read(_UnitSink(scan, label, None, 0)) or {}
+        new_id = self._new_id()
+        sink = _UnitSink(scan, label, db, new_id)
+        meta = read(sink) or {}
+        sink.flush()
+        db.execute(
+            "INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?)",
+            (unit, new_id, _stamp_key(unit_stamp), json.dumps(meta, sort_keys=True)),
+        )
         return meta
 
-    def _replay(self, scan: Any, start: int, end: int, label: Any) -> None:
-        c = self._cols
-        for i in range(start + 1, end):
-            if c["row_type"][i] == _ITEM:
-                scan.add(
-                    c["location"][i],
-                    c["label"][i] if label is _KEEP else label,
-                    c["width"][i],
-                    c["height"][i],
-                    c["size_bytes"][i],
-                    c["hash"][i],
-                )
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _replay(self, scan: Any, old_id: int, label: Any) -> None:
+        assert self._db is not None
+        rows = self._db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM old.entries WHERE unit_id = ? ORDER BY pos", (old_id,)
+        )
+        for kind, location, item_label, width, height, size_bytes, digest, reason, detail in rows:
+            if kind == _ITEM:
+                scan.add(location, item_label if label is _KEEP else label, width, height, size_bytes, digest)
             else:
-                scan.reject(c["location"][i], c["reason"][i], c["detail"][i] or "")
+                scan.reject(location, reason, detail or "")
 
-    @staticmethod
-    def merge(scan: Any, sub: Any) -> None:
-        scan.locations.extend(sub.locations)
-        scan.labels.extend(sub.labels)
-        scan.widths.extend(sub.widths)
-        scan.heights.extend(sub.heights)
-        scan.size_bytes.extend(sub.size_bytes)
-        scan.hashes.extend(sub.hashes)
-        scan.rejections.extend(sub.rejections)
-
-    # ------------------------------------------------------------------ writing
-    def _write(
-        self, unit: str, unit_stamp: str, meta: dict[str, Any], cols: dict[str, list[Any]], start: int, end: int
-    ) -> None:
-        if self.path is None:
-            return
-        buf = self._buffer
-        header = {"row_type": _HEADER, "unit": unit, "stamp": unit_stamp, "meta": json.dumps(meta, sort_keys=True)}
-        for name in _SCHEMA.names:
-            buf[name].append(header.get(name))
-        n = end - start
-        for name in _SCHEMA.names:
-            if name in ("unit", "stamp", "meta"):
-                buf[name].extend([None] * n)
-            else:
-                buf[name].extend(cols[name][start:end])
-        if len(buf["row_type"]) >= _CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.path is None or not self._buffer["row_type"]:
-            return
-        writer = self._open_writer()
-        writer.write_table(pa.table(self._buffer, schema=writer.schema))
-        self._buffer = {name: [] for name in _SCHEMA.names}
-
-    def _open_writer(self) -> pq.ParquetWriter:
-        if self._writer is None:
-            assert self.path is not None
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            schema = _SCHEMA.with_metadata({_SETTINGS_KEY: self.settings.encode()})
-            self._writer = pq.ParquetWriter(self._tmp, schema)
-        return self._writer
-
+    # ------------------------------------------------------------------ finishing
     def commit(self) -> None:
         """The source scanned successfully: move the new cache into place and count the vanished units."""
-        self.removed_since_cache = len(set(self._index) - self._looked_up)
-        self._cols, self._index = {}, {}
-        if self.path is None:
+        db = self._db
+        if db is None or self.path is None or self._tmp is None:
             return
-        self._flush()
-        writer = self._open_writer()  # also when no unit at all: an empty cache
-        writer.close()
-        self._writer = None
-        assert self._tmp is not None
+        if self._has_old:
+            (old_units,) = db.execute("SELECT COUNT(*) FROM old.units").fetchone()
+            (looked_up,) = db.execute("SELECT COUNT(*) FROM temp.looked_up").fetchone()
+            self.removed_since_cache = int(old_units) - int(looked_up)
+        db.execute("COMMIT")
+        if self._has_old:
+            self._detach()
+        db.close()
+        self._db = None
         os.replace(self._tmp, self.path)
+        self.path.with_suffix(".parquet").unlink(missing_ok=True)  # the cache format before CACHE_VERSION 2
 
     def abort(self) -> None:
         """The scan failed: drop the partial new cache (the old one stays)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
 

@@ -12,6 +12,9 @@ file path or member name would make the location ambiguous, so such items are re
 
 Incremental scans: given a :class:`~eva_pipeline.data.scan_cache.UnitCache` (``units``), each image file and each
 shard is one cache unit; an unchanged one is replayed from the cache without being opened.
+
+Memory: readers stream items into the :class:`~eva_pipeline.data.manifest.SourceScan` (which spills to disk) and
+hold at most one directory listing per tree level, one shard sample, or (file lists) one chunk of seen lines.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from eva_pipeline.data.decode import IMAGE_EXTENSIONS, decode_image, is_image_name
-from eva_pipeline.data.manifest import SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.data.manifest import SourceScan, SourceSpec, StringSet, register_source_kind
 from eva_pipeline.data.scan_cache import UnitCache
 
 MISSING = "missing file"
@@ -197,27 +200,29 @@ def read_file_list(spec: SourceSpec, units: UnitCache | None = None) -> SourceSc
     list_path = Path(spec.images)
     base = list_path.parent
     scan = SourceScan(available=0)
-    seen: set[str] = set()
+    seen = StringSet()  # in memory up to one chunk of lines, then on disk
     candidates = 0
-    with list_path.open(encoding="utf-8", errors="replace") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            candidates += 1
-            if spec.limit is not None and candidates > spec.limit:
-                continue
-            try:
-                path, label = parse_list_line(line)
-            except ValueError as exc:
-                scan.reject(f"{list_path.as_posix()}:{lineno}", BAD_LINE, f"{exc}: {line!r}")
-                continue
-            location = path if os.path.isabs(path) else (base / path).as_posix()
-            if location in seen:
-                scan.reject(location, REPEATED, f"line {lineno} repeats an earlier line of {list_path}")
-                continue
-            seen.add(location)
-            _ingest_file_unit(units, scan, location, label)
+    try:
+        with list_path.open(encoding="utf-8", errors="replace") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                candidates += 1
+                if spec.limit is not None and candidates > spec.limit:
+                    continue
+                try:
+                    path, label = parse_list_line(line)
+                except ValueError as exc:
+                    scan.reject(f"{list_path.as_posix()}:{lineno}", BAD_LINE, f"{exc}: {line!r}")
+                    continue
+                location = path if os.path.isabs(path) else (base / path).as_posix()
+                if not seen.add(location):
+                    scan.reject(location, REPEATED, f"line {lineno} repeats an earlier line of {list_path}")
+                    continue
+                _ingest_file_unit(units, scan, location, label)
+    finally:
+        seen.close()
     scan.available = candidates
     return scan
 

@@ -2,21 +2,55 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from eva_pipeline.config import ModelParams, TeacherParams
-from eva_pipeline.data import select_split
+from eva_pipeline.data import Manifest, manifest_digest, select_split
+from eva_pipeline.data.stream import FrameRows, ParquetRows
 from eva_pipeline.models import EvaConfig, get_config
 from eva_pipeline.teachers import Teacher, create_teacher
 from eva_pipeline.training.engine import resolve_device
 
 
-def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Rows of ``split`` in manifest order (row ``i`` is sample index ``i`` downstream); none is a config error."""
-    rows = select_split(manifest, split)
+def split_rows(manifest: Manifest | pd.DataFrame, split: str) -> pd.DataFrame:
+    """Rows of ``split`` in manifest order (row ``i`` is sample index ``i`` downstream); none is a config error.
+
+    ``manifest``: the lazy handle the ``manifest`` dataset loads (only that split is read) or a whole DataFrame.
+    """
+    rows = select_split(manifest, split) if isinstance(manifest, pd.DataFrame) else manifest.split(split)
     if rows.empty:
         raise ValueError(f"the manifest has no '{split}' images; check the ingestion sources in conf/")
     return rows
+
+
+def split_source(manifest: Manifest | pd.DataFrame, split: str) -> FrameRows | ParquetRows:
+    """Row access to ``split`` for the streaming loader: read from the manifest file row group by row group (no
+    listing in memory), or from an in-memory frame."""
+    if isinstance(manifest, pd.DataFrame):
+        return FrameRows(split_rows(manifest, split))
+    rows = ParquetRows(manifest.path, split)
+    if len(rows) == 0:
+        raise ValueError(f"the manifest has no '{split}' images; check the ingestion sources in conf/")
+    return rows
+
+
+def split_digest(manifest: Manifest | pd.DataFrame, split: str) -> str:
+    """``manifest_digest`` of the split's rows (streamed from the file for a Manifest handle)."""
+    if isinstance(manifest, pd.DataFrame):
+        return manifest_digest(split_rows(manifest, split))
+    return manifest.digest(split)
+
+
+def manifest_file(manifest: Manifest | pd.DataFrame, split: str, fallback: Path) -> str:
+    """A Parquet path whose ``split`` rows are the samples, for worker processes: the manifest's own file, or
+    ``fallback`` written from an in-memory frame."""
+    if not isinstance(manifest, pd.DataFrame):
+        return str(manifest.path)
+    fallback.parent.mkdir(parents=True, exist_ok=True)
+    split_rows(manifest, split).to_parquet(fallback)
+    return str(fallback)
 
 
 def student_config(model: ModelParams, target_dim: int | None = None) -> EvaConfig:

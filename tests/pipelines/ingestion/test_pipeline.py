@@ -40,3 +40,19 @@ def test_report_counts_found_kept_rejected(workspace, pl):
     assert report["splits"]["probe"] == {"items": pl.PROBE_IMAGES, "labelled": pl.PROBE_IMAGES,
                                           "sources": ["fashion_mnist_test"]}
     assert sum(report["label_histogram"]["probe"].values()) == pl.PROBE_IMAGES
+
+
+def test_catalog_loads_a_lazy_manifest(workspace, pl):
+    from eva_pipeline.data import Manifest, manifest_digest, select_split
+    from eva_pipeline.pipelines.common import split_rows
+
+    workspace.run("ingestion")
+    handle = workspace.catalog.load("manifest")
+    assert isinstance(handle, Manifest) and handle.num_rows == pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
+    frame = pd.read_parquet(workspace.path("manifest"))
+    for split in ("pretrain", "probe"):
+        rows = split_rows(handle, split)  # what the downstream nodes get
+        pd.testing.assert_frame_equal(rows, split_rows(frame, split))
+        assert handle.digest(split) == manifest_digest(select_split(frame, split))
+    # the node's temporary manifest was moved into place: no temporary or work file beside it
+    assert [p.name for p in workspace.path("manifest").parent.iterdir()] == ["manifest.parquet"]

@@ -10,6 +10,7 @@ from eva_pipeline.config import EvaluationParams, PretrainParams, TeacherTargets
 from eva_pipeline.data import load_images, to_model_input
 from eva_pipeline.evaluation import ProbeConfig, extract_features, linear_probe_top1, probe_bar_chart, split_probe
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
+from eva_pipeline.data import Manifest
 from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
 
 _LABELS = {
@@ -26,7 +27,7 @@ def _patch_token_mean(model: EvaMIM):
 
 
 def linear_probe(
-    manifest: pd.DataFrame,
+    manifest: Manifest | pd.DataFrame,
     student_state: dict[str, torch.Tensor],
     params: EvaluationParams,
     pretrain: PretrainParams,

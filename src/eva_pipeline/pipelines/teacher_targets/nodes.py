@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import manifest_digest
-from eva_pipeline.data.stream import FrameRows
+from eva_pipeline.data import Manifest
 from eva_pipeline.data.target_store import TargetStore, TargetStoreError
-from eva_pipeline.pipelines.common import split_rows, student_config
+from eva_pipeline.pipelines.common import manifest_file, split_digest, split_source, student_config
 from eva_pipeline.teachers import teacher_target_dim
 from eva_pipeline.teachers.extract import ExtractSpec, extract
 from eva_pipeline.training.launch import launch
@@ -18,12 +18,12 @@ from eva_pipeline.training.launch import launch
 EXTRACT_MODULE = "eva_pipeline.teachers.extract"
 
 
-def compute_teacher_targets(manifest: pd.DataFrame, params: TeacherTargetsParams, pretrain: PretrainParams) -> dict:
+def compute_teacher_targets(manifest: Manifest | pd.DataFrame, params: TeacherTargetsParams, pretrain: PretrainParams) -> dict:
     """Run the teacher over the pre-training images once (K views each, or the whole image); a re-run with the same
     inputs, views and teacher reuses them, an interrupted one computes only the missing shards. With
     ``world_size > 1`` one rank per GPU computes its share of the shards."""
     config = student_config(pretrain.model)  # targets are made on the student's grid and input size
-    rows = split_rows(manifest, "pretrain")
+    rows = split_source(manifest, "pretrain")  # streamed: the listing is never held in memory
     views = params.views_per_image
     receipt = {
         "mode": params.mode,
@@ -31,7 +31,7 @@ def compute_teacher_targets(manifest: pd.DataFrame, params: TeacherTargetsParams
         "num_items": len(rows),
         "grid": [config.grid_size, config.grid_size],
         "img_size": config.img_size,
-        "manifest_digest": manifest_digest(rows),
+        "manifest_digest": split_digest(manifest, "pretrain"),
         "views_per_image": views,
     }
     if params.mode == "online":  # the training node runs the teacher on every batch instead
@@ -41,7 +41,7 @@ def compute_teacher_targets(manifest: pd.DataFrame, params: TeacherTargetsParams
         fingerprint["views"] = {"k": views, "seed": pretrain.seed, **pretrain.augmentation.model_dump(mode="json")}
     run_dir = Path(params.output_dir).parent / f".{Path(params.output_dir).name}_launch"
     spec = ExtractSpec(
-        manifest=str(run_dir / "pretrain_rows.parquet"),
+        manifest="",  # set below for ranks
         store=str(params.output_dir),
         fingerprint=fingerprint,
         teacher=params.teacher.model_dump(mode="json"),
@@ -55,10 +55,9 @@ def compute_teacher_targets(manifest: pd.DataFrame, params: TeacherTargetsParams
         batch_size=params.batch_size,
     )
     if params.world_size == 1:
-        extract(spec, rows=FrameRows(rows))
+        extract(spec, rows=rows)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        rows.to_parquet(spec.manifest)
+        spec = replace(spec, manifest=manifest_file(manifest, "pretrain", run_dir / "pretrain_rows.parquet"))
         launch(params, spec.write(run_dir / "run.json"), run_dir / "ranks.log", module=EXTRACT_MODULE)
     store = TargetStore(params.output_dir)
     if not store.is_complete(fingerprint):

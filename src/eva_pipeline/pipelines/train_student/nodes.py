@@ -7,15 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from torch import nn
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import load_images
-from eva_pipeline.data.stream import FrameRows, ManifestPixels
+from eva_pipeline.data import Manifest
+from eva_pipeline.data.stream import ManifestPixels
+from eva_pipeline.data.transforms import resize_uint8
 from eva_pipeline.data.target_store import TargetStore
 from eva_pipeline.evaluation import loss_curve, mask_overview
-from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
+from eva_pipeline.pipelines.common import build_teacher, manifest_file, split_source, student_config
 from eva_pipeline.preflight import check_augmentation, raise_if_problems
 from eva_pipeline.tracking import active_run_logger
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
@@ -25,13 +27,13 @@ from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 
 
 def pretrain_student(
-    manifest: pd.DataFrame, targets_receipt: dict, params: PretrainParams, teacher_params: TeacherTargetsParams
+    manifest: Manifest | pd.DataFrame, targets_receipt: dict, params: PretrainParams, teacher_params: TeacherTargetsParams
 ) -> tuple[nn.Module, pd.DataFrame, dict, Figure]:
     """Pre-train the student; per-step metrics stream to the MLflow run while it trains.
 
     World size 1 trains in this process; more ranks are launched as workers on a frozen run file (same loop).
     """
-    rows = split_rows(manifest, "pretrain")
+    rows = split_source(manifest, "pretrain")  # streamed by the loader: the listing is never held in memory
     raise_if_problems(check_augmentation(params, teacher_params))
     data_fingerprint = json.dumps(
         {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode", "views_per_image")}, sort_keys=True
@@ -46,7 +48,7 @@ def pretrain_student(
         raise ValueError("the teacher_targets receipt predates target_dim: re-run the teacher_targets pipeline")
     target_dim = int(targets_receipt["target_dim"])  # known without building the teacher (stored, or its config)
     if params.world_size > 1:  # each rank builds its own online teacher, on its own GPU
-        model, records = _train_distributed(rows, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
+        model, records = _train_distributed(manifest, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
     else:
         if cached:
             targets = TargetStore(targets_receipt["store"]).reader()  # read by the loader, with their crops
@@ -55,7 +57,7 @@ def pretrain_student(
             targets = lambda index, x: teacher.targets(x, grid)  # noqa: E731
         result = run_pretraining(
             params,
-            ManifestPixels(FrameRows(rows)),
+            ManifestPixels(rows),
             targets,
             target_dim,
             metrics_fn=active_run_logger(prefix="pretrain/"),
@@ -83,7 +85,7 @@ def _summary(records: list[dict]) -> dict[str, float]:
 
 
 def _train_distributed(
-    rows: pd.DataFrame,
+    manifest: Manifest | pd.DataFrame,
     receipt: dict,
     params: PretrainParams,
     teacher_params: TeacherTargetsParams,
@@ -93,14 +95,13 @@ def _train_distributed(
     """Launch ``world_size`` ranks on a frozen run file; rank 0 writes the weights and history read back here."""
     run_dir = Path(params.checkpoint.dir) / "launch"
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows.to_parquet(run_dir / "pretrain_images.parquet")
     mlflow_run = None
     logger = active_run_logger(prefix="pretrain/")
     if logger is not None:
         mlflow_run = {"run_id": logger.run_id, "tracking_uri": logger.tracking_uri}
     spec = RunSpec(
         params=params.model_dump(mode="json"),
-        images=str(run_dir / "pretrain_images.parquet"),
+        images=manifest_file(manifest, "pretrain", run_dir / "pretrain_images.parquet"),
         target_dim=target_dim,
         output_dir=str(run_dir),
         targets_store=receipt.get("store") if receipt["mode"] == "cached" else None,
@@ -117,13 +118,15 @@ def _train_distributed(
     return model, json.loads((run_dir / HISTORY_FILE).read_text())["history"]
 
 
-def draw_mask_examples(manifest: pd.DataFrame, params: PretrainParams) -> Figure:
+def draw_mask_examples(manifest: Manifest | pd.DataFrame, params: PretrainParams) -> Figure:
     """What block-wise masking hides on real pre-training images (epoch 0 masks of the first samples)."""
-    rows = split_rows(manifest, "pretrain").head(params.mask_examples)
+    rows = split_source(manifest, "pretrain")
     config = student_config(params.model)
-    masks = batch_masks(make_mask_generator(params, config.grid_size), params.seed, 0, np.arange(len(rows)))
+    index = np.arange(min(params.mask_examples, len(rows)))
+    images = torch.stack([resize_uint8(im, config.img_size) for im in ManifestPixels(rows)(index)])
+    masks = batch_masks(make_mask_generator(params, config.grid_size), params.seed, 0, index)
     grid = config.grid_size
-    return mask_overview(load_images(rows), masks.numpy().reshape(-1, grid, grid), max_images=params.mask_examples)
+    return mask_overview(images, masks.numpy().reshape(-1, grid, grid), max_images=params.mask_examples)
 
 
 def resolve_run_config(params: PretrainParams, teacher_params: TeacherTargetsParams) -> dict:
