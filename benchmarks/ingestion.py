@@ -22,6 +22,11 @@ the same generated JPEG folder, in the same run, interleaved rounds, median repo
 decoding process (one torch thread each; workers, or the main process with 0 workers)::
 
     .venv/bin/python benchmarks/ingestion.py loader                        # 1024 JPEGs, workers 0 and 2
+
+``scan``: images/s of the ingestion scan itself (read, sha1, full decode of every file) over the same kind of JPEG
+folder with ``decode_workers`` 1, 2 and 4 threads::
+
+    .venv/bin/python benchmarks/ingestion.py scan
 """
 
 from __future__ import annotations
@@ -269,6 +274,32 @@ def cmd_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------- scan
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Ingestion of a real JPEG folder (read, sha1, full decode per file) with 1 vs N decode threads."""
+    import dataclasses
+    import statistics
+
+    from eva_pipeline.data.manifest import SourceSpec, build_manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_jpeg_folder(Path(args.data or tmp) / "jpegs", args.images)
+        spec = SourceSpec("bench", "image_folder", "pretrain", root)
+        print(f"scan: {args.images} JPEGs (256-383 x 320-447 px), no cache, {args.rounds} rounds; {os.cpu_count()} CPUs")
+        print(f"{'decode_workers':>14} | {'images/s':>9} | vs 1 thread")
+        base = None
+        for workers in args.workers:
+            times = []
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                manifest, _ = build_manifest([dataclasses.replace(spec, decode_workers=workers)])
+                times.append(time.perf_counter() - start)
+            rate = len(manifest) / statistics.median(times)
+            base = base or rate
+            print(f"{workers:>14} | {rate:>9.1f} | {rate / base:.2f}x")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -289,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers (0: in-process)")
     lo.add_argument("--data", default=None, help="keep the generated JPEGs here (default: a temporary folder)")
     lo.set_defaults(func=cmd_loader)
+    sc = sub.add_parser("scan", help="ingestion scan of a JPEG folder: decode threads 1 vs N")
+    sc.add_argument("--images", type=int, default=1024)
+    sc.add_argument("--rounds", type=int, default=3)
+    sc.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    sc.add_argument("--data", default=None, help="keep the generated JPEGs here (default: a temporary folder)")
+    sc.set_defaults(func=cmd_scan)
     return parser
 
 

@@ -41,6 +41,9 @@ class IngestionParams(_Params):
         default=None,
         description="incremental scan cache: unchanged files/shards are not re-read on a re-run (None: read all)",
     )
+    decode_workers: int = Field(
+        default=2, ge=1, description="threads reading and decoding files/shards ahead of the in-order scan"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> IngestionParams:

@@ -362,3 +362,51 @@ def test_small_chunks_give_the_same_manifest_and_rejections(ingested, tmp_path) 
     assert same(json.dumps(small_report, sort_keys=True)) == same(json.dumps(report, sort_keys=True))
     rejections = (layout / "report" / "rejections.jsonl").read_text()
     assert same((tmp_path / "rejections.jsonl").read_text()) == same(rejections)
+
+
+def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_path, monkeypatch) -> None:
+    """Decoding ahead in threads changes nothing but speed: same rows, same report, same rejections, same order;
+    and a cached re-run with threads reads nothing."""
+    import dataclasses
+    import re
+
+    import pandas as pd
+
+    from eva_pipeline.data import sources as sources_mod
+
+    layout, manifest, report = ingested
+    threads: set[str] = set()
+    real_decode = sources_mod.decode_image
+
+    def spy(data, name, **kwargs):
+        import threading
+
+        threads.add(threading.current_thread().name)
+        return real_decode(data, name, **kwargs)
+
+    monkeypatch.setattr(sources_mod, "decode_image", spy)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BOMB_LIMIT)
+    from eva_pipeline.data import scan_cache
+
+    monkeypatch.setattr(scan_cache, "RACY_NS", 0)  # the tree was written just now: cache it anyway
+    specs = [dataclasses.replace(s, decode_workers=3) for s in _specs(layout)]
+    parallel, parallel_report = build_manifest(
+        specs, rejections_path=tmp_path / "rejections.jsonl", cache_dir=tmp_path / "cache"
+    )
+    assert any(name.startswith("ingest-decode") for name in threads)  # really decoded in the pool
+    pd.testing.assert_frame_equal(parallel, manifest)
+    same = lambda text: re.sub(r" at 0x[0-9a-f]+", "", text)  # noqa: E731 - PIL names a BytesIO by its address
+    for source, entry in parallel_report["sources"].items():
+        expected = report["sources"][source]
+        for key in ("found", "kept", "rejected", "duplicates", "rejection_reasons", "available"):
+            assert entry[key] == expected[key], (source, key)
+        assert same(json.dumps(entry["rejected_examples"])) == same(json.dumps(expected["rejected_examples"]))
+    assert same((tmp_path / "rejections.jsonl").read_text()) == same(
+        (layout / "report" / "rejections.jsonl").read_text()
+    )
+    threads.clear()
+    again, again_report = build_manifest(specs, cache_dir=tmp_path / "cache")
+    pd.testing.assert_frame_equal(again, manifest)
+    assert not threads  # everything came from the cache: nothing decoded, in the pool or inline
+    for entry in again_report["sources"].values():  # only what cannot be stamped (missing files) is looked at again
+        assert entry.get("read", 0) == entry["rejection_reasons"].get("missing file", 0)

@@ -43,6 +43,18 @@ _EXPORTS: dict[str, str] = {
     "fingerprint_hash": "target_store",
     "is_complete": "target_store",
     "load_targets": "target_store",
+    "TargetReader": "target_store",
+    "open_targets": "target_store",
+    "items_and_views": "target_store",
+    "views_to_crops": "target_store",
+    "crops_to_views": "target_store",
+    "PixelReader": "images",
+    "EpochOrder": "stream",
+    "FrameRows": "stream",
+    "ParquetRows": "stream",
+    "ManifestPixels": "stream",
+    "BatchPlan": "stream",
+    "batch_loader": "stream",
     "CLIP_MEAN": "transforms",
     "CLIP_STD": "transforms",
     "to_model_input": "transforms",
@@ -86,12 +98,19 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     )
     from eva_pipeline.data.manifest_file import Manifest
     from eva_pipeline.data.sources import detect_folder_layout
+    from eva_pipeline.data.images import PixelReader
+    from eva_pipeline.data.stream import BatchPlan, EpochOrder, FrameRows, ManifestPixels, ParquetRows, batch_loader
     from eva_pipeline.data.target_store import (
+        TargetReader,
         TargetStore,
         TargetStoreError,
         compute_targets,
+        crops_to_views,
         fingerprint_hash,
         is_complete,
+        items_and_views,
         load_targets,
+        open_targets,
+        views_to_crops,
     )
     from eva_pipeline.data.transforms import CLIP_MEAN, CLIP_STD, to_model_input

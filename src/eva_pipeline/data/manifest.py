@@ -123,6 +123,7 @@ class SourceSpec:
     labels: str | os.PathLike[str] | None = None
     limit: int | None = None
     layout: str = "auto"
+    decode_workers: int = 1  # threads decoding files / shards ahead of the in-order scan (not a cache setting)
 
     def __post_init__(self) -> None:
         if not self.name or "#" in self.name or self.name != self.name.strip():
@@ -133,6 +134,9 @@ class SourceSpec:
             raise ValueError(f"source {self.name!r}: limit must be a positive integer or None, got {self.limit!r}")
         if self.layout not in FOLDER_LAYOUTS:
             raise ValueError(f"source {self.name!r}: layout must be one of {FOLDER_LAYOUTS}, got {self.layout!r}")
+        if isinstance(self.decode_workers, bool) or int(self.decode_workers) != self.decode_workers or \
+                self.decode_workers < 1:
+            raise ValueError(f"source {self.name!r}: decode_workers must be a positive integer, got {self.decode_workers!r}")
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any]) -> "SourceSpec":

@@ -238,6 +238,22 @@ class UnitCache:
         )
         return meta
 
+    def is_cached(
+        self, unit: str, paths: Sequence[str | os.PathLike[str]], reusable: Callable[[dict[str, Any]], bool] | None = None
+    ) -> bool:
+        """Whether :meth:`run` would take ``unit`` from the cache now (no side effects): lets a caller skip reading
+        ahead what the cache already holds."""
+        if self._db is None or not self._has_old:
+            return False
+        try:
+            unit_stamp, _ = stamp(paths)
+        except OSError:
+            return False
+        row = self._db.execute("SELECT stamp, meta FROM old.units WHERE unit = ?", (unit,)).fetchone()
+        if row is None or row[0] != _stamp_key(unit_stamp):
+            return False
+        return reusable is None or reusable(json.loads(row[1] or "{}"))
+
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id

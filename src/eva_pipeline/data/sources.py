@@ -13,6 +13,10 @@ file path or member name would make the location ambiguous, so such items are re
 Incremental scans: given a :class:`~eva_pipeline.data.scan_cache.UnitCache` (``units``), each image file and each
 shard is one cache unit; an unchanged one is replayed from the cache without being opened.
 
+Parallel decode: with ``decode_workers > 1`` a :class:`UnitRunner` reads and decodes the next uncached files (or
+shards) in a thread pool (Pillow's decoders and hashlib release the GIL) while results are recorded strictly in
+scan order, so the manifest, the report and the cache are identical to a single-threaded scan.
+
 Memory: readers stream items into the :class:`~eva_pipeline.data.manifest.SourceScan` (which spills to disk) and
 hold at most one directory listing per tree level, one shard sample, or (file lists) one chunk of seen lines.
 """
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from eva_pipeline.data.decode import IMAGE_EXTENSIONS, decode_image, is_image_name
 from eva_pipeline.data.manifest import SourceScan, SourceSpec, StringSet, register_source_kind
-from eva_pipeline.data.scan_cache import UnitCache
+from eva_pipeline.data.scan_cache import _KEEP, UnitCache
 
 MISSING = "missing file"
 UNREADABLE = "unreadable file"
@@ -75,12 +81,112 @@ def _ingest_file(scan: SourceScan, location: str, label: int | None) -> None:
     _ingest(scan, location, label, data, location)
 
 
-def _ingest_file_unit(units: UnitCache | None, scan: SourceScan, location: str, label: int | None) -> None:
-    """:func:`_ingest_file` as one cache unit (the file's result is cached without its label)."""
-    if units is None or "#" in location:
-        _ingest_file(scan, location, label)
+class _Recorded:
+    """A unit's ``add`` / ``reject`` calls made in a worker thread, replayed into the real sink in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, tuple[Any, ...]]] = []
+        self.meta: dict[str, Any] | None = None
+
+    def add(self, *args: Any) -> None:
+        self.calls.append((True, args))
+
+    def reject(self, *args: Any) -> None:
+        self.calls.append((False, args))
+
+    def replay(self, sink: Any) -> dict[str, Any] | None:
+        for accepted, args in self.calls:
+            (sink.add if accepted else sink.reject)(*args)
+        return self.meta
+
+
+def _record(read: Callable[[Any], dict[str, Any] | None]) -> _Recorded:
+    recorded = _Recorded()
+    recorded.meta = read(recorded)
+    return recorded
+
+
+class _Labelled:
+    """Sink that sets the label of every accepted item (what ``UnitCache.run(label=...)`` does with a cache)."""
+
+    def __init__(self, scan: SourceScan, label: int | None) -> None:
+        self.scan, self.label = scan, label
+
+    def add(self, location: str, label: Any, *rest: Any) -> None:
+        self.scan.add(location, self.label, *rest)
+
+    def reject(self, *args: Any) -> None:
+        self.scan.reject(*args)
+
+
+class UnitRunner:
+    """Runs a reader's units (files, shards) and in-between actions strictly in order, reading up to
+    ``4 * workers`` uncached units ahead in a thread pool; ``workers == 1`` runs everything inline."""
+
+    def __init__(self, scan: SourceScan, units: UnitCache | None, workers: int = 1) -> None:
+        self.scan, self.units = scan, units
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest-decode") if workers > 1 else None
+        self.ahead = 4 * workers if workers > 1 else 0
+        self.queue: deque[tuple[Callable[[], None], Future | None]] = deque()
+
+    def __enter__(self) -> UnitRunner:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            if exc_type is None:
+                self.finish()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def direct(self, action: Callable[[SourceScan], None]) -> None:
+        """``action(scan)`` in its place in the order (e.g. a rejection found while listing)."""
+        self._push(lambda: action(self.scan), None)
+
+    def unit(
+        self,
+        unit: str,
+        paths: list[Any],
+        read: Callable[[Any], dict[str, Any] | None],
+        *,
+        label: Any = _KEEP,
+        reusable: Callable[[dict[str, Any]], bool] | None = None,
+        done: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """One unit: ``read(sink)`` ahead in a thread unless the cache holds it; recorded in order."""
+        future = None
+        if self.pool is not None and (self.units is None or not self.units.is_cached(unit, paths, reusable)):
+            future = self.pool.submit(_record, read)
+
+        def run() -> None:
+            reader = read if future is None else (lambda sink: future.result().replay(sink))
+            if self.units is None:
+                meta = reader(self.scan if label is _KEEP else _Labelled(self.scan, label)) or {}
+            else:
+                meta = self.units.run(self.scan, unit, paths, reader, label=label, reusable=reusable)
+            if done is not None:
+                done(meta)
+
+        self._push(run, future)
+
+    def _push(self, run: Callable[[], None], future: Future | None) -> None:
+        self.queue.append((run, future))
+        while len(self.queue) > self.ahead:
+            self.queue.popleft()[0]()
+
+    def finish(self) -> None:
+        while self.queue:
+            self.queue.popleft()[0]()
+
+
+def _file_unit(runner: UnitRunner, location: str, label: int | None) -> None:
+    """One image file as one unit (its cached result is stored without the label, which comes from the folder or
+    the list line)."""
+    if "#" in location:  # rejected without reading; not a cache unit
+        runner.direct(lambda scan: _ingest_file(scan, location, label))
     else:
-        units.run(scan, location, [location], lambda sub: _ingest_file(sub, location, None), label=label)
+        runner.unit(location, [location], lambda sink: _ingest_file(sink, location, None), label=label)
 
 
 def _no_labels_file(spec: SourceSpec) -> None:
@@ -142,24 +248,27 @@ def read_image_folder(spec: SourceSpec, units: UnitCache | None = None) -> Sourc
     ignored: list[str] = []
     n_ignored = 0
     prefix = len(root.rstrip("/")) + 1
-    for entry in _walk_files(root):
-        location = _posix(entry.path)
-        if not is_image_name(entry.name):
-            n_ignored += 1
-            if len(ignored) < _IGNORED_EXAMPLES:
-                ignored.append(location)
-            continue
-        candidates += 1
-        if limit is not None and candidates > limit:
-            continue  # counted in `available`, not read
-        label = None
-        if layout == "class_folders":
-            top, sep, _ = location[prefix:].partition("/")
-            if not sep:
-                scan.reject(location, OUTSIDE_CLASSES, "an image directly under the root of a class-folder tree")
+    with UnitRunner(scan, units, spec.decode_workers) as runner:
+        for entry in _walk_files(root):
+            location = _posix(entry.path)
+            if not is_image_name(entry.name):
+                n_ignored += 1
+                if len(ignored) < _IGNORED_EXAMPLES:
+                    ignored.append(location)
                 continue
-            label = classes[top]
-        _ingest_file_unit(units, scan, location, label)
+            candidates += 1
+            if limit is not None and candidates > limit:
+                continue  # counted in `available`, not read
+            label = None
+            if layout == "class_folders":
+                top, sep, _ = location[prefix:].partition("/")
+                if not sep:
+                    runner.direct(lambda scan, location=location: scan.reject(
+                        location, OUTSIDE_CLASSES, "an image directly under the root of a class-folder tree"
+                    ))
+                    continue
+                label = classes[top]
+            _file_unit(runner, location, label)
     scan.available = candidates
     scan.info.update({"layout": layout, "ignored_files": n_ignored, "ignored_examples": ignored})
     if layout == "class_folders":
@@ -203,7 +312,9 @@ def read_file_list(spec: SourceSpec, units: UnitCache | None = None) -> SourceSc
     seen = StringSet()  # in memory up to one chunk of lines, then on disk
     candidates = 0
     try:
-        with list_path.open(encoding="utf-8", errors="replace") as fh:
+        with list_path.open(encoding="utf-8", errors="replace") as fh, UnitRunner(
+            scan, units, spec.decode_workers
+        ) as runner:
             for lineno, raw in enumerate(fh, 1):
                 line = raw.strip()
                 if not line or line.startswith("#"):
@@ -214,13 +325,18 @@ def read_file_list(spec: SourceSpec, units: UnitCache | None = None) -> SourceSc
                 try:
                     path, label = parse_list_line(line)
                 except ValueError as exc:
-                    scan.reject(f"{list_path.as_posix()}:{lineno}", BAD_LINE, f"{exc}: {line!r}")
+                    detail = f"{exc}: {line!r}"
+                    runner.direct(lambda scan, at=f"{list_path.as_posix()}:{lineno}", d=detail: scan.reject(
+                        at, BAD_LINE, d
+                    ))
                     continue
                 location = path if os.path.isabs(path) else (base / path).as_posix()
                 if not seen.add(location):
-                    scan.reject(location, REPEATED, f"line {lineno} repeats an earlier line of {list_path}")
+                    runner.direct(lambda scan, loc=location, n=lineno: scan.reject(
+                        loc, REPEATED, f"line {n} repeats an earlier line of {list_path}"
+                    ))
                     continue
-                _ingest_file_unit(units, scan, location, label)
+                _file_unit(runner, location, label)
     finally:
         seen.close()
     scan.available = candidates
@@ -279,24 +395,27 @@ def read_webdataset(spec: SourceSpec, units: UnitCache | None = None) -> SourceS
     if bad := [s.as_posix() for s in shards if "#" in s.as_posix()]:
         raise ValueError(f"shard paths must not contain '#': {bad}")
     scan = SourceScan(available=0)
-    candidates = 0
-    stopped = False
-    for shard in shards:
-        remaining = None if spec.limit is None else spec.limit - candidates
-        if units is None:
-            meta = _read_shard(scan, shard, remaining)
-        else:
-            meta = units.run(
-                scan,
+    state = {"candidates": 0, "stopped": False}
+
+    def done(meta: dict[str, Any]) -> None:
+        state["candidates"] += meta["samples"]
+        state["stopped"] = state["stopped"] or meta["stopped"]
+
+    # With a limit, how much of a shard to read depends on the shards before it: read them one at a time.
+    workers = spec.decode_workers if spec.limit is None else 1
+    with UnitRunner(scan, units, workers) as runner:
+        for shard in shards:
+            if state["stopped"]:
+                break
+            remaining = None if spec.limit is None else spec.limit - state["candidates"]
+            runner.unit(
                 shard.as_posix(),
                 [shard],
                 lambda sub, shard=shard, remaining=remaining: _read_shard(sub, shard, remaining),
                 reusable=lambda m, remaining=remaining: _shard_reusable(m, remaining),
+                done=done,
             )
-        candidates += meta["samples"]
-        if meta["stopped"]:
-            stopped = True
-            break
+    candidates, stopped = state["candidates"], state["stopped"]
     scan.available = candidates
     scan.info["shards"] = len(shards)
     scan.info["available_is_lower_bound"] = stopped

@@ -23,7 +23,14 @@ def build_manifest(params: IngestionParams) -> tuple[Manifest, dict]:
     """
     specs = [
         SourceSpec(
-            name=s.name, kind=s.kind, split=s.split, images=s.images, labels=s.labels, limit=s.limit, layout=s.layout
+            name=s.name,
+            kind=s.kind,
+            split=s.split,
+            images=s.images,
+            labels=s.labels,
+            limit=s.limit,
+            layout=s.layout,
+            decode_workers=params.decode_workers,
         )
         for s in params.sources
     ]
