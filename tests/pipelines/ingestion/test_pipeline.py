@@ -56,3 +56,26 @@ def test_catalog_loads_a_lazy_manifest(workspace, pl):
         assert handle.digest(split) == manifest_digest(select_split(frame, split))
     # the node's temporary manifest was moved into place: no temporary or work file beside it
     assert [p.name for p in workspace.path("manifest").parent.iterdir()] == ["manifest.parquet"]
+
+
+def test_source_table_is_the_composition_with_a_total(workspace, pl):
+    workspace.run("ingestion")
+    table = pd.read_csv(workspace.path("ingestion_sources"))
+    assert list(table["source"]) == ["fashion_mnist_train", "fashion_mnist_test", "total"]
+    body, total = table.iloc[:2], table.iloc[2]
+    assert list(body["kept"]) == [pl.PRETRAIN_IMAGES, pl.PROBE_IMAGES]
+    assert (body["found"] == body["kept"] + body["duplicates"] + body["rejected"]).all()
+    for column in ("available", "found", "kept", "duplicates", "rejected"):
+        assert total[column] == body[column].sum()
+    total_kept = pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
+    assert abs(body["share_of_kept"].iloc[0] - pl.PRETRAIN_IMAGES / total_kept) < 1e-6
+
+
+def test_source_metrics_are_named_per_source_and_count():
+    from eva_pipeline.pipelines.ingestion.nodes import source_metrics, source_table
+
+    report = {"sources": {"cc 3m/v1!": {"kind": "webdataset", "split": "pretrain", "images": "x", "available": 5,
+                                          "found": 5, "kept": 3, "duplicates": 1, "rejected": 1}}}
+    metrics = source_metrics(source_table(report))
+    assert metrics["cc 3m/v1_.kept"] == {"value": 3.0, "step": 0}
+    assert metrics["total.rejected"] == {"value": 1.0, "step": 0} and len(metrics) == 8

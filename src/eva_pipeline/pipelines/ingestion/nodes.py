@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+import pandas as pd
 
 from eva_pipeline.config import IngestionParams
 from eva_pipeline.data import Manifest, SourceSpec, write_manifest
@@ -46,3 +49,34 @@ def build_manifest(params: IngestionParams) -> tuple[Manifest, dict]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Manifest(built.path, owned_dir=tmp), report
+
+
+SOURCE_TABLE_COLUMNS: tuple[str, ...] = (
+    "source", "kind", "split", "images", "available", "found", "kept", "duplicates", "rejected", "share_of_kept",
+)  # fmt: skip
+
+
+def source_table(report: dict) -> pd.DataFrame:
+    """One row per source: images found / kept / duplicate / rejected and its share of the kept images, plus a
+    total row: the composition of the merged data set (e.g. Merged-30M's), reproducible from the report alone."""
+    rows = [
+        {"source": name, **{k: entry.get(k) for k in ("kind", "split", "images", "available", "found", "kept",
+                                                       "duplicates", "rejected")}}
+        for name, entry in report["sources"].items()
+    ]  # fmt: skip
+    table = pd.DataFrame(rows, columns=list(SOURCE_TABLE_COLUMNS[:-1]))
+    kept = int(table["kept"].sum())
+    table["share_of_kept"] = (table["kept"] / kept).round(6) if kept else 0.0
+    total = {"source": "total", "kind": "", "split": "", "images": "", "share_of_kept": 1.0 if kept else 0.0}
+    total.update({k: int(table[k].sum()) for k in ("available", "found", "kept", "duplicates", "rejected")})
+    return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+
+
+def source_metrics(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The table's counts as MLflow metrics (``ingestion.<source>.<count>``, kedro-mlflow's format), comparable
+    across runs; characters MLflow does not allow in a metric name become ``_``."""
+    return {
+        f"{re.sub(r'[^A-Za-z0-9_./ -]', '_', str(row.source))}.{k}": {"value": float(getattr(row, k)), "step": 0}
+        for row in table.itertuples()
+        for k in ("found", "kept", "duplicates", "rejected")
+    }

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from eva_pipeline.pipelines.ingestion.nodes import build_manifest
+from eva_pipeline.pipelines.ingestion.nodes import build_manifest, source_metrics, source_table
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -11,7 +11,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs="params:ingestion",
                 outputs=["manifest", "ingestion_report"],
                 name="build_manifest",
-            )
+            ),
+            Node(source_table, inputs="ingestion_report", outputs="ingestion_sources", name="source_table"),
+            Node(source_metrics, inputs="ingestion_sources", outputs="ingestion_metrics", name="source_metrics"),
         ],
         tags=["ingestion"],
     )
