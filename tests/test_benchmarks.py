@@ -100,6 +100,15 @@ def test_benchmark_runs_and_reports(bench_module, monkeypatch, tmp_path, capsys)
     for key in ("| reference", "| ours_online", "| ours_cached", "ours_online/reference", "== ours_cached:"):
         assert key in printed
     assert "optimizer" in printed.split("== reference:")[1].splitlines()[0]  # phases named in the profile
+    assert result["equal_work_bound"] == pytest.approx(1.0 / result["achieved_tflops"]["reference"])
+    assert "equal-work bound" in printed
+
+
+def test_cpu_peak_is_measured_when_no_data_sheet_applies(bench_module):
+    bm = bench_module
+    assert bm.peak_tflops(bm.torch.device("cpu"), "fp32", None) is None
+    measured = bm.measure_matmul_tflops(bm.torch.device("cpu"), "fp32", n=128, seconds=0.05)
+    assert 1e-4 < measured < 100  # TFLOP/s of two CPU cores: positive and physically plausible
 
 
 def test_reference_student_has_our_shapes(bench_module):

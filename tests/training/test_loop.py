@@ -295,3 +295,20 @@ def test_schedule_helper_matches_the_reference_formula():
     assert values[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
     assert values[4] == pytest.approx(1e-3)  # the cosine starts at its top
     assert values[5] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * 1 / 4)))
+
+
+def test_compiled_student_trains_like_the_eager_one(tmp_path, data):
+    """``pretrain.compile: true`` really runs through torch.compile (inductor on CPU) and follows the eager run."""
+    params = dict(epochs=1, checkpoint=dict(resume="never"), max_steps=3)
+    from torch._dynamo.utils import counters
+
+    eager = _run(make_params(tmp_path / "eager", **params), data)
+    counters.clear()
+    compiled = _run(make_params(tmp_path / "compiled", compile=True, **params), data)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured and compiled the student's graph
+    assert [r["step"] for r in compiled.history] == [1.0, 2.0, 3.0]
+    np.testing.assert_allclose(
+        [r["loss"] for r in compiled.history], [r["loss"] for r in eager.history], rtol=1e-4, atol=1e-5
+    )
+    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
