@@ -462,13 +462,16 @@ class SourceScan:
             self._spill_rejections()
         else:
             self._account(self.rejections)  # stay in memory (less than a chunk), counted now
+        self._close_spills()
+        self._finished = True
+
+    def _close_spills(self) -> None:
         if self._items_writer is not None:
             self._items_writer.close()
             self._items_writer = None
         if self._rejections_fh is not None:
             self._rejections_fh.close()
             self._rejections_fh = None
-        self._finished = True
 
     # ------------------------------------------------------------------ reading back
     def iter_item_batches(self) -> Iterator[pa.RecordBatch]:
@@ -493,12 +496,7 @@ class SourceScan:
 
     def close(self) -> None:
         """Remove the spill files (the scan cannot be read back afterwards)."""
-        if self._items_writer is not None:
-            self._items_writer.close()
-            self._items_writer = None
-        if self._rejections_fh is not None:
-            self._rejections_fh.close()
-            self._rejections_fh = None
+        self._close_spills()
         self._finalizer()
 
 

@@ -24,19 +24,7 @@ def build_manifest(params: IngestionParams) -> tuple[Manifest, dict]:
     owns it: the ``manifest`` dataset (``eva_pipeline.datasets.ManifestDataset``) moves the file into place.
     Memory does not grow with the number of images.
     """
-    specs = [
-        SourceSpec(
-            name=s.name,
-            kind=s.kind,
-            split=s.split,
-            images=s.images,
-            labels=s.labels,
-            limit=s.limit,
-            layout=s.layout,
-            decode_workers=params.decode_workers,
-        )
-        for s in params.sources
-    ]
+    specs = [SourceSpec(**s.model_dump(), decode_workers=params.decode_workers) for s in params.sources]
     work_root = None if params.cache_dir is None else Path(params.cache_dir).parent
     if work_root is not None:
         work_root.mkdir(parents=True, exist_ok=True)
