@@ -250,3 +250,21 @@ def test_resizing_in_the_loader_equals_resizing_the_batch(images):
     batch = PretrainBatches(_plan(images), 0, 5).batch(2)
     late = to_model_input(images[batch.indices], 16)  # what the loop did before batches were resized per image
     torch.testing.assert_close(to_model_input(batch.images, 16), late, rtol=0, atol=0)
+
+
+def test_order_memory_does_not_grow_with_the_data_set():
+    """Merged-30M: the order of any step is found with memory of one window, not of 29.6M indices."""
+    import tracemalloc
+
+    def peak_bytes(n: int) -> int:
+        tracemalloc.start()
+        order = EpochOrder(n, seed=0, block_size=4096, window_blocks=16)
+        for epoch, start in ((0, 0), (3, n // 2), (7, n - 5000)):
+            got = order.indices(epoch, start, start + 4096)
+            assert len(got) == 4096 and got.min() >= 0 and got.max() < n
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    small, huge = peak_bytes(2_000_000), peak_bytes(29_600_000)
+    assert huge < 2 * small and huge < 8 * 2**20  # ~one 65k-index window (0.5 MiB) plus the block permutation
