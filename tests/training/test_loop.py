@@ -153,6 +153,9 @@ def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
         }
     # The first half of b equals a's first half too (same trajectory, only cut short).
     assert [h["loss"] for h in b1.history] == [h["loss"] for h in a.history[: steps // 2]]
+    # The run's history is whole after the resume: steps 1..8, the same losses as the uninterrupted run.
+    assert [h["step"] for h in b2.run_history] == [float(s) for s in range(1, steps + 1)]
+    assert [h["loss"] for h in b2.run_history] == [h["loss"] for h in a.history]
 
     # Pruning: every 2 steps with keep_last 2 leaves exactly the two newest, and `latest` names the newest.
     folder_a = _only_fingerprint_dir(tmp_path / "a")
@@ -163,6 +166,7 @@ def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
     for extra in ({}, {"max_steps": 3}):
         again = _run(make_params(tmp_path / "a", **extra), data)
         assert (again.resumed_from_step, again.steps, again.history) == (steps, steps, [])
+        assert [h["loss"] for h in again.run_history] == [h["loss"] for h in a.history]  # the plot stays whole
         for got, want in zip(again.model.state_dict().values(), a.model.state_dict().values()):
             assert torch.equal(got, want)
 

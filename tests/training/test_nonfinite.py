@@ -62,6 +62,9 @@ def test_nan_steps_are_skipped_then_rolled_back_to_an_identical_result(tmp_path,
     assert skipped == [5.0, 6.0, 7.0]
     assert injected.calls == 8 + 3  # the three poisoned steps ran twice
     assert [r["step"] for r in result.history][-4:] == [5.0, 6.0, 7.0, 8.0]
+    # The run's history is the trajectory that led to the weights: the rolled-back steps are gone from it.
+    assert [r["step"] for r in result.run_history] == [float(s) for s in range(1, 9)]
+    assert not any(r["step_skipped"] for r in result.run_history)
     for key, value in clean.model.state_dict().items():  # the rollback restored the exact state
         torch.testing.assert_close(result.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
     assert all(torch.isfinite(p).all() for p in result.model.parameters())

@@ -47,7 +47,8 @@ class PretrainResult:
     steps: int
     steps_per_epoch: int
     resumed_from_step: int
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # this call's steps, skipped ones included
+    run_history: list[dict[str, float]] = field(default_factory=list)  # steps 1..steps of the whole run (rank 0)
 
 
 def epoch_order(params: PretrainParams, num_items: int) -> EpochOrder:
@@ -171,6 +172,8 @@ def run_pretraining(
 
     dtype = _DTYPES[params.precision]
     history: list[dict[str, float]] = []
+    trajectory = RunHistory(ckpt_dir / RUN_HISTORY_FILE, enabled=rank == 0)
+    trajectory.truncate(start_step)  # what a crashed run logged after its last checkpoint did not happen
     bar = tqdm(total=last_step, initial=start_step, desc="pretrain", unit="step", disable=not progress or rank != 0)
     engine.train()
     guard = NonFiniteGuard(params.nonfinite.max_consecutive_skips, params.nonfinite.max_rollbacks)
@@ -210,6 +213,7 @@ def run_pretraining(
         if params.precision == "fp16":
             record["loss_scale"] = float(engine.optimizer.cur_scale)
         history.append(record)
+        trajectory.append(record)
         if guard.observe(applied):  # too many non-finite steps in a row: back to the last good state
             if not checkpointing.tags(ckpt_dir):
                 raise NonFiniteTrainingError(
@@ -224,6 +228,7 @@ def run_pretraining(
             )
             bar.reset(total=last_step)
             bar.update(restored)
+            trajectory.truncate(restored)
             step = restored
             batches = iter(batch_loader(plan, step, last_step, params.loader.num_workers))
             continue
@@ -244,7 +249,63 @@ def run_pretraining(
         steps_per_epoch=steps_per_epoch,
         resumed_from_step=start_step,
         history=history,
+        run_history=trajectory.read(),
     )
+
+
+RUN_HISTORY_FILE = "history.jsonl"
+
+
+class RunHistory:
+    """The per-step records of a whole run, kept next to its checkpoints (JSON lines, rank 0).
+
+    A resumed run first drops the records after the checkpoint it resumed from (a crashed run logged steps that its
+    checkpoint does not contain), then appends; so the file always describes the trajectory that led to the current
+    weights, however many times the run was interrupted or rolled back, and the loss curve of a resumed run is whole.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        self._fh = None
+
+    def truncate(self, step: int) -> None:
+        """Keep the records of steps <= ``step`` (none for 0); written atomically."""
+        if not self.enabled:
+            return
+        self.close()
+        kept = [r for r in self.read() if r["step"] <= step] if step > 0 else []
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
+    def append(self, record: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self._fh is None:
+            self._fh = self.path.open("a")
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def read(self) -> list[dict[str, float]]:
+        if not self.enabled:
+            return []
+        self.close()
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash: the rest is intact
+                continue
+        return out
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 class NonFiniteTrainingError(RuntimeError):

@@ -90,7 +90,7 @@ def run(spec: RunSpec) -> None:
         out = Path(spec.output_dir)
         save_official_checkpoint(result.model, out / WEIGHTS_FILE, dtype=None)
         tmp = out / f".{HISTORY_FILE}.tmp"
-        tmp.write_text(json.dumps({"history": result.history, "steps": result.steps}))
+        tmp.write_text(json.dumps({"history": result.run_history, "steps": result.steps}))
         os.replace(tmp, out / HISTORY_FILE)
 
 

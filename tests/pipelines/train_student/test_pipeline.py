@@ -64,3 +64,17 @@ def test_resumable_state_goes_to_the_configured_checkpoint_folder(workspace):
     workspace.run("train_student")
     folder = workspace.root / "checkpoints"
     assert any(p.is_file() for p in folder.rglob("*"))
+
+
+def test_rerun_over_a_finished_run_keeps_the_whole_history(workspace, pl):
+    """`dvc repro` after `kedro run`: the stage re-runs, resumes at the last step and trains nothing; its history,
+    summary and loss plot still describe the whole run (they are not emptied, nor does the plot fail)."""
+    import pandas as pd
+
+    workspace.run("train_student")
+    before = pd.read_csv(workspace.path("pretrain_history"))
+    workspace.run_again("train_student")
+    after = pd.read_csv(workspace.path("pretrain_history"))
+    assert list(after["step"]) == list(range(1, pl.STEPS + 1))
+    pd.testing.assert_series_equal(after["loss"], before["loss"])
+    assert workspace.path("pretrain_loss_plot").stat().st_size > 0

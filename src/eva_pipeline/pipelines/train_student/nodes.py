@@ -63,13 +63,14 @@ def pretrain_student(
             metrics_fn=active_run_logger(prefix="pretrain/"),
             data_fingerprint=data_fingerprint,
         )
-        model, records = result.model, result.history
+        model, records = result.model, result.run_history  # the whole run, also when it resumed
     history = pd.DataFrame(records)
-    if not history.empty:
+    if history.empty:  # resumed at the end of a run whose per-step records were not kept (older checkpoints)
+        figure = Figure()
+        figure.text(0.5, 0.5, "no per-step records for this run (resumed from a finished checkpoint)", ha="center")
+    else:
         history["step"] = history["step"].astype("int64")
-    steps = history["step"].to_numpy() if not history.empty else np.zeros(0)
-    losses = history["loss"].to_numpy() if not history.empty else np.zeros(0)
-    figure = loss_curve(steps, losses, title="EVA pre-training loss (-cos)")
+        figure = loss_curve(history["step"].to_numpy(), history["loss"].to_numpy(), title="EVA pre-training loss (-cos)")
     return model, history, _summary(records), figure
 
 
