@@ -48,7 +48,7 @@ def pretrain_student(
         raise ValueError("the teacher_targets receipt predates target_dim: re-run the teacher_targets pipeline")
     target_dim = int(targets_receipt["target_dim"])  # known without building the teacher (stored, or its config)
     if params.world_size > 1:  # each rank builds its own online teacher, on its own GPU
-        model, records = _train_distributed(manifest, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
+        model, records, steps = _train_distributed(manifest, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
     else:
         if cached:
             targets = TargetStore(targets_receipt["store"]).reader()  # read by the loader, with their crops
@@ -63,7 +63,7 @@ def pretrain_student(
             metrics_fn=active_run_logger(prefix="pretrain/"),
             data_fingerprint=data_fingerprint,
         )
-        model, records = result.model, result.run_history  # the whole run, also when it resumed
+        model, records, steps = result.model, result.run_history, result.steps  # the whole run, even resumed
     history = pd.DataFrame(records)
     if history.empty:  # resumed at the end of a run whose per-step records were not kept (older checkpoints)
         figure = Figure()
@@ -71,15 +71,15 @@ def pretrain_student(
     else:
         history["step"] = history["step"].astype("int64")
         figure = loss_curve(history["step"].to_numpy(), history["loss"].to_numpy(), title="EVA pre-training loss (-cos)")
-    return model, history, _summary(records), figure
+    return model, history, _summary(records, steps), figure
 
 
-def _summary(records: list[dict]) -> dict[str, float]:
+def _summary(records: list[dict], steps: int) -> dict[str, float]:
     last = records[-10:]
     if not last:
-        return {"steps": 0.0, "final_loss": float("nan"), "images_per_second": float("nan")}
+        return {"steps": float(steps), "final_loss": float("nan"), "images_per_second": float("nan")}
     return {
-        "steps": float(records[-1]["step"]),
+        "steps": float(steps),
         "final_loss": float(np.mean([r["loss"] for r in last])),
         "images_per_second": float(np.mean([r["images_per_second"] for r in last])),
     }
@@ -92,7 +92,7 @@ def _train_distributed(
     teacher_params: TeacherTargetsParams,
     target_dim: int,
     data_fingerprint: str,
-) -> tuple[nn.Module, list[dict]]:
+) -> tuple[nn.Module, list[dict], int]:
     """Launch ``world_size`` ranks on a frozen run file; rank 0 writes the weights and history read back here."""
     run_dir = Path(params.checkpoint.dir) / "launch"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,8 @@ def _train_distributed(
     launch(params, spec.write(run_dir / "run.json"), run_dir / "ranks.log")
     model = EvaMIM(student_config(params.model, target_dim=target_dim))
     load_official_checkpoint(model, run_dir / WEIGHTS_FILE)
-    return model, json.loads((run_dir / HISTORY_FILE).read_text())["history"]
+    written = json.loads((run_dir / HISTORY_FILE).read_text())
+    return model, written["history"], int(written["steps"])
 
 
 def draw_mask_examples(manifest: Manifest | pd.DataFrame, params: PretrainParams) -> Figure:
