@@ -9,10 +9,9 @@ and writes them; a killed extraction resumes with only the missing shards, with 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,11 @@ from eva_pipeline.data.stream import ManifestPixels, ParquetRows, teacher_views
 from eva_pipeline.data.target_store import TargetStore, compute_targets
 from eva_pipeline.teachers import create_teacher
 from eva_pipeline.training.engine import resolve_device
+from eva_pipeline.training.launch import RunFile
 
 
 @dataclass(frozen=True)
-class ExtractSpec:
+class ExtractSpec(RunFile):
     """Everything a rank needs, as plain JSON."""
 
     manifest: str  # Parquet whose "pretrain" rows, in order, are the items
@@ -42,15 +42,6 @@ class ExtractSpec:
     seed: int
     shard_size: int
     batch_size: int
-
-    def write(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2, default=str))
-        return path
-
-    @classmethod
-    def read(cls, path: Path) -> ExtractSpec:
-        return cls(**json.loads(Path(path).read_text()))
 
 
 def extract(spec: ExtractSpec, rank: int = 0, world_size: int = 1, rows: Any = None, progress: bool = True) -> Path:

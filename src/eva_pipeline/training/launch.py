@@ -8,16 +8,31 @@ through the DeepSpeed launcher (GPUs, multi-node with a hostfile) or torch elast
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from typing import Protocol
+from typing import Protocol, Self
 
 from eva_pipeline.config import DistributedParams
 
 WORKER_MODULE = "eva_pipeline.training.worker"
+
+
+class RunFile:
+    """Mixin for the frozen dataclass a node hands its ranks: written once as JSON, read by every rank."""
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2, default=str))  # type: ignore[call-overload]
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        return cls(**json.loads(Path(path).read_text()))
 
 
 class LaunchError(RuntimeError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from eva_pipeline.data.target_store import TargetStore
 from eva_pipeline.models import save_official_checkpoint
 from eva_pipeline.teachers import create_teacher
 from eva_pipeline.tracking import MlflowStepLogger
+from eva_pipeline.training.launch import RunFile
 from eva_pipeline.training.loop import TargetFn, run_pretraining
 
 WEIGHTS_FILE = "student_fp32.pt"
@@ -29,7 +30,7 @@ HISTORY_FILE = "history.json"
 
 
 @dataclass(frozen=True)
-class RunSpec:
+class RunSpec(RunFile):
     """Everything a rank needs, as plain JSON: parameters, where the data and targets are, where results go."""
 
     params: dict[str, Any]
@@ -41,15 +42,6 @@ class RunSpec:
     teacher_device: str = "auto"
     data_fingerprint: str = ""
     mlflow: dict[str, str] | None = field(default=None)  # {"tracking_uri": ..., "run_id": ...}
-
-    def write(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2, default=str))
-        return path
-
-    @classmethod
-    def read(cls, path: Path) -> RunSpec:
-        return cls(**json.loads(Path(path).read_text()))
 
 
 def _targets(spec: RunSpec, rank: int) -> TargetFn | object:
