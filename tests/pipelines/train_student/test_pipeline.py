@@ -78,3 +78,35 @@ def test_rerun_over_a_finished_run_keeps_the_whole_history(workspace, pl):
     assert list(after["step"]) == list(range(1, pl.STEPS + 1))
     pd.testing.assert_series_equal(after["loss"], before["loss"])
     assert workspace.path("pretrain_loss_plot").stat().st_size > 0
+
+
+def test_mask_picture_shows_the_first_training_views(workspace):
+    """The logged mask picture is the loader's own first batch: with augmentation, the augmented crops training
+    starts on (epoch-0 order, views and masks), not the raw images."""
+    import numpy as np
+    import pandas as pd
+
+    from eva_pipeline.config import PretrainParams
+    from eva_pipeline.data.stream import BatchPlan, FrameRows, ManifestPixels, PretrainBatches
+    from eva_pipeline.pipelines.train_student.nodes import draw_mask_examples
+    from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator
+
+    workspace.run("ingestion")
+    manifest = pd.read_parquet(workspace.path("manifest"))
+    params = PretrainParams.model_validate(
+        {**workspace.params["pretrain"], "augmentation": {"enabled": True}, "mask_examples": 3}
+    )
+    figure = draw_mask_examples(manifest, params)
+    rows = FrameRows(manifest[manifest["split"] == "pretrain"])
+    plan = BatchPlan(
+        pixels=ManifestPixels(rows), order=epoch_order(params, len(rows)), global_batch=params.batch_size, rank=0,
+        world_size=1, img_size=28, seed=params.seed, masker=make_mask_generator(params, 7), view_mode="augment",
+        augment=make_augmentation(params, 28),
+    )
+    first = PretrainBatches(plan, 0, 1).batch(0)  # the real first training batch (batch 32)
+    panels = [ax for ax in figure.axes if ax.get_images()][:3]
+    assert len(panels) == 3
+    for k, ax in enumerate(panels):
+        shown = np.asarray(ax.get_images()[0].get_array(), dtype=np.float64) * 255  # drawn as floats in 0..1
+        want = first.images[k].permute(1, 2, 0).numpy().squeeze().astype(np.float64)
+        np.testing.assert_allclose(shown.squeeze(), want, atol=0.5)

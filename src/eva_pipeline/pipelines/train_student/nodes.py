@@ -7,14 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from torch import nn
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
 from eva_pipeline.data import Manifest
-from eva_pipeline.data.stream import ManifestPixels
-from eva_pipeline.data.transforms import resize_uint8
+from eva_pipeline.data.stream import BatchPlan, ManifestPixels, PretrainBatches
 from eva_pipeline.data.target_store import TargetStore
 from eva_pipeline.evaluation import loss_curve, mask_overview
 from eva_pipeline.pipelines.common import build_teacher, manifest_file, split_source, student_config
@@ -22,7 +20,7 @@ from eva_pipeline.preflight import check_augmentation, raise_if_problems
 from eva_pipeline.tracking import active_run_logger
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.training.launch import launch
-from eva_pipeline.training.loop import batch_masks, make_mask_generator, run_pretraining
+from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator, run_pretraining
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 
 
@@ -121,14 +119,26 @@ def _train_distributed(
 
 
 def draw_mask_examples(manifest: Manifest | pd.DataFrame, params: PretrainParams) -> Figure:
-    """What block-wise masking hides on real pre-training images (epoch 0 masks of the first samples)."""
+    """What the student sees in its first step: the first samples of epoch 0 as the loader builds them (the
+    augmented view when augmentation is on, the same crop stored views hold for epoch 0) with their block masks."""
     rows = split_source(manifest, "pretrain")
     config = student_config(params.model)
-    index = np.arange(min(params.mask_examples, len(rows)))
-    images = torch.stack([resize_uint8(im, config.img_size) for im in ManifestPixels(rows)(index)])
-    masks = batch_masks(make_mask_generator(params, config.grid_size), params.seed, 0, index)
+    count = min(params.mask_examples, len(rows))
+    plan = BatchPlan(  # a batch of `count`: the first positions of epoch 0, views and masks as in training
+        pixels=ManifestPixels(rows),
+        order=epoch_order(params, len(rows)),
+        global_batch=count,
+        rank=0,
+        world_size=1,
+        img_size=config.img_size,
+        seed=params.seed,
+        masker=make_mask_generator(params, config.grid_size),
+        view_mode="augment" if params.augmentation.enabled else "resize",
+        augment=make_augmentation(params, config.img_size),
+    )
+    batch = PretrainBatches(plan, 0, 1).batch(0)
     grid = config.grid_size
-    return mask_overview(images, masks.numpy().reshape(-1, grid, grid), max_images=params.mask_examples)
+    return mask_overview(batch.images, batch.mask.numpy().reshape(-1, grid, grid), max_images=count)
 
 
 def resolve_run_config(params: PretrainParams, teacher_params: TeacherTargetsParams) -> dict:
