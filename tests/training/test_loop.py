@@ -15,8 +15,8 @@ from eva_pipeline.data import read_idx, to_model_input
 from eva_pipeline.masking import mask_rng
 from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.training import loop
+from eva_pipeline.data.stream import batch_masks
 from eva_pipeline.training.loop import (
-    batch_masks,
     cached_targets,
     epoch_permutation,
     make_mask_generator,

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from eva_pipeline.data.augment import RandomResizedCropFlip, View, view_rng
+from eva_pipeline.data.target_store import crops_to_views
 from eva_pipeline.data.images import PixelReader
 from eva_pipeline.data.transforms import resize_uint8
 
@@ -250,6 +251,8 @@ class BatchPlan:
             raise ValueError(f"batch size {self.global_batch} must be divisible by world size {self.world_size}")
         if self.view_mode == "augment" and self.augment is None:
             raise ValueError("view_mode 'augment' needs an augmentation (RandomResizedCropFlip)")
+        if self.view_mode == "stored" and self.augment is None:
+            self.augment = RandomResizedCropFlip(self.img_size)  # only its resize and flip: crops are stored
         if self.view_mode == "stored" and (self.targets is None or not getattr(self.targets, "has_crops", False)):
             raise ValueError("view_mode 'stored' needs stored targets with crops (teacher_targets.views_per_image)")
         if self.targets is not None and getattr(self.targets, "num_items", len(self.pixels)) != len(self.pixels):
@@ -295,25 +298,18 @@ class PretrainBatches(torch.utils.data.IterableDataset):
         targets, crops = None, None
         if p.targets is not None:
             targets, crops = p.targets.get(local, epoch % p.targets.views_per_item)
-        views = [
-            self._view(image, int(i), epoch, None if crops is None else crops[k])
-            for k, (i, image) in enumerate(zip(local, p.pixels(local)))
-        ]
+        stored = crops_to_views(crops) if p.view_mode == "stored" else [None] * len(local)
+        views = [self._view(image, int(i), epoch, v) for i, image, v in zip(local, p.pixels(local), stored)]
         images = _stack(views)
         mask = masks[p.rank * p.micro : (p.rank + 1) * p.micro]
         return Batch(step, torch.from_numpy(local), images, mask, int(masks.sum()), targets)
 
-    def _view(self, image: torch.Tensor, index: int, epoch: int, crop: torch.Tensor | None) -> torch.Tensor:
+    def _view(self, image: torch.Tensor, index: int, epoch: int, stored: View | None) -> torch.Tensor:
         p = self.plan
         if p.view_mode == "resize":
             return resize_uint8(image, p.img_size)
-        augment = p.augment or RandomResizedCropFlip(p.img_size)
-        if p.view_mode == "stored":
-            top, left, height, width, flip = (int(v) for v in crop)
-            view = View(top, left, height, width, bool(flip))
-        else:
-            view = augment.sample(image.shape[-2], image.shape[-1], view_rng(p.seed, epoch, index))
-        return augment.apply(image, view)
+        view = stored or p.augment.sample(image.shape[-2], image.shape[-1], view_rng(p.seed, epoch, index))
+        return p.augment.apply(image, view)
 
 
 def teacher_views(

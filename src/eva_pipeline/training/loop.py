@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from eva_pipeline.config import PretrainParams
 from eva_pipeline.data.augment import RandomResizedCropFlip
-from eva_pipeline.data.stream import BatchPlan, EpochOrder, TensorPixels, batch_loader, batch_masks
+from eva_pipeline.data.stream import BatchPlan, EpochOrder, TensorPixels, batch_loader
 from eva_pipeline.data.transforms import to_model_input
 from eva_pipeline.masking import BlockMaskGenerator
 from eva_pipeline.models import EvaMIM, get_config
