@@ -1,13 +1,18 @@
-"""dvc.yaml against the Kedro project: one stage per pipeline, consistent deps/outs/params/metrics, offline."""
+"""dvc.yaml against the Kedro project: one stage per pipeline, consistent deps/outs/params/metrics, offline.
+
+Code deps: each stage's deps must cover the import closure of its pipeline (scripts/dvc_code_deps.py), else
+``dvc repro`` keeps outputs built by old code.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+from dvc_code_deps import covering_deps, main, module_closure, rewrite_code_deps, stage_closure, uncovered
 from kedro.framework.project import configure_project
 
 from eva_pipeline.pipeline_registry import register_pipelines
@@ -162,3 +167,127 @@ def test_dvc_reads_the_same_dag(pl):
         ("teacher_targets", "train_student"),
         ("train_student", "evaluation"),
     }
+
+
+# ------------------------------------------------------------------------------------------------ code deps
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_cover_the_import_closure_of_the_stage(dvc, stage):
+    closure = stage_closure(stage)
+    missing = uncovered(closure, _paths(dvc[stage].get("deps")))
+    assert not missing, (
+        f"dvc.yaml stage {stage!r}: its deps do not cover these modules it imports: "
+        f"{', '.join(p.as_posix() for p in missing)}; run `.venv/bin/python scripts/dvc_code_deps.py --write`"
+    )
+
+
+def test_closures_reach_the_modules_the_issue_names():
+    train = stage_closure("train_student")
+    for module in ("data/stream.py", "data/augment.py", "teachers/__init__.py", "teachers/factory.py", "config.py"):
+        assert Path("src/eva_pipeline", module) in train, module
+    assert Path("src/eva_pipeline/training/worker.py") in train  # run by name: python -m eva_pipeline.training.worker
+    assert Path("src/eva_pipeline/teachers/extract.py") in stage_closure("teacher_targets")
+    evaluation = stage_closure("evaluation")
+    assert Path("src/eva_pipeline/models/eva.py") in evaluation
+    # find_pipelines imports every pipeline package, but only the selected one runs: not followed
+    assert not any(p.is_relative_to("src/eva_pipeline/pipelines/train_student") for p in evaluation)
+    # cli.py is imported by every kedro command; its commands' bodies (the dry run) are not run by `kedro run`
+    assert Path("src/eva_pipeline/cli.py") in evaluation
+    assert Path("src/eva_pipeline/dry_run.py") not in evaluation | train
+
+
+def _tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+SYNTHETIC = {
+    "src/eva_pipeline/__init__.py": "",
+    "src/eva_pipeline/settings.py": "from eva_pipeline.hooks import Hook\n",
+    "src/eva_pipeline/hooks.py": "class Hook:\n    pass\n",
+    "src/eva_pipeline/pipeline_registry.py": "from kedro.framework.project import find_pipelines\n",
+    "src/eva_pipeline/io.py": "",  # named by the catalog only
+    "src/eva_pipeline/pipelines/__init__.py": "",
+    "src/eva_pipeline/pipelines/foo/__init__.py": "from .pipeline import create\n",  # relative
+    "src/eva_pipeline/pipelines/foo/pipeline.py": (
+        "def create():\n    from eva_pipeline.lib import lazy  # in a function; a submodule of a package\n"
+        "    return lazy\n"
+    ),
+    "src/eva_pipeline/pipelines/bar/__init__.py": "import eva_pipeline.unused\n",  # another pipeline: not run
+    "src/eva_pipeline/lib/__init__.py": "",
+    "src/eva_pipeline/lib/lazy.py": (
+        "from . import sibling\nfrom ..deep.inner import leaf\n"
+        "WORKER = 'eva_pipeline.worker'\nNOT_A_MODULE = 'eva_pipeline.unused.Thing'\n"
+    ),
+    "src/eva_pipeline/lib/sibling.py": "",
+    "src/eva_pipeline/lib/spare.py": "",
+    "src/eva_pipeline/deep/__init__.py": "",
+    "src/eva_pipeline/deep/stray.py": "",
+    "src/eva_pipeline/deep/inner/__init__.py": "",
+    "src/eva_pipeline/deep/inner/leaf.py": "import json\n",
+    "src/eva_pipeline/worker.py": "",
+    "src/eva_pipeline/unused.py": "",
+    "conf/base/catalog.yml": "thing:\n  type: eva_pipeline.io.ThingDataset  # a class\n  filepath: data/x\n",
+}
+FOO_CLOSURE = {
+    f"src/eva_pipeline/{name}"
+    for name in (
+        "__init__.py", "settings.py", "hooks.py", "pipeline_registry.py", "io.py", "pipelines/__init__.py",
+        "pipelines/foo/__init__.py", "pipelines/foo/pipeline.py", "lib/__init__.py", "lib/lazy.py", "lib/sibling.py",
+        "deep/__init__.py", "deep/inner/__init__.py", "deep/inner/leaf.py", "worker.py",
+    )
+}  # fmt: skip
+
+
+def test_closure_of_a_synthetic_package(tmp_path):
+    _tree(tmp_path, SYNTHETIC)
+    closure = stage_closure("foo", root=tmp_path)
+    assert {p.as_posix() for p in closure} == FOO_CLOSURE
+    deps = covering_deps(closure, root=tmp_path)
+    assert "src/eva_pipeline/pipelines/foo" in deps and "src/eva_pipeline/deep/inner" in deps  # whole folders
+    assert "src/eva_pipeline/lib/lazy.py" in deps and "src/eva_pipeline/deep/__init__.py" in deps  # folder not full
+    assert not uncovered(closure, deps)
+    assert uncovered(closure, [d for d in deps if d != "src/eva_pipeline/lib/lazy.py"]) == [
+        Path("src/eva_pipeline/lib/lazy.py")
+    ]
+    # without the lazy import, lazy.py and all it reaches drop out
+    (tmp_path / "src/eva_pipeline/pipelines/foo/pipeline.py").write_text("def create():\n    return None\n")
+    src = tmp_path / "src"
+    pipelines = src / "eva_pipeline" / "pipelines"
+    assert module_closure([pipelines / "foo" / "pipeline.py"], src) == {
+        pipelines / "foo" / "pipeline.py",
+        pipelines / "foo" / "__init__.py",
+        pipelines / "__init__.py",
+        src / "eva_pipeline" / "__init__.py",
+    }
+
+
+DVC_YAML = """# top comment
+stages:
+  foo:
+    cmd: kedro run --pipelines foo
+    deps:
+      - data/01_raw/x   # raw data
+      - src/eva_pipeline/pipelines/foo  # the pipeline
+      # a comment inside the list
+      - data/02_intermediate/y:
+          cache: false
+    outs:
+      - data/03_primary/z
+"""
+
+
+def test_check_and_write_edit_only_the_code_deps(tmp_path, capsys):
+    _tree(tmp_path, SYNTHETIC)
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text(DVC_YAML)
+    assert main(["--check", "--dvc-yaml", str(dvc_yaml)]) == 1
+    assert "src/eva_pipeline/lib/lazy.py" in capsys.readouterr().out
+    assert main(["--write", "--dvc-yaml", str(dvc_yaml)]) == 0
+    text = dvc_yaml.read_text()
+    kept = [line for line in text.splitlines() if not line.startswith("      - src/")]
+    assert kept == [line for line in DVC_YAML.splitlines() if not line.startswith("      - src/")]
+    assert "      - src/eva_pipeline/pipelines/foo  # the pipeline\n" in text  # an entry that stays is kept verbatim
+    assert main(["--check", "--dvc-yaml", str(dvc_yaml)]) == 0
+    assert rewrite_code_deps(text, {"foo": covering_deps(stage_closure("foo", root=tmp_path), tmp_path)}) == text
