@@ -130,3 +130,14 @@ def test_reference_student_has_our_shapes(bench_module):
     again.sum().backward()
     torch.testing.assert_close(again, out)
     assert ckpt.eva.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_loader_order_benchmark_prints_ours_against_the_randperm_baseline(capsys):
+    """Smoke test of benchmarks/loader_order.py's order part: both measured, a ratio printed (no speed asserted)."""
+    path = SCRIPT.parent / "loader_order.py"
+    spec = importlib.util.spec_from_file_location("eva_bench_loader_order", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.bench_order([10_007])
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "10,007 images: EpochOrder" in line and "torch.randperm" in line and line.rstrip().endswith("the randperm")

@@ -4,11 +4,16 @@ Locations are ``"path"`` (an encoded image file, decoded as RGB by :func:`~eva_p
 EXIF rotation applied, as at ingestion) or ``"path#member"`` (an item inside a container: IDX, or a webdataset
 ``.tar`` shard; more through :func:`register_container`). Rows that share a container are
 gathered with one read and one fancy index, so the 10k-image demo loads in a fraction of a second.
+
+A streaming loader reads scattered single rows instead (:class:`PixelReader`): a tar member whose data offset and
+size are known (the manifest row index of :mod:`eva_pipeline.data.row_index`) is one seek and one read, like an
+image file, whatever the order of the rows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tarfile
 from collections import OrderedDict
@@ -21,6 +26,8 @@ import torch
 
 from eva_pipeline.data.decode import decode_image
 from eva_pipeline.data.idx import read_idx
+
+log = logging.getLogger(__name__)
 
 #: A container reader: (container path, members of the requested rows) -> uint8 array (n, H, W, C).
 ContainerReader = Callable[[Path, list[str]], np.ndarray]
@@ -80,6 +87,11 @@ def _is_tar(path: Path) -> bool:
     return path.suffix.lower() == ".tar"
 
 
+def reads_as_tar(path: Path) -> bool:
+    """Whether ``"path#member"`` locations are read as members of a tar shard (the registered reader of ``path``)."""
+    return next(r for match, r in _CONTAINERS if match(path)) is _read_tar_members
+
+
 def _decode_or_raise(data: bytes, name: str) -> np.ndarray:
     image, rejection = decode_image(data, name, min_side=1)  # the size policy is ingestion's, not the loader's
     if rejection is not None:
@@ -123,19 +135,22 @@ class PixelReader:
     """Random access to the pixels of single manifest rows, for loaders that stream a few rows at a time.
 
     ``load_images`` reads each container whole, which suits one pass over a small split. A streaming loader asks
-    for a batch of scattered rows at every step instead, so this reader keeps, per process, a bounded number of
-    decompressed IDX arrays and of tar-shard member indices (name -> offset, size; built from the tar headers with
-    the standard ``tarfile`` module, then every member is one ``seek`` + ``read``). Items are decoded exactly as at
-    ingestion. Picklable: a copy sent to a DataLoader worker starts with empty caches.
+    for a batch of scattered rows at every step instead. A tar member whose ``(data offset, size)`` span is given
+    (the manifest row index stores it) is one ``seek`` + ``read`` of its header block and its bytes: the header is
+    checked against the span, and a shard rewritten since the index was built falls back to the path below. Other
+    containers are cached per process within a bound: decompressed IDX arrays, and tar-shard member indices
+    (name -> offset, size; from the tar headers with the standard ``tarfile`` module). Items are decoded exactly as
+    at ingestion. Picklable: a copy sent to a DataLoader worker starts with empty caches.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None, max_containers: int = 8) -> None:
         self.root = None if root is None else Path(root)
         self.max_containers = max_containers
         self._cache: OrderedDict[tuple[str, int, int], object] = OrderedDict()
+        self._stale: set[str] = set()  # shards whose stored spans no longer match (warned once)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": OrderedDict()}
+        return {**self.__dict__, "_cache": OrderedDict(), "_stale": set()}
 
     def _resolve(self, path: str) -> Path:
         return self.root / path if self.root is not None and not Path(path).is_absolute() else Path(path)
@@ -155,14 +170,23 @@ class PixelReader:
             self._cache.popitem(last=False)
         return value
 
-    def read(self, locations: Sequence[str]) -> list[np.ndarray]:
-        """The (H, W, C) uint8 pixels of each location, in order (C = 1 for grayscale IDX items, else 3)."""
+    def read(
+        self, locations: Sequence[str], spans: Sequence[tuple[int, int]] | None = None
+    ) -> list[np.ndarray]:
+        """The (H, W, C) uint8 pixels of each location, in order (C = 1 for grayscale IDX items, else 3).
+
+        ``spans``: per location, the ``(data offset, size)`` of a tar member, or a negative offset when unknown.
+        """
         out: list[np.ndarray | None] = [None] * len(locations)
         groups: dict[str, tuple[list[int], list[str]]] = {}
         for k, location in enumerate(locations):
             path, member = split_location(location)
             if member is None:
                 out[k] = _read_file(self._resolve(path))
+            elif spans is not None and spans[k][0] >= 0 and (
+                (item := self._read_span(path, member, *spans[k])) is not None
+            ):
+                out[k] = item
             else:
                 rows, members = groups.setdefault(path, ([], []))
                 rows.append(k)
@@ -174,7 +198,7 @@ class PixelReader:
                 array = self._cached(container, _checked_idx)
                 items = _idx_items(container, array, members)
             elif reader is _read_tar_members:
-                index = self._cached(container, _tar_index)
+                index = self._cached(container, tar_member_spans)
                 items = _read_indexed_tar(container, index, members)
             else:  # a registered container without a random-access path: its batch reader
                 items = reader(container, members)
@@ -182,8 +206,47 @@ class PixelReader:
                 out[k] = item if item.ndim == 3 else item[..., None]
         return out  # type: ignore[return-value]
 
+    def _read_span(self, path: str, member: str, offset: int, size: int) -> np.ndarray | None:
+        """Member ``member`` of shard ``path`` read at its stored span; None when the shard no longer matches."""
+        shard = self._resolve(path)
+        data = read_tar_span(shard, member, int(offset), int(size))
+        if data is None:
+            if path not in self._stale:
+                self._stale.add(path)
+                log.warning("shard %s changed since the manifest row index was built: reading it by name", shard)
+            return None
+        return _decode_or_raise(data, f"{shard}#{member}")
 
-def _tar_index(path: Path) -> dict[str, tuple[int, int]]:
+
+#: Bytes of a tar header block: a member's own header ends right where its data starts.
+TAR_BLOCK: int = tarfile.BLOCKSIZE
+
+
+def read_tar_span(path: Path, member: str, offset: int, size: int) -> bytes | None:
+    """The ``size`` data bytes of ``member`` at ``offset`` of tar shard ``path``, with one seek and one read (of
+    the member's header block too, which is checked: its size, and its name where the name fits the header);
+    None when the header does not match (the shard was rewritten)."""
+    if offset < TAR_BLOCK or size < 0:
+        return None
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset - TAR_BLOCK)
+            buf = fh.read(TAR_BLOCK + size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard not found: {path} (stale manifest or wrong working directory?)") from None
+    if len(buf) != TAR_BLOCK + size:
+        return None
+    try:
+        header = tarfile.TarInfo.frombuf(buf[:TAR_BLOCK], tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+    name_fits = member.isascii() and len(member) < tarfile.LENGTH_NAME  # else the real name is in a pax/GNU record
+    if header.size != size or (name_fits and header.name != member):
+        return None
+    return buf[TAR_BLOCK:]
+
+
+def tar_member_spans(path: Path) -> dict[str, tuple[int, int]]:
     """member name -> (data offset, size) of a tar shard, from its headers only (data blocks are skipped)."""
     with tarfile.open(path, mode="r:") as tar:
         return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}

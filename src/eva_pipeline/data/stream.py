@@ -2,11 +2,9 @@
 
 Everything a training step consumes is a pure function of ``(seed, step)``:
 
-* **Order.** :class:`EpochOrder` shuffles an epoch in *windows*: the sample indices are cut into blocks of
-  ``block_size`` consecutive rows, the blocks are permuted, and each run of ``window_blocks`` permuted blocks is
-  shuffled as one window. Memory is one window of indices, not a permutation of the whole data set; reading rows
-  stays sequential within a block (manifest row groups, tar shards); a data set no larger than one window gets a
-  full uniform permutation. Position ``p`` of an epoch is found without generating the positions before it.
+* **Order.** :class:`EpochOrder` makes every epoch a uniform pseudo-random permutation of the whole data set (a
+  keyed Feistel network with cycle walking): batches mix all sources and classes as a full shuffle does, the order
+  holds O(1) memory (round keys), and position ``p`` of an epoch maps to its sample without the positions before it.
 * **Sharding.** Global batch ``b`` is positions ``[b*B, (b+1)*B)`` of its epoch; rank ``r`` of ``R`` takes slice
   ``r`` of it (``B/R`` samples), and loader worker ``w`` of ``W`` builds the steps ``start + w, start + w + W, ...``
   which the DataLoader hands out in step order. Every rank knows the whole global batch, hence the number of masked
@@ -17,14 +15,14 @@ Everything a training step consumes is a pure function of ``(seed, step)``:
   For the first K epochs ``stored`` and ``augment`` draw the very same crops.
 * **Masks.** Each sample's block mask comes from ``mask_rng(seed, epoch, index)``.
 
-Rows are read through a :class:`RowSource` (an in-memory frame, or the manifest Parquet read row group by row group)
-and pixels through :class:`~eva_pipeline.data.images.PixelReader`; both hold bounded caches only.
+Rows are read through a :class:`RowSource`: an in-memory frame, or the manifest's memory-mapped row index
+(:mod:`eva_pipeline.data.row_index`), since a uniform order scatters a batch over the whole manifest. Pixels are read
+through :class:`~eva_pipeline.data.images.PixelReader`: a tar-shard member at the offset the index stores, one seek
+and one read per image, like an image file; IDX containers from a bounded cache.
 """
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 from eva_pipeline.data.augment import RandomResizedCropFlip, View, view_rng
 from eva_pipeline.data.target_store import crops_to_views
 from eva_pipeline.data.images import PixelReader
+from eva_pipeline.data.row_index import RowIndex
 from eva_pipeline.data.transforms import resize_uint8
 
 if TYPE_CHECKING:
@@ -47,60 +46,82 @@ ROW_COLUMNS: tuple[str, ...] = ("location", "width", "height")
 
 
 # ------------------------------------------------------------------------------------------------------- order
+#: Rounds of the Feistel network behind :class:`EpochOrder`. Luby-Rackoff: 4 rounds of random functions make a
+#: strong pseudo-random permutation of large halves; on tiny domains 8 rounds leave a measurable bias (the 120
+#: orders of 5 items over 24k seeds: chi2 175, a uniform shuffle 119 +- 15), 12 do not (123).
+FEISTEL_ROUNDS: int = 12
+#: Smallest domain of the network, in bits: halves of 1 bit mix poorly (5 items in 3 bits: chi2 663).
+_MIN_BITS: int = 4
+#: Mixed into the seed of every epoch's round keys, so that the order never shares a stream with masks or views.
+_ORDER_TAG: int = 0xFE157E1
+# splitmix64 (Steele, Lea and Flood 2014): increment and finalizer multipliers.
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SPLITMIX_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_SPLITMIX_MUL2 = np.uint64(0x94D049BB133111EB)
+_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31))
+_PAIR = np.uint64(2)  # the parity step swaps values 0 and 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function, elementwise on uint64 (wrapping arithmetic): a 64-bit bijective mixer."""
+    x = x + _SPLITMIX_GAMMA
+    x = (x ^ (x >> _SHIFTS[0])) * _SPLITMIX_MUL1
+    x = (x ^ (x >> _SHIFTS[1])) * _SPLITMIX_MUL2
+    return x ^ (x >> _SHIFTS[2])
+
+
 class EpochOrder:
-    """The sample order of every epoch (block-windowed shuffle, see the module docstring)."""
+    """The sample order of every epoch: a keyed pseudo-random permutation of ``[0, num_items)`` per epoch.
 
-    def __init__(self, num_items: int, seed: int, block_size: int = 4096, window_blocks: int = 16) -> None:
-        if num_items < 1 or block_size < 1 or window_blocks < 1:
-            raise ValueError(
-                f"num_items, block_size and window_blocks must be positive, got {num_items}, {block_size}, "
-                f"{window_blocks}"
-            )
+    A Feistel network on ``n``-bit integers (the fewest bits that count ``num_items``, at least :data:`_MIN_BITS`:
+    the domain is under 2x the data), halves of ``n // 2`` and ``n - n // 2`` bits, with :data:`FEISTEL_ROUNDS`
+    rounds ``(L, R) -> (R, L ^ F(R ^ k_i))``, ``F`` the low bits of splitmix64 and ``k_i`` round keys drawn from
+    ``SeedSequence([seed, epoch, tag])``, then a keyed swap of 0 and 1 (rounds of XORs are even permutations), is a
+    bijection of the domain; cycle walking (re-applying it until the value falls below ``num_items``) restricts it
+    to a bijection of the data. Position ``p`` of an epoch maps to its sample without the positions before it and
+    without state: memory is O(1) (the round keys), a batch of positions costs a few vectorised passes (about 3 ms
+    for 4096 at 29.7M items).
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        if num_items < 1:
+            raise ValueError(f"num_items must be positive, got {num_items}")
         self.num_items, self.seed = num_items, seed
-        self.block_size, self.window_blocks = block_size, window_blocks
-        self.num_blocks = math.ceil(num_items / block_size)
-        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, block order, window starts)
-        self._window: tuple[tuple[int, int], np.ndarray] | None = None
+        bits = max(_MIN_BITS, (num_items - 1).bit_length())  # the domain [0, 2**bits) holds under 2x the data
+        self.left_bits, self.right_bits = bits // 2, bits - bits // 2
+        self._keys: tuple[int, np.ndarray] | None = None  # (epoch, round keys)
 
-    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._epoch is None or self._epoch[0] != epoch:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 0x5EED]))
-            blocks = rng.permutation(self.num_blocks)
-            sizes = np.minimum(self.block_size, self.num_items - blocks * self.block_size)
-            ends = np.cumsum(sizes)[self.window_blocks - 1 :: self.window_blocks]
-            if len(ends) == 0 or ends[-1] != self.num_items:
-                ends = np.append(ends, self.num_items)
-            self._epoch = (epoch, blocks, np.concatenate([[0], ends]))
-        return self._epoch[1], self._epoch[2]
+    def _round_keys(self, epoch: int) -> np.ndarray:
+        """``FEISTEL_ROUNDS`` round keys, then the key of the parity step."""
+        if self._keys is None or self._keys[0] != epoch:
+            seq = np.random.SeedSequence([self.seed, epoch, _ORDER_TAG])
+            self._keys = (epoch, seq.generate_state(FEISTEL_ROUNDS + 1, dtype=np.uint64))
+        return self._keys[1]
 
-    def window(self, epoch: int, w: int) -> np.ndarray:
-        """The sample indices of window ``w`` of ``epoch``, in training order."""
-        if self._window is not None and self._window[0] == (epoch, w):
-            return self._window[1]
-        blocks, _ = self._layout(epoch)
-        members = blocks[w * self.window_blocks : (w + 1) * self.window_blocks]
-        indices = np.concatenate(
-            [np.arange(b * self.block_size, min((b + 1) * self.block_size, self.num_items)) for b in members]
-        )
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, w, 0x5EED1]))
-        order = indices[rng.permutation(len(indices))]
-        self._window = ((epoch, w), order)
-        return order
+    def _feistel(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        a, b = self.left_bits, self.right_bits
+        left, right = x >> np.uint64(b), x & np.uint64((1 << b) - 1)
+        for key in keys[:FEISTEL_ROUNDS]:  # (L: a bits, R: b bits) -> (R: b bits, L ^ F(R): a bits)
+            left, right = right, left ^ (_splitmix64(right ^ key) & np.uint64((1 << a) - 1))
+            a, b = b, a
+        x = (left << np.uint64(b)) | right  # (a, b): the halves' widths after the last round
+        # XOR by a constant on a half of 2+ bits is an even permutation, and cycle walking from even permutations
+        # alone is biased on small data; swapping 0 and 1 for half of the keys reaches the odd ones too.
+        swap = np.uint64(keys[FEISTEL_ROUNDS] & np.uint64(1))
+        return x ^ (swap & (x < _PAIR).astype(np.uint64))
 
     def indices(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Sample indices at positions ``[start, stop)`` of ``epoch``."""
+        """Sample indices at positions ``[start, stop)`` of ``epoch`` (int64)."""
         if not 0 <= start <= stop <= self.num_items:
             raise ValueError(f"positions [{start}, {stop}) outside the epoch's {self.num_items}")
-        _, bounds = self._layout(epoch)
-        parts = []
-        w = int(np.searchsorted(bounds, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            lo, hi = int(bounds[w]), int(bounds[w + 1])
-            take = min(stop, hi)
-            parts.append(self.window(epoch, w)[pos - lo : take - lo])
-            pos, w = take, w + 1
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        keys, limit = self._round_keys(epoch), np.uint64(self.num_items)
+        x = self._feistel(np.arange(start, stop, dtype=np.uint64), keys)
+        walking = np.flatnonzero(x >= limit)
+        while walking.size:  # cycle walking: ends, as the cycle through a position < num_items holds one
+            y = self._feistel(x[walking], keys)
+            x[walking] = y
+            walking = walking[y >= limit]
+        return x.astype(np.int64)
 
     def epoch(self, epoch: int) -> np.ndarray:
         """The whole order of one epoch (tests and small data only: memory grows with the data set)."""
@@ -109,7 +130,8 @@ class EpochOrder:
 
 # -------------------------------------------------------------------------------------------------------- rows
 class RowSource(Protocol):
-    """Random access to the rows of one split: ``rows(indices)`` -> frame with :data:`ROW_COLUMNS`, in order."""
+    """Random access to the rows of one split: ``rows(indices)`` -> frame with :data:`ROW_COLUMNS` (and, from the
+    row index, tar member spans), in order."""
 
     def __len__(self) -> int: ...
 
@@ -133,58 +155,33 @@ class FrameRows:
 
 
 class ParquetRows:
-    """The rows of one split of a manifest Parquet file, read row group by row group (bounded LRU of groups).
+    """The rows of one split of a manifest Parquet file, through its memory-mapped row index.
 
-    Opening reads only the ``split`` column, to count each row group's rows of the split: memory is
-    O(row groups), and a lookup reads the one or few groups that hold the requested rows.
+    The index (:class:`~eva_pipeline.data.row_index.RowIndex`) is built once per manifest file and split, streamed
+    over the row groups, and shared by every rank and worker; a lookup is O(batch) reads of the maps, whatever the
+    order. Rows carry the data span of tar-shard members, so :class:`ManifestPixels` reads each with one seek.
+    ``root``: the folder relative shard paths resolve against (default: the working directory); ``cache_dir``:
+    where the index lives (default: next to the manifest).
     """
 
-    def __init__(self, path: str | Path, split: str, max_groups: int = 32) -> None:
-        import pyarrow.parquet as pq
-
-        self.path, self.split, self.max_groups = str(path), split, max_groups
-        file = pq.ParquetFile(self.path)
-        counts = [
-            int(pd.Series(file.read_row_group(g, columns=["split"]).column("split").to_numpy(zero_copy_only=False))
-                .eq(split).sum())
-            for g in range(file.num_row_groups)
-        ]
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._groups: OrderedDict[int, pd.DataFrame] = OrderedDict()
-        self._file = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_groups": OrderedDict(), "_file": None}
+    def __init__(
+        self,
+        path: str | Path,
+        split: str,
+        root: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.path, self.split = str(path), split
+        self.index = RowIndex.open(path, split, root=root, cache_dir=cache_dir)
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def _group(self, g: int) -> pd.DataFrame:
-        if g in self._groups:
-            self._groups.move_to_end(g)
-            return self._groups[g]
-        import pyarrow.parquet as pq
-
-        if self._file is None:
-            self._file = pq.ParquetFile(self.path)
-        table = self._file.read_row_group(g, columns=[*ROW_COLUMNS, "split"]).to_pandas()
-        frame = table.loc[table["split"] == self.split, list(ROW_COLUMNS)].reset_index(drop=True)
-        self._groups[g] = frame
-        while len(self._groups) > self.max_groups:
-            self._groups.popitem(last=False)
-        return frame
+        return len(self.index)
 
     def rows(self, indices: np.ndarray) -> pd.DataFrame:
-        indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"row index out of range for the {len(self)} '{self.split}' rows of {self.path}")
-        groups = np.searchsorted(self.starts, indices, side="right") - 1
-        parts = []
-        for g in np.unique(groups):
-            pick = np.flatnonzero(groups == g)
-            part = self._group(int(g)).iloc[indices[pick] - self.starts[g]]
-            parts.append(part.set_axis(pick))
-        return pd.concat(parts).sort_index() if parts else pd.DataFrame(columns=list(ROW_COLUMNS))
+        try:
+            return self.index.rows(indices)
+        except IndexError:
+            raise IndexError(f"row index out of range for the {len(self)} '{self.split}' rows of {self.path}") from None
 
 
 # ------------------------------------------------------------------------------------------------------ pixels
@@ -199,7 +196,11 @@ class ManifestPixels:
 
     def __call__(self, indices: np.ndarray) -> list[torch.Tensor]:
         frame = self.rows.rows(indices)
-        return [torch.from_numpy(a).permute(2, 0, 1) for a in self.reader.read(frame["location"].tolist())]
+        spans = None
+        if "member_offset" in frame.columns:  # tar members located by the row index: one seek each
+            spans = list(zip(frame["member_offset"].tolist(), frame["member_size"].tolist()))
+        pixels = self.reader.read(frame["location"].tolist(), spans)
+        return [torch.from_numpy(a).permute(2, 0, 1) for a in pixels]
 
 
 class TensorPixels:
