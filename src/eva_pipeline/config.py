@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Params(BaseModel):
@@ -65,11 +65,63 @@ class ModelParams(_Params):
 
 
 # ---------------------------------------------------------------------------------------------------- teacher
+class OpenClipTeacherOptions(_Params):
+    """Options of the ``open_clip`` teacher (``eva_pipeline.teachers.OpenClipTeacher``; defaults are its own)."""
+
+    model_name: str = "ViT-L-14"
+    pretrained: str | None = Field(default="openai", description="a tag (needs its cached file) or a local path")
+    image_size: int | tuple[int, int] | None = None
+    precision: Literal["fp32", "fp16", "bf16", "pure_fp16", "pure_bf16"] = "fp32"
+    quick_gelu: bool | None = None
+    cache_dir: str | None = None
+
+
+class EfficientNetLite0TeacherOptions(_Params):
+    """Options of the ``efficientnet_lite0`` teacher (``eva_pipeline.teachers.EfficientNetLiteTeacher``)."""
+
+    block_index: int = Field(default=10, ge=0)
+    weights_path: str | None = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+#: The typed options of each teacher kind: a teacher block is validated against the model of its ``kind``.
+TEACHER_OPTIONS: dict[str, type[_Params]] = {
+    "open_clip": OpenClipTeacherOptions,
+    "efficientnet_lite0": EfficientNetLite0TeacherOptions,
+}
+
+
 class TeacherParams(_Params):
-    """Which teacher produces the targets; ``options`` are the teacher class's keyword arguments."""
+    """Which teacher produces the targets; ``options`` are that teacher class's keyword arguments.
+
+    A config discriminated by ``kind``: ``options`` are checked against the kind's own options model, so an option
+    of another kind (left over from a merge of two environments) is refused with its name, and every default is
+    filled in (the receipt and the target store's fingerprint record the teacher completely).
+    """
 
     kind: Literal["open_clip", "efficientnet_lite0"]
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("kind") not in TEACHER_OPTIONS:
+            return data  # the Literal check of `kind` reports it
+        model = TEACHER_OPTIONS[data["kind"]]
+        options = dict(data.get("options") or {})
+        foreign = sorted(set(options) - set(model.model_fields))
+        if foreign:
+            raise ValueError(
+                f"teacher kind '{data['kind']}' has no option(s) {foreign} (its options: "
+                f"{', '.join(model.model_fields)}). An environment that changes the teacher kind must write the whole "
+                f"teacher block, kind included: it then replaces the base block instead of merging into it "
+                f"(conf/eva01/README.md)"
+            )
+        try:
+            typed = model.model_validate(options)
+        except ValidationError as exc:
+            raise ValueError(f"teacher kind '{data['kind']}' options: {exc}") from None
+        return {**data, "options": typed.model_dump()}
 
 
 class DistributedParams(_Params):
@@ -79,6 +131,13 @@ class DistributedParams(_Params):
     hostfile: Path | None = Field(default=None, description="DeepSpeed hostfile for multi-node runs")
     master_addr: str | None = None
     master_port: int = Field(default=29500, ge=1, le=65535)
+
+
+class ValidationSetParams(_Params):
+    """The held-out images of the validation MIM loss (eva_pipeline.training.validation); their targets are stored."""
+
+    split: Literal["probe"] = Field(default="probe", description="a held-out split, never trained on")
+    num_images: int = Field(default=1000, ge=0, description="evenly spaced images of the split; 0: no validation")
 
 
 class TeacherTargetsParams(_Params):
@@ -96,6 +155,7 @@ class TeacherTargetsParams(_Params):
     )
     world_size: int = Field(default=1, ge=1, description="extraction processes (one per GPU); each writes its shards")
     distributed: DistributedParams = DistributedParams()
+    validation: ValidationSetParams = ValidationSetParams()
 
 
 # ---------------------------------------------------------------------------------------------------- pretrain
@@ -134,10 +194,6 @@ class LoaderParams(_Params):
     """How training batches stream from the manifest (eva_pipeline.data.stream)."""
 
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank (0: in-process)")
-    shuffle_block: int = Field(default=4096, ge=1, description="rows per shuffled block (read sequentially)")
-    shuffle_window_blocks: int = Field(
-        default=16, ge=1, description="blocks shuffled together; memory is one window of indices"
-    )
 
 
 class LossScaleParams(_Params):
@@ -169,6 +225,13 @@ class CheckpointParams(_Params):
     resume: Literal["auto", "never"] = "auto"
 
 
+class PretrainValidationParams(_Params):
+    """How often the held-out MIM loss is evaluated (the set itself: teacher_targets.validation)."""
+
+    every_steps: int = Field(default=1000, ge=1, description="also evaluated after the last step")
+    batch_size: int = Field(default=64, ge=1, description="images per forward pass on each rank")
+
+
 class PretrainParams(_Params):
     model: ModelParams
     masking: MaskingParams
@@ -186,6 +249,7 @@ class PretrainParams(_Params):
     deepspeed: DeepSpeedParams = DeepSpeedParams()
     checkpoint: CheckpointParams
     nonfinite: NonFiniteParams = NonFiniteParams()
+    validation: PretrainValidationParams = PretrainValidationParams()
     log_every_steps: int = Field(default=10, ge=1)
     mask_examples: int = Field(default=8, ge=1, description="images in the mask picture logged with the run")
     max_steps: int | None = Field(default=None, ge=1, description="stop early (smoke runs); the schedule is unchanged")

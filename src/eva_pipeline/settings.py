@@ -1,8 +1,9 @@
 """Kedro project settings."""
 
-from kedro.config import OmegaConfigLoader
+from eva_pipeline.config_loader import KindAwareConfigLoader
 
-CONFIG_LOADER_CLASS = OmegaConfigLoader
+# OmegaConfigLoader whose environments replace (not merge) blocks that name a `kind` (teacher, ...): config_loader.py.
+CONFIG_LOADER_CLASS = KindAwareConfigLoader
 # `--params pretrain.lr=1e-4` must override one key, not replace the whole `pretrain` block.
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

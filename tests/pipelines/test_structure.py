@@ -140,11 +140,10 @@ def test_free_form_options_name_real_arguments(env, pl):
 
 
 def test_env_files_validate_against_the_models(pl):
-    """conf/base and conf/base+eva01 (soft-merged as settings.py says) give valid parameter objects."""
-    from kedro.config import OmegaConfigLoader
-
+    """conf/base and conf/base+eva01 (layered by the loader settings.py names) give valid parameter objects."""
     from eva_pipeline.config import EvaluationParams, IngestionParams, PretrainParams, TeacherTargetsParams
     from eva_pipeline.settings import CONFIG_LOADER_ARGS
+    from eva_pipeline.settings import CONFIG_LOADER_CLASS as OmegaConfigLoader
 
     models = {"ingestion": IngestionParams, "teacher_targets": TeacherTargetsParams, "pretrain": PretrainParams,
               "evaluation": EvaluationParams}

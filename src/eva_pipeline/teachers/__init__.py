@@ -11,7 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from eva_pipeline.teachers.base import Teacher, TeacherWeightsUnavailable
-from eva_pipeline.teachers.factory import TEACHER_KINDS, check_teacher_weights, create_teacher, teacher_target_dim
+from eva_pipeline.teachers.factory import (
+    TEACHER_KINDS,
+    check_teacher_weights,
+    create_teacher,
+    create_teacher_skeleton,
+    teacher_target_dim,
+)
 
 if TYPE_CHECKING:
     from eva_pipeline.teachers.efficientnet_lite import EfficientNetLiteTeacher
@@ -26,6 +32,7 @@ __all__ = [
     "check_teacher_weights",
     "teacher_target_dim",
     "create_teacher",
+    "create_teacher_skeleton",
 ]
 
 _LAZY: dict[str, str] = {

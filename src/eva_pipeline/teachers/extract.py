@@ -24,13 +24,14 @@ from eva_pipeline.data.target_store import TargetStore, compute_targets
 from eva_pipeline.teachers import create_teacher
 from eva_pipeline.training.engine import resolve_device
 from eva_pipeline.training.launch import RunFile
+from eva_pipeline.training.validation import SubsetPixels, validation_pixels
 
 
 @dataclass(frozen=True)
 class ExtractSpec(RunFile):
     """Everything a rank needs, as plain JSON."""
 
-    manifest: str  # Parquet whose "pretrain" rows, in order, are the items
+    manifest: str  # Parquet whose `split` rows, in order, are the items
     store: str
     fingerprint: dict[str, Any]
     teacher: dict[str, Any]  # TeacherParams
@@ -42,12 +43,19 @@ class ExtractSpec(RunFile):
     seed: int
     shard_size: int
     batch_size: int
+    split: str = "pretrain"  # the manifest split whose rows are the items
+    num_images: int = 0  # > 0: only that many evenly spaced rows of the split (the validation set)
+
+
+def item_pixels(rows: Any, num_images: int = 0) -> ManifestPixels | SubsetPixels:
+    """The store's items: every row of the split, or its ``num_images`` evenly spaced validation rows."""
+    return validation_pixels(rows, num_images) if num_images else ManifestPixels(rows)
 
 
 def extract(spec: ExtractSpec, rank: int = 0, world_size: int = 1, rows: Any = None, progress: bool = True) -> Path:
     """Compute this rank's shards of the store (all of them with one rank); returns the store folder.
 
-    ``rows``: the manifest rows as a :class:`~eva_pipeline.data.stream.RowSource` (default: streamed from
+    ``rows``: the rows of ``spec.split`` as a :class:`~eva_pipeline.data.stream.RowSource` (default: streamed from
     ``spec.manifest``).
     """
     if TargetStore(spec.store).is_complete(spec.fingerprint):  # nothing to do: not even the teacher is built
@@ -59,13 +67,13 @@ def extract(spec: ExtractSpec, rank: int = 0, world_size: int = 1, rows: Any = N
     teacher = create_teacher(teacher_params.kind, **{"device": str(device), **teacher_params.options})
     aug = AugmentationParams.model_validate(spec.augmentation)
     augment = RandomResizedCropFlip(spec.img_size, aug.scale, aug.ratio, aug.flip_prob) if spec.views_per_item else None
-    rows = rows if rows is not None else ParquetRows(spec.manifest, "pretrain")
+    pixels = item_pixels(rows if rows is not None else ParquetRows(spec.manifest, spec.split), spec.num_images)
     grid = (spec.grid, spec.grid)
     return compute_targets(
         spec.store,
         spec.fingerprint,
-        num_items=len(rows),
-        batch_fn=teacher_views(ManifestPixels(rows), spec.img_size, spec.views_per_item, augment, spec.seed),
+        num_items=len(pixels),
+        batch_fn=teacher_views(pixels, spec.img_size, spec.views_per_item, augment, spec.seed),
         teacher_fn=lambda x: teacher.targets(x.to(device), grid),
         shard_size=spec.shard_size,
         batch_size=spec.batch_size,

@@ -37,6 +37,26 @@ def create_teacher(kind: str, **kwargs: Any) -> Teacher:
     return builder(**kwargs)
 
 
+def create_teacher_skeleton(kind: str, **kwargs: Any) -> Teacher:
+    """The teacher's architecture without its weights, for dry runs and shape checks: no file, network or GPU.
+
+    open_clip towers are built on the meta device (milliseconds, no memory); the other kinds are small and ship their
+    weights, so they are built on the CPU as they are.
+    """
+    if kind == KIND_OPEN_CLIP:
+        import logging
+
+        import torch
+
+        logging.disable(logging.WARNING)  # open_clip's "no pretrained weights loaded" is the point here
+        try:
+            with torch.device("meta"):
+                return create_teacher(kind, **{**kwargs, "pretrained": None, "device": "meta"})
+        finally:
+            logging.disable(logging.NOTSET)
+    return create_teacher(kind, **{**kwargs, "device": "cpu"})
+
+
 def teacher_target_dim(kind: str, **kwargs: Any) -> int:
     """The width of the teacher's targets, without loading weights where the architecture says it.
 

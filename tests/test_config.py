@@ -1,0 +1,96 @@
+"""Parameter layering and typed teacher options: an environment that changes the teacher kind gets its own teacher.
+
+The bug these guard against: conf/base's EfficientNet teacher option ``block_index`` merged key by key into eva01's
+open_clip teacher and crashed the run when the teacher was built.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+from kedro.config import OmegaConfigLoader
+from pydantic import ValidationError
+
+from eva_pipeline.config import TEACHER_OPTIONS, TeacherParams, TeacherTargetsParams
+from eva_pipeline.config_loader import KindAwareConfigLoader, replace_kind_blocks
+from eva_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _parameters(env: str, loader_class: type = CONFIG_LOADER_CLASS) -> dict:
+    return loader_class(conf_source=str(CONF), env=env, **CONFIG_LOADER_ARGS)["parameters"]
+
+
+def test_the_project_uses_the_kind_aware_loader():
+    assert CONFIG_LOADER_CLASS is KindAwareConfigLoader
+
+
+def test_eva01_teacher_is_eva01s_block_alone():
+    written = yaml.safe_load((CONF / "eva01" / "parameters_teacher_targets.yml").read_text())
+    merged = _parameters("eva01")["teacher_targets"]
+    assert merged["teacher"] == written["teacher_targets"]["teacher"]  # no block_index from conf/base
+    TeacherTargetsParams.model_validate(merged)  # and it validates
+    # the rest of the block still layers key by key: eva01 does not restate base-only keys
+    assert merged["views_per_image"] == written["teacher_targets"]["views_per_image"]
+
+
+def test_plain_soft_merge_would_leak_the_base_teachers_option():
+    """The failure mode itself, with Kedro's own loader: this is what the kind rule prevents."""
+    merged = _parameters("eva01", OmegaConfigLoader)["teacher_targets"]["teacher"]
+    assert merged["options"]["block_index"] == 10
+    with pytest.raises(ValidationError, match="block_index"):
+        TeacherParams.model_validate(merged)
+
+
+def test_a_block_with_a_kind_is_replaced_and_one_without_is_merged():
+    base = {"t": {"teacher": {"kind": "a", "options": {"x": 1, "y": 2}}, "batch": 8, "other": {"p": 1, "q": 2}}}
+    assert replace_kind_blocks(base, {"t": {"teacher": {"kind": "b", "options": {"z": 3}}}}) == {
+        "t": {"batch": 8, "other": {"p": 1, "q": 2}}  # the teacher block is dropped from base: env's stands alone
+    }
+    assert replace_kind_blocks(base, {"t": {"teacher": {"options": {"x": 5}}}}) == base  # no kind: key-by-key merge
+    assert replace_kind_blocks(base, {"u": {"kind": "c"}}) == base  # a block base does not have
+
+
+def test_the_loader_layers_an_environment_by_the_kind_rule(tmp_path):
+    base = {"t": {"teacher": {"kind": "a", "options": {"x": 1, "y": 2}}, "batch": 8, "other": {"p": 1, "q": 2}}}
+    env = {"t": {"teacher": {"kind": "b", "options": {"z": 3}}, "other": {"q": 9}}}
+    for name, values in (("base", base), ("env", env)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "parameters.yml").write_text(yaml.safe_dump(values))
+    merged = KindAwareConfigLoader(conf_source=str(tmp_path), env="env", **CONFIG_LOADER_ARGS)["parameters"]
+    assert merged == {"t": {"teacher": {"kind": "b", "options": {"z": 3}}, "batch": 8, "other": {"p": 1, "q": 9}}}
+
+
+def test_a_foreign_teacher_option_is_refused_by_name():
+    with pytest.raises(ValidationError) as err:
+        TeacherParams.model_validate({"kind": "open_clip", "options": {"model_name": "ViT-L-14", "block_index": 10}})
+    message = str(err.value)
+    assert "teacher kind 'open_clip' has no option(s) ['block_index']" in message
+    assert "model_name" in message and "conf/eva01/README.md" in message
+
+
+def test_teacher_options_are_typed_and_completed():
+    teacher = TeacherParams.model_validate({"kind": "efficientnet_lite0", "options": {"block_index": 7}})
+    assert teacher.options == {"block_index": 7, "weights_path": None, "precision": "fp32"}
+    with pytest.raises(ValidationError, match="block_index"):
+        TeacherParams.model_validate({"kind": "efficientnet_lite0", "options": {"block_index": -1}})
+    with pytest.raises(ValidationError, match="precision"):
+        TeacherParams.model_validate({"kind": "open_clip", "options": {"precision": "fp8"}})
+
+
+@pytest.mark.parametrize("kind", sorted(TEACHER_OPTIONS))
+def test_teacher_options_match_the_teacher_constructor(kind):
+    """The options model of each kind lists exactly its class's keyword arguments (device comes from the stage),
+    with the same defaults: the typed config cannot drift from the code it configures."""
+    from eva_pipeline.teachers import EfficientNetLiteTeacher, OpenClipTeacher
+
+    cls = {"open_clip": OpenClipTeacher, "efficientnet_lite0": EfficientNetLiteTeacher}[kind]
+    signature = {
+        name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name not in ("self", "device")
+    }
+    fields = {name: f.default for name, f in TEACHER_OPTIONS[kind].model_fields.items()}
+    assert fields == signature
