@@ -26,6 +26,7 @@ CONF_BASE = PROJECT_ROOT / "conf" / "base"
 RAW = PROJECT_ROOT / "data" / "01_raw" / "fashion_mnist"
 PIPELINES = ("ingestion", "teacher_targets", "train_student", "evaluation")
 PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
+VALIDATION_IMAGES = 40  # of the probe images: the held-out MIM loss
 
 
 def _read_yaml(path: Path) -> Any:
@@ -48,6 +49,7 @@ def tiny_params(workdir: Path) -> dict[str, dict]:
         for key in ("images", "labels"):
             source[key] = str(PROJECT_ROOT / source[key])
     params["teacher_targets"].update(batch_size=BATCH, output_dir=str(workdir / "teacher_targets"))
+    params["teacher_targets"]["validation"]["num_images"] = VALIDATION_IMAGES
     params["pretrain"].update(batch_size=BATCH, max_steps=STEPS, log_every_steps=1, mask_examples=4)
     params["pretrain"]["checkpoint"]["dir"] = str(workdir / "checkpoints")
     return params

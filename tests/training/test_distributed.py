@@ -1,5 +1,6 @@
-"""Data parallelism: 2 CPU ranks (gloo, torch elastic launch) with the same global batch reach the same weights as
-1 rank, ZeRO-1 really partitions the optimizer state (one shard per rank), and the launcher commands are right."""
+"""Data parallelism: 2 CPU ranks (gloo, torch elastic launch) with the same global batch reach the same weights and
+the same held-out loss as 1 rank, ZeRO-1 really partitions the optimizer state (one shard per rank), and the launcher
+commands are right."""
 
 from __future__ import annotations
 
@@ -15,27 +16,34 @@ from eva_pipeline.data import build_manifest, compute_targets, load_targets, Sou
 from eva_pipeline.models import EvaMIM, get_config, load_official_checkpoint
 from eva_pipeline.training.launch import WORKER_MODULE, launch, launch_command
 from eva_pipeline.training.loop import cached_targets, run_pretraining
+from eva_pipeline.data.stream import ParquetRows
+from eva_pipeline.training.validation import open_validation_set
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 from eva_test_support import make_params
 
 FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist"
 N, D, STEPS = 32, 16, 3
+HELD_OUT = 11  # validation images: an odd count, so the two ranks' shares differ in size
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A 32-image manifest of real images and a cached target store, as the pipeline would leave them."""
+    """A 32-image manifest of real images (plus held-out ones), a cached target store and a validation store, as
+    the pipeline would leave them."""
     root = tmp_path_factory.mktemp("dist")
-    spec = SourceSpec(
-        name="fm", kind="idx", split="pretrain", images=FMNIST / "train-images-idx3-ubyte.gz", limit=N
-    )
-    manifest, _ = build_manifest([spec])
+    specs = [
+        SourceSpec(name="fm", kind="idx", split="pretrain", images=FMNIST / "train-images-idx3-ubyte.gz", limit=N),
+        SourceSpec(name="held", kind="idx", split="probe", images=FMNIST / "t10k-images-idx3-ubyte.gz", limit=HELD_OUT),
+    ]
+    manifest, _ = build_manifest(specs)
     manifest.to_parquet(root / "manifest.parquet")
     gen = torch.Generator().manual_seed(5)
     targets = torch.randn(N, 49, D, generator=gen)
     store = compute_targets(
         root / "targets", {"test": 1}, N, lambda a, b: targets[a:b], lambda t: t, shard_size=16, progress=False
     )
+    held = torch.randn(HELD_OUT, 49, D, generator=gen)
+    compute_targets(root / "val", {"val": 1}, HELD_OUT, lambda a, b: held[a:b], lambda t: t, shard_size=4, progress=False)
     return root, manifest, store
 
 
@@ -47,6 +55,7 @@ def _params(ckpt: Path, world_size: int, launcher: str = "torchrun", port: int =
         max_steps=STEPS,
         checkpoint=dict(every_steps=STEPS, keep_last=1),
         distributed=dict(launcher=launcher, master_port=port),
+        validation=dict(every_steps=2, batch_size=4),  # after steps 2 and 3
     )
 
 
@@ -56,8 +65,14 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
     root, manifest, store = workspace
     from eva_pipeline.data import load_images
 
+    params_one = _params(tmp_path / "one", 1)
+    validation = open_validation_set(
+        ParquetRows(root / "manifest.parquet", "probe"), str(root / "val"), 28,
+        params_one.validation.every_steps, params_one.validation.batch_size,
+    )
+    images = load_images(manifest[manifest["split"] == "pretrain"])
     single = run_pretraining(
-        _params(tmp_path / "one", 1), load_images(manifest), cached_targets(load_targets(store)), D, progress=False
+        params_one, images, cached_targets(load_targets(store)), D, progress=False, validation=validation
     )
 
     params = _params(tmp_path / "two", 2, launcher, port)
@@ -67,6 +82,7 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
         target_dim=D,
         output_dir=str(tmp_path / "out"),
         targets_store=str(store),
+        validation={"store": str(root / "val"), "split": "probe", "manifest": str(root / "manifest.parquet")},
     )
     launch(params, spec.write(tmp_path / "run.json"), tmp_path / "ranks.log")
 
@@ -76,6 +92,11 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=2e-6, msg=key)
     history = pd.read_json(tmp_path / "out" / HISTORY_FILE, typ="series")["history"]
     assert [h["step"] for h in history] == [1.0, 2.0, 3.0]
+    # the held-out loss: each rank evaluates its share (6 and 5 images), the sums are reduced over both ranks
+    two_ranks = [h.get("val_loss") for h in history]
+    one_rank = [h.get("val_loss") for h in single.run_history]
+    assert two_ranks[0] is None and one_rank[0] is None and None not in two_ranks[1:]
+    assert two_ranks[1:] == pytest.approx(one_rank[1:], rel=1e-5)
 
     (folder,) = [p for p in (tmp_path / "two").iterdir() if p.is_dir()]
     shards = sorted((folder / f"step_{STEPS}").glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))

@@ -316,3 +316,45 @@ def test_compiled_student_trains_like_the_eager_one(tmp_path, data):
     )
     for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- stochastic layers
+DROP_PATH = dict(model=dict(overrides=dict(depth=2, drop_path_rate=0.5)))  # rates linspace(0, 0.5, depth)
+
+
+def test_ranks_and_steps_draw_different_drop_path_masks():
+    """The public code seeds with seed + rank: without it every GPU drops the same paths for the same samples."""
+    from timm.layers import DropPath
+
+    layer = DropPath(0.5).train()
+
+    def kept(rank: int, step: int) -> torch.Tensor:
+        torch.manual_seed(loop.step_seed(0, rank, step))
+        return layer(torch.ones(256, 1, 1)).flatten() != 0
+
+    assert torch.equal(kept(0, 5), kept(0, 5))  # a function of (seed, rank, step): a restart draws it again
+    assert not torch.equal(kept(0, 5), kept(1, 5))  # two ranks, same step
+    assert not torch.equal(kept(0, 5), kept(0, 6))  # one rank, next step
+    assert loop.step_seed(0, 0, 5) != loop.step_seed(1, 0, 5)  # and the run's seed
+
+
+def test_every_step_is_seeded_from_seed_rank_and_step(tmp_path, data, monkeypatch):
+    seen = []
+    real = loop.step_seed
+    monkeypatch.setattr(loop, "step_seed", lambda seed, rank, step: seen.append((seed, rank, step)) or real(seed, rank, step))
+    _run(make_params(tmp_path / "a", seed=3, max_steps=5, **DROP_PATH), data)
+    assert seen == [(3, 0, step) for step in range(5)]
+
+
+def test_resume_with_drop_path_is_bit_identical(tmp_path, data):
+    """Interrupted at step 4 and resumed, a run with drop path ends bit for bit where the uninterrupted one does."""
+    a = _run(make_params(tmp_path / "a", **DROP_PATH), data)
+    _run(make_params(tmp_path / "b", max_steps=4, **DROP_PATH), data)
+    b = _run(make_params(tmp_path / "b", **DROP_PATH), data)
+    assert b.resumed_from_step == 4 and b.steps == a.steps == 8
+    for (name, got), want in zip(b.model.state_dict().items(), a.model.state_dict().values()):
+        assert torch.equal(got, want), name
+    assert [h["loss"] for h in b.run_history] == [h["loss"] for h in a.history]
+    # drop path really acts: the same run without it ends elsewhere
+    c = _run(make_params(tmp_path / "c", model=dict(overrides=dict(depth=2))), data)
+    assert not torch.equal(c.model.state_dict()["lm_head.weight"], a.model.state_dict()["lm_head.weight"])

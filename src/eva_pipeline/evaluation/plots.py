@@ -192,8 +192,14 @@ def loss_curve(
     ylabel: str = "loss",
     log_y: bool = False,
     style: PlotStyle = DEFAULT_STYLE,
+    label: str | None = None,
+    extra: dict[str, tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]] | None = None,
 ) -> Figure:
-    """A line of ``values`` against ``steps`` (a training or validation curve); ``log_y`` for losses spanning decades."""
+    """A line of ``values`` against ``steps`` (a training or validation curve); ``log_y`` for losses spanning decades.
+
+    ``extra``: more curves on the same axes, ``{label: (steps, values)}`` (e.g. the held-out loss, drawn with markers
+    since it is evaluated every few hundred steps); with any, a legend names each line (``label`` the first).
+    """
     x = np.asarray(steps, dtype=np.float64)
     y = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or y.ndim != 1:
@@ -206,7 +212,11 @@ def loss_curve(
         raise ValueError("log_y needs strictly positive values")
     fig = _new_figure(style.width, style.curve_height)
     ax = fig.add_subplot()
-    ax.plot(x, y, color=style.curve_color)
+    ax.plot(x, y, color=style.curve_color, label=label)
+    for name, (extra_x, extra_y) in (extra or {}).items():
+        ax.plot(np.asarray(extra_x, dtype=np.float64), np.asarray(extra_y, dtype=np.float64), marker="o", label=name)
+    if extra:
+        ax.legend()
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("step")

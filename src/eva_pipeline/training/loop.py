@@ -1,7 +1,9 @@
 """The EVA pre-training loop over a DeepSpeed engine: deterministic data order and masks, per-step LR, checkpoints.
 
 Everything a step consumes is a pure function of (seed, epoch, index): the epoch permutation, each sample's mask
-and hence each batch. A run resumed from a checkpoint therefore continues exactly where it stopped.
+and hence each batch; stochastic layers (drop path) draw from a torch seed of (seed, rank, step). A run resumed from a
+checkpoint therefore continues exactly where it stopped, and ranks draw different drop-path patterns (as the public
+code's ``seed + rank``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from eva_pipeline.training.engine import check_precision, initialize_engine, res
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
 from eva_pipeline.training.schedule import WarmupCosineSchedule
+from eva_pipeline.training.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricsFn = Callable[[int, dict[str, float]], None]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_STEP_SEED_TAG = 0x5EED_D409  # tells the step seeds apart from other draws of (seed, rank, step)
 
 
 @dataclass
@@ -52,8 +56,9 @@ class PretrainResult:
 
 
 def epoch_order(params: PretrainParams, num_items: int) -> EpochOrder:
-    """The sample order of every epoch: the same on every rank and after a restart."""
-    return EpochOrder(num_items, params.seed, params.loader.shuffle_block, params.loader.shuffle_window_blocks)
+    """The sample order of every epoch (a uniform permutation of all items): the same on every rank and after a
+    restart."""
+    return EpochOrder(num_items, params.seed)
 
 
 def epoch_permutation(params: PretrainParams, epoch: int, num_items: int) -> np.ndarray:
@@ -77,6 +82,54 @@ def make_augmentation(params: PretrainParams, size: int) -> RandomResizedCropFli
     return RandomResizedCropFlip(size, a.scale, a.ratio, a.flip_prob) if a.enabled else None
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of ``rank``'s ``step`` (0-based): what drop path draws is a function of (seed, rank, step)."""
+    return int(np.random.SeedSequence([seed, rank, step, _STEP_SEED_TAG]).generate_state(1, dtype=np.uint64)[0])
+
+
+def make_student(params: PretrainParams, target_dim: int) -> EvaMIM:
+    """The student of ``params`` with an lm_head of ``target_dim`` (the teacher's width), spec-initialised from the
+    current torch generator (seeded identically on every rank)."""
+    return EvaMIM(get_config(params.model.name, **{**params.model.overrides, "target_dim": target_dim}))
+
+
+def make_optimizer(model: torch.nn.Module, params: PretrainParams) -> torch.optim.AdamW:
+    """AdamW over EVA's weight-decay groups (spec section 6)."""
+    o = params.optimizer
+    config = AdamWConfig(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return build_adamw(param_groups(model, o.weight_decay), config)
+
+
+def make_schedule(params: PretrainParams, steps_per_epoch: int) -> WarmupCosineSchedule:
+    """Per-step LR: linear warmup, then half-cosine to ``min_lr`` over ``epochs`` of ``steps_per_epoch`` steps."""
+    return WarmupCosineSchedule.from_epochs(
+        base_value=params.optimizer.lr,
+        final_value=params.optimizer.min_lr,
+        epochs=params.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=params.optimizer.warmup_epochs,
+    )
+
+
+def make_plan(
+    params: PretrainParams, pixels: object, img_size: int, grid: int, rank: int, world: int, stored: object = None
+) -> BatchPlan:
+    """What the loader needs to build any step's batch of ``rank`` (see :class:`~eva_pipeline.data.stream.BatchPlan`)."""
+    return BatchPlan(
+        pixels=pixels,
+        order=epoch_order(params, len(pixels)),
+        global_batch=params.batch_size,
+        rank=rank,
+        world_size=world,
+        img_size=img_size,
+        seed=params.seed,
+        masker=make_mask_generator(params, grid),
+        view_mode=_view_mode(params, stored),
+        augment=make_augmentation(params, img_size),
+        targets=stored,
+    )
+
+
 def cached_targets(targets: torch.Tensor) -> TargetFn:
     """Targets held in memory, looked up by sample index (tests and small data; stores are read by the loader)."""
     return lambda indices, images: targets[indices]
@@ -96,6 +149,7 @@ def run_pretraining(
     metrics_fn: MetricsFn | None = None,
     progress: bool = True,
     data_fingerprint: str = "",
+    validation: ValidationSet | None = None,
 ) -> PretrainResult:
     """Pre-train an EVA student on ``pixels`` against per-patch teacher targets.
 
@@ -108,6 +162,8 @@ def run_pretraining(
     Writes resumable DeepSpeed checkpoints to ``params.checkpoint.dir`` and returns the trained student (the caller
     stores it, e.g. in the official EVA-01 format). ``data_fingerprint`` identifies the images and targets (e.g.
     manifest digest and teacher) so that a checkpoint is never resumed on other data of the same size.
+    ``validation``: held-out images and targets whose fixed-mask loss is recorded as ``val_loss`` every
+    ``validation.every_steps`` steps and at the last step.
     """
     if isinstance(pixels, torch.Tensor):
         pixels = TensorPixels(pixels)
@@ -126,18 +182,10 @@ def run_pretraining(
     ckpt_dir = Path(params.checkpoint.dir) / fingerprint
     checkpointing.ensure_writable(ckpt_dir)
 
-    torch.manual_seed(params.seed)
-    config = get_config(params.model.name, **{**params.model.overrides, "target_dim": target_dim})
-    model = EvaMIM(config)
-    optimizer = build_adamw(
-        param_groups(model, params.optimizer.weight_decay),
-        AdamWConfig(
-            lr=params.optimizer.lr,
-            betas=params.optimizer.betas,
-            eps=params.optimizer.eps,
-            weight_decay=params.optimizer.weight_decay,
-        ),
-    )
+    torch.manual_seed(params.seed)  # the same initial weights on every rank
+    model = make_student(params, target_dim)
+    config = model.config
+    optimizer = make_optimizer(model, params)
     engine = initialize_engine(model, optimizer, params, device)
     rank, world = engine.global_rank, engine.world_size
     if world != params.world_size:
@@ -148,26 +196,8 @@ def run_pretraining(
     if params.compile:
         engine.compile()
 
-    schedule = WarmupCosineSchedule.from_epochs(
-        base_value=params.optimizer.lr,
-        final_value=params.optimizer.min_lr,
-        epochs=params.epochs,
-        steps_per_epoch=steps_per_epoch,
-        warmup_epochs=params.optimizer.warmup_epochs,
-    )
-    plan = BatchPlan(
-        pixels=pixels,
-        order=epoch_order(params, num_items),
-        global_batch=params.batch_size,
-        rank=rank,
-        world_size=world,
-        img_size=config.img_size,
-        seed=params.seed,
-        masker=make_mask_generator(params, config.grid_size),
-        view_mode=_view_mode(params, stored),
-        augment=make_augmentation(params, config.img_size),
-        targets=stored,
-    )
+    schedule = make_schedule(params, steps_per_epoch)
+    plan = make_plan(params, pixels, config.img_size, config.grid_size, rank, world, stored)
     start_step = checkpointing.resume(engine, ckpt_dir, fingerprint) if params.checkpoint.resume == "auto" else 0
 
     dtype = _DTYPES[params.precision]
@@ -193,6 +223,7 @@ def run_pretraining(
 
         lr = schedule(step)
         apply_lr(engine.optimizer, lr)
+        torch.manual_seed(step_seed(params.seed, rank, step))  # drop path: per rank, and exact on resume
         # Each rank's share of the global token mean: DeepSpeed averages gradients over ranks, so the update equals
         # a single process's on the whole batch, however the masked tokens fall across ranks.
         loss = mim_cosine_loss(engine(x, mask), target, num_tokens=batch.num_masked / world)
@@ -212,6 +243,10 @@ def run_pretraining(
         }
         if params.precision == "fp16":
             record["loss_scale"] = float(engine.optimizer.cur_scale)
+        if validation is not None and applied and validation.due(step + 1, last_step):
+            engine.eval()
+            record["val_loss"] = validation_loss(engine, validation, config.num_patches, device, dtype, rank, world)
+            engine.train()
         history.append(record)
         trajectory.append(record)
         if guard.observe(applied):  # too many non-finite steps in a row: back to the last good state
@@ -235,7 +270,8 @@ def run_pretraining(
         if rank == 0:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_second']:.0f}")
-            if metrics_fn is not None and ((step + 1) % params.log_every_steps == 0 or step + 1 == last_step):
+            due = (step + 1) % params.log_every_steps == 0 or step + 1 == last_step or "val_loss" in record
+            if metrics_fn is not None and due:
                 metrics_fn(step + 1, {k: v for k, v in record.items() if k != "step"})  # the step is the x-axis
         if applied and ((step + 1) % params.checkpoint.every_steps == 0 or step + 1 == last_step):
             state = {"global_step": step + 1, "fingerprint": fingerprint}
@@ -351,9 +387,15 @@ def _float(value: object) -> float:
 def training_fingerprint(params: PretrainParams, num_items: int, target_dim: int, data_fingerprint: str = "") -> str:
     """What a checkpoint must agree with to be resumed: everything that shapes the trajectory.
 
-    Where checkpoints go, how often, and ``max_steps`` (a smoke-run cut-off) do not change the trajectory.
+    Where checkpoints go, how often, ``max_steps`` (a smoke-run cut-off) and validation do not change the trajectory.
     """
-    shaping = params.model_dump(mode="json", exclude={"checkpoint", "max_steps", "log_every_steps", "mask_examples", "device", "distributed", "compile"})
+    shaping = params.model_dump(
+        mode="json",
+        exclude={
+            "checkpoint", "max_steps", "log_every_steps", "mask_examples", "device", "distributed", "compile",
+            "validation",  # evaluating draws nothing and updates nothing
+        },
+    )
     blob = json.dumps(
         {"params": shaping, "num_items": num_items, "target_dim": target_dim, "data": data_fingerprint}, sort_keys=True
     )

@@ -24,6 +24,7 @@ from eva_pipeline.teachers import create_teacher
 from eva_pipeline.tracking import MlflowStepLogger
 from eva_pipeline.training.launch import RunFile
 from eva_pipeline.training.loop import TargetFn, run_pretraining
+from eva_pipeline.training.validation import ValidationSet, open_validation_set
 
 WEIGHTS_FILE = "student_fp32.pt"
 HISTORY_FILE = "history.json"
@@ -42,6 +43,7 @@ class RunSpec(RunFile):
     teacher_device: str = "auto"
     data_fingerprint: str = ""
     mlflow: dict[str, str] | None = field(default=None)  # {"tracking_uri": ..., "run_id": ...}
+    validation: dict[str, Any] | None = None  # {"store", "split", "manifest"}: the held-out set; None: no validation
 
 
 def _targets(spec: RunSpec, rank: int) -> TargetFn | object:
@@ -62,6 +64,17 @@ def _targets(spec: RunSpec, rank: int) -> TargetFn | object:
     return lambda index, x: teacher.targets(x.to(device), (grid, grid))
 
 
+def _validation(spec: RunSpec, params: PretrainParams) -> ValidationSet | None:
+    if spec.validation is None:
+        return None
+    from eva_pipeline.models import get_config
+
+    v = spec.validation
+    img_size = get_config(params.model.name, **params.model.overrides).img_size
+    rows = ParquetRows(v["manifest"], v["split"])
+    return open_validation_set(rows, v["store"], img_size, params.validation.every_steps, params.validation.batch_size)
+
+
 def run(spec: RunSpec) -> None:
     rank = int(os.environ.get("RANK", "0"))
     params = PretrainParams.model_validate(spec.params)
@@ -77,6 +90,7 @@ def run(spec: RunSpec) -> None:
         spec.target_dim,
         metrics_fn=logger,
         data_fingerprint=spec.data_fingerprint,
+        validation=_validation(spec, params),
     )
     if rank == 0:
         out = Path(spec.output_dir)

@@ -8,8 +8,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from eva_pipeline.data import load_targets, manifest_digest, select_split
+from eva_pipeline.data import load_images, load_targets, manifest_digest, select_split, to_model_input
+from eva_pipeline.data.transforms import resize_uint8
+from eva_pipeline.teachers import create_teacher
 from eva_pipeline.teachers import extract as extract_mod
+from eva_pipeline.training.validation import validation_rows
 
 GRID, TARGET_DIM = 7, 112  # eva_tiny_patch4_28: 28 px / patch 4; EfficientNet-Lite0 block 10: 112 channels
 
@@ -28,7 +31,10 @@ def test_receipt_describes_the_stored_targets(workspace, pl):
     manifest = pd.read_parquet(workspace.path("manifest"))
 
     assert receipt["mode"] == "cached"
-    assert receipt["teacher"] == {"kind": "efficientnet_lite0", "options": {"block_index": 10}}
+    # every option recorded, defaults included: the store's fingerprint describes the teacher completely
+    assert receipt["teacher"] == {
+        "kind": "efficientnet_lite0", "options": {"block_index": 10, "weights_path": None, "precision": "fp32"}
+    }
     assert receipt["num_items"] == pl.PRETRAIN_IMAGES
     assert receipt["grid"] == [GRID, GRID] and receipt["img_size"] == 28
     assert receipt["target_dim"] == TARGET_DIM
@@ -64,3 +70,23 @@ def test_rerun_reuses_the_store_without_calling_the_teacher(workspace, monkeypat
     assert calls == []
     assert _store_files(store) == before  # no shard or meta.json rewritten
     assert _receipt(workspace) == receipt_before
+
+
+def test_validation_store_holds_the_teachers_targets_of_evenly_spaced_held_out_images(workspace):
+    """The validation MIM loss compares the student with these: the teacher's targets of whole probe images."""
+    workspace.run("teacher_targets")
+    validation = _receipt(workspace)["validation"]
+    wanted = workspace.params["teacher_targets"]["validation"]["num_images"]
+    assert validation["split"] == "probe" and validation["num_images"] == wanted
+    assert Path(validation["store"]) == Path(workspace.params["teacher_targets"]["output_dir"]) / "validation"
+
+    probe = select_split(pd.read_parquet(workspace.path("manifest")), "probe")
+    rows = validation_rows(len(probe), wanted)
+    assert len(set(probe.iloc[rows]["label"])) == 10  # evenly spaced: every class of the held-out split
+    images = load_images(probe.iloc[rows])
+    inputs = to_model_input(torch.stack([resize_uint8(im, 28) for im in images]), 28)
+    teacher = create_teacher("efficientnet_lite0", block_index=10)
+    expected = teacher.targets(inputs, (GRID, GRID))
+    stored = load_targets(validation["store"])
+    assert stored.shape == expected.shape == (wanted, GRID * GRID, TARGET_DIM)
+    torch.testing.assert_close(stored.float(), expected.float(), atol=2e-2, rtol=1e-2)  # fp16 storage

@@ -31,7 +31,7 @@ def stored(workspace, tmp_path_factory):
     params = dict(workspace.params)
     teacher = TeacherTargetsParams.model_validate(
         {**params["teacher_targets"], "views_per_image": K, "shard_size": 20,
-         "output_dir": str(tmp_path_factory.mktemp("views"))}
+         "output_dir": str(tmp_path_factory.mktemp("views")), "validation": {"num_images": 0}}  # no probe rows here
     )
     pretrain = PretrainParams.model_validate(
         {**params["pretrain"], "augmentation": {"enabled": True, "scale": [0.3, 1.0]}, "batch_size": 16}

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import yaml
 
@@ -48,9 +49,10 @@ def test_summary_and_figures(workspace, pl):
     workspace.run("train_student")
     summary = json.loads(workspace.path("pretrain_summary").read_text())
 
-    assert set(summary) == {"steps", "final_loss", "images_per_second"}
+    assert set(summary) == {"steps", "final_loss", "images_per_second", "final_val_loss"}
     assert summary["steps"] == pl.STEPS
     assert math.isfinite(summary["final_loss"]) and summary["images_per_second"] > 0
+    assert math.isfinite(summary["final_val_loss"])
     for figure in ("pretrain_loss_plot", "mask_examples_plot"):
         assert workspace.path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     resolved = yaml.safe_load(workspace.path("resolved_config").read_text())
@@ -110,3 +112,32 @@ def test_mask_picture_shows_the_first_training_views(workspace):
         shown = np.asarray(ax.get_images()[0].get_array(), dtype=np.float64) * 255  # drawn as floats in 0..1
         want = first.images[k].permute(1, 2, 0).numpy().squeeze().astype(np.float64)
         np.testing.assert_allclose(shown.squeeze(), want, atol=0.5)
+
+
+def test_val_loss_is_the_fixed_mask_loss_of_the_held_out_images(workspace, pl):
+    """The logged held-out loss is recomputed here from its definition: the final student on the validation images
+    (whole images, as stored with their targets), every other token masked, token mean of -cos."""
+    import torch.nn.functional as F
+
+    from eva_pipeline.data import load_images, load_targets, select_split, to_model_input
+    from eva_pipeline.data.transforms import resize_uint8
+    from eva_pipeline.training.validation import validation_rows
+
+    workspace.run("train_student")
+    history = pd.read_csv(workspace.path("pretrain_history"))
+    logged = history["val_loss"].dropna()
+    assert list(logged.index) == [pl.STEPS - 1]  # every_steps (39) > STEPS: evaluated after the last step only
+
+    receipt = json.loads(workspace.path("teacher_targets_receipt").read_text())["validation"]
+    probe = select_split(pd.read_parquet(workspace.path("manifest")), "probe")
+    images = load_images(probe.iloc[validation_rows(len(probe), receipt["num_images"])])
+    x = to_model_input(torch.stack([resize_uint8(im, 28) for im in images]), 28)
+    model = EvaMIM(get_config("eva_tiny_patch4_28", target_dim=TARGET_DIM)).eval()
+    load_official_checkpoint(model, workspace.path("eva_student"))
+    mask = torch.zeros(len(x), 49, dtype=torch.bool)
+    mask[:, ::2] = True
+    with torch.no_grad():
+        pred = model(x, mask)
+    target = load_targets(receipt["store"]).float()[mask]
+    expected = -F.cosine_similarity(pred, target, dim=-1).mean().item()
+    assert logged.iloc[0] == pytest.approx(expected, abs=2e-3)  # the saved weights are fp16

@@ -18,10 +18,14 @@ from eva_pipeline.training.launch import launch
 EXTRACT_MODULE = "eva_pipeline.teachers.extract"
 
 
+VALIDATION_STORE = "validation"  # sub-folder of output_dir holding the validation set's targets
+
+
 def compute_teacher_targets(manifest: Manifest | pd.DataFrame, params: TeacherTargetsParams, pretrain: PretrainParams) -> dict:
     """Run the teacher over the pre-training images once (K views each, or the whole image); a re-run with the same
     inputs, views and teacher reuses them, an interrupted one computes only the missing shards. With
-    ``world_size > 1`` one rank per GPU computes its share of the shards."""
+    ``world_size > 1`` one rank per GPU computes its share of the shards. The held-out validation images' targets
+    are stored too, in either mode (the validation MIM loss compares the student with them)."""
     config = student_config(pretrain.model)  # targets are made on the student's grid and input size
     rows = split_source(manifest, "pretrain")  # streamed: the listing is never held in memory
     views = params.views_per_image
@@ -34,6 +38,7 @@ def compute_teacher_targets(manifest: Manifest | pd.DataFrame, params: TeacherTa
         "manifest_digest": split_digest(manifest, "pretrain"),
         "views_per_image": views,
     }
+    receipt["validation"] = _validation_targets(manifest, params, config)
     if params.mode == "online":  # the training node runs the teacher on every batch instead
         return {**receipt, "target_dim": teacher_target_dim(params.teacher.kind, **params.teacher.options)}
     fingerprint = {k: receipt[k] for k in ("teacher", "num_items", "grid", "img_size", "manifest_digest")}
@@ -64,3 +69,48 @@ def compute_teacher_targets(manifest: Manifest | pd.DataFrame, params: TeacherTa
         raise TargetStoreError(f"teacher-target extraction ended but the store {store.root} is incomplete")
     reader = store.reader(fingerprint)
     return {**receipt, "store": str(store.root), "target_dim": int(reader.shape[-1])}
+
+
+def _validation_targets(manifest: Manifest | pd.DataFrame, params: TeacherTargetsParams, config) -> dict | None:
+    """The validation set's targets (whole images of the held-out split, in-process); None when disabled."""
+    wanted = params.validation
+    if wanted.num_images == 0:
+        return None
+    try:
+        rows = split_source(manifest, wanted.split)
+    except ValueError:
+        raise ValueError(
+            f"teacher_targets.validation asks for {wanted.num_images} held-out '{wanted.split}' images but the manifest "
+            f"has none: add a '{wanted.split}' source to the ingestion, or set teacher_targets.validation.num_images: 0 "
+            "to train without the validation loss"
+        ) from None
+    num_images = min(wanted.num_images, len(rows))
+    store = Path(params.output_dir) / VALIDATION_STORE
+    fingerprint = {
+        "teacher": params.teacher.model_dump(mode="json"),
+        "split": wanted.split,
+        "num_images": num_images,
+        "grid": [config.grid_size, config.grid_size],
+        "img_size": config.img_size,
+        "manifest_digest": split_digest(manifest, wanted.split),
+    }
+    spec = ExtractSpec(
+        manifest="",
+        store=str(store),
+        fingerprint=fingerprint,
+        teacher=params.teacher.model_dump(mode="json"),
+        device=params.device,
+        img_size=config.img_size,
+        grid=config.grid_size,
+        views_per_item=0,
+        augmentation={},
+        seed=0,
+        shard_size=params.shard_size,
+        batch_size=params.batch_size,
+        split=wanted.split,
+        num_images=num_images,
+    )
+    extract(spec, rows=rows)
+    if not TargetStore(store).is_complete(fingerprint):
+        raise TargetStoreError(f"validation-target extraction ended but the store {store} is incomplete")
+    return {"store": str(store), "split": wanted.split, "num_images": num_images}

@@ -21,6 +21,7 @@ from eva_pipeline.tracking import active_run_logger
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.training.launch import launch
 from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator, run_pretraining
+from eva_pipeline.training.validation import ValidationSet, open_validation_set
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 
 
@@ -45,6 +46,7 @@ def pretrain_student(
     if "target_dim" not in targets_receipt:
         raise ValueError("the teacher_targets receipt predates target_dim: re-run the teacher_targets pipeline")
     target_dim = int(targets_receipt["target_dim"])  # known without building the teacher (stored, or its config)
+    validation = targets_receipt.get("validation")
     if params.world_size > 1:  # each rank builds its own online teacher, on its own GPU
         model, records, steps = _train_distributed(manifest, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
     else:
@@ -60,6 +62,7 @@ def pretrain_student(
             target_dim,
             metrics_fn=active_run_logger(prefix="pretrain/"),
             data_fingerprint=data_fingerprint,
+            validation=None if validation is None else _validation_set(split_source(manifest, validation["split"]), validation, params),
         )
         model, records, steps = result.model, result.run_history, result.steps  # the whole run, even resumed
     history = pd.DataFrame(records)
@@ -68,18 +71,37 @@ def pretrain_student(
         figure.text(0.5, 0.5, "no per-step records for this run (resumed from a finished checkpoint)", ha="center")
     else:
         history["step"] = history["step"].astype("int64")
-        figure = loss_curve(history["step"].to_numpy(), history["loss"].to_numpy(), title="EVA pre-training loss (-cos)")
+        figure = _loss_figure(history)
     return model, history, _summary(records, steps), figure
+
+
+def _validation_set(rows, receipt: dict, params: PretrainParams) -> ValidationSet:
+    config = student_config(params.model)
+    return open_validation_set(rows, receipt["store"], config.img_size, params.validation.every_steps, params.validation.batch_size)
+
+
+def _loss_figure(history: pd.DataFrame) -> Figure:
+    """Training loss per step, and the held-out loss where it was evaluated."""
+    extra = {}
+    if "val_loss" in history:
+        evaluated = history.dropna(subset=["val_loss"])
+        extra["held-out (fixed mask)"] = (evaluated["step"].to_numpy(), evaluated["val_loss"].to_numpy())
+    return loss_curve(
+        history["step"].to_numpy(), history["loss"].to_numpy(), title="EVA pre-training loss (-cos)",
+        label="training batches", extra=extra,
+    )
 
 
 def _summary(records: list[dict], steps: int) -> dict[str, float]:
     last = records[-10:]
     if not last:
         return {"steps": float(steps), "final_loss": float("nan"), "images_per_second": float("nan")}
+    evaluated = [r["val_loss"] for r in records if "val_loss" in r]
     return {
         "steps": float(steps),
         "final_loss": float(np.mean([r["loss"] for r in last])),
         "images_per_second": float(np.mean([r["images_per_second"] for r in last])),
+        "final_val_loss": float(evaluated[-1]) if evaluated else float("nan"),
     }
 
 
@@ -108,6 +130,7 @@ def _train_distributed(
         teacher_device=teacher_params.device,
         data_fingerprint=data_fingerprint,
         mlflow=mlflow_run,
+        validation=_validation_spec(manifest, receipt.get("validation"), run_dir),
     )
     for stale in (WEIGHTS_FILE, HISTORY_FILE):
         (run_dir / stale).unlink(missing_ok=True)
@@ -116,6 +139,14 @@ def _train_distributed(
     load_official_checkpoint(model, run_dir / WEIGHTS_FILE)
     written = json.loads((run_dir / HISTORY_FILE).read_text())
     return model, written["history"], int(written["steps"])
+
+
+def _validation_spec(manifest: Manifest | pd.DataFrame, receipt: dict | None, run_dir: Path) -> dict | None:
+    """Where the ranks find the validation set: its target store and the held-out split's rows."""
+    if receipt is None:
+        return None
+    rows = manifest_file(manifest, receipt["split"], run_dir / f"{receipt['split']}_images.parquet")
+    return {**receipt, "manifest": rows}
 
 
 def draw_mask_examples(manifest: Manifest | pd.DataFrame, params: PretrainParams) -> Figure:
