@@ -360,7 +360,7 @@ class ReferenceStep:
 
 
 # ------------------------------------------------------------------------------------------------------ our step
-def pretrain_params(cfg: BenchConfig, device: torch.device, precision: str) -> Any:
+def pretrain_params(cfg: BenchConfig, device: torch.device, precision: str, zero_stage: int = 1) -> Any:
     """A PretrainParams for the engine (only precision, batch, ZeRO and clipping matter to ``deepspeed_config``)."""
     from eva_pipeline.config import PretrainParams
 
@@ -374,6 +374,7 @@ def pretrain_params(cfg: BenchConfig, device: torch.device, precision: str) -> A
         precision=precision,
         device=device.type,
         checkpoint=dict(dir=str(Path(tempfile.gettempdir()) / "evabench-unused")),
+        deepspeed=dict(zero_stage=zero_stage),
     ))
 
 
@@ -381,7 +382,8 @@ class OursStep:
     """``run_pretraining``'s step body over one engine; ``target_fn(index, images)`` selects online or cached."""
 
     def __init__(self, cfg: BenchConfig, teacher_name: str, device: torch.device, precision: str,
-                 attn: str = "eager", grad_checkpointing: bool = False, compile_student: bool = False) -> None:
+                 attn: str = "eager", grad_checkpointing: bool = False, compile_student: bool = False,
+                 zero_stage: int = 1) -> None:
         from eva_pipeline.models import EvaMIM
         from eva_pipeline.teachers import OpenClipTeacher
         from eva_pipeline.training.engine import check_precision, initialize_engine
@@ -392,7 +394,7 @@ class OursStep:
         self.device, self.dtype = device, PRECISIONS[precision]
         student = dataclasses.replace(cfg.student, attn_impl=attn, grad_checkpointing=grad_checkpointing)
         model = EvaMIM(student)
-        params = pretrain_params(cfg, device, precision)
+        params = pretrain_params(cfg, device, precision, zero_stage)
         optimizer = build_adamw(param_groups(model, WEIGHT_DECAY),
                                 AdamWConfig(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY))
         if compile_student:
@@ -458,6 +460,7 @@ class Bench:
     ours: OursStep
     images: torch.Tensor
     masks: torch.Tensor
+    compiled: bool = False
 
     @property
     def steps(self) -> dict[str, Callable[[], float]]:
@@ -469,7 +472,8 @@ class Bench:
 
 
 def build_bench(cfg: BenchConfig, device: torch.device, precision: str = "fp32", attn: str = "eager",
-                grad_checkpointing: bool = False, compile_student: bool = False, seed: int = 0) -> Bench:
+                grad_checkpointing: bool = False, compile_student: bool = False, seed: int = 0,
+                zero_stage: int = 1) -> Bench:
     from eva_pipeline.training.engine import ensure_single_process_env, import_deepspeed
 
     if device.type == "cpu":
@@ -479,9 +483,9 @@ def build_bench(cfg: BenchConfig, device: torch.device, precision: str = "fp32",
     teacher_name = cfg.open_clip_name or register_teacher(cfg.teacher)
     torch.manual_seed(seed)
     reference = ReferenceStep(cfg, teacher_name, device, precision, grad_checkpointing, compile_student)
-    ours = OursStep(cfg, teacher_name, device, precision, attn, grad_checkpointing, compile_student)
+    ours = OursStep(cfg, teacher_name, device, precision, attn, grad_checkpointing, compile_student, zero_stage)
     images, masks = make_batch(cfg, seed)
-    return Bench(cfg, device, precision, reference, ours, images, masks)
+    return Bench(cfg, device, precision, reference, ours, images, masks, compiled=compile_student)
 
 
 def run_benchmark(bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2,
@@ -490,15 +494,22 @@ def run_benchmark(bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2
     if steps < 1 or rounds < 1 or warmup < 0:
         raise ValueError("steps and rounds must be >= 1, warmup >= 0")
     fns = bench.steps
+    cuda = bench.device.type == "cuda"
     for mode in MODES:
         for _ in range(warmup):
             fns[mode]()
+    resident = torch.cuda.memory_allocated(bench.device) / 2**30 if cuda else None
     per_round: dict[str, list[float]] = {m: [] for m in MODES}
+    peak_gib: dict[str, float] = {m: 0.0 for m in MODES}
     for r in range(rounds):
         order = MODES if r % 2 == 0 else MODES[::-1]  # alternate the order: no mode always runs first
         for mode in order:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(bench.device)
             seconds = time_steps(fns[mode], steps, bench.device)
             per_round[mode].append(bench.cfg.batch * steps / seconds)
+            if cuda:
+                peak_gib[mode] = max(peak_gib[mode], torch.cuda.max_memory_allocated(bench.device) / 2**30)
     throughput = {m: statistics.median(v) for m, v in per_round.items()}
     ratios = {f"{a}/{b}": throughput[a] / throughput[b] for a, b in RATIOS}
     masked = float(bench.masks.sum()) / bench.masks.shape[0]
@@ -514,9 +525,11 @@ def run_benchmark(bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2
         "steps": steps,
         "rounds": rounds,
         "warmup": warmup,
-        "attn": bench.ours.engine.module.config.attn_impl,
-        "grad_checkpointing": bench.ours.engine.module.config.grad_checkpointing,
-        "student": dataclasses.asdict(bench.ours.engine.module.config),  # with --attn / --grad-checkpointing
+        "attn": current_attn(bench),
+        "zero_stage": bench.ours.engine.zero_optimization_stage(),
+        "grad_checkpointing": bench.ours.engine.module.grad_checkpointing,
+        "compiled": bench.compiled,
+        "student": dataclasses.asdict(bench.ours.engine.module.config),  # as built (variants change attn/ckpt after)
         "teacher": dataclasses.asdict(bench.cfg.teacher),
         "masked_tokens_per_image": masked,
         "weights": "random (timing does not depend on weight values)",
@@ -530,9 +543,51 @@ def run_benchmark(bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2
         # No step doing the reference's useful FLOPs can beat it by more than peak / its achieved rate.
         "equal_work_bound": peak / achieved["reference"] if peak else None,
     }
+    if cuda:
+        # Both steps live in one process: "resident" is both students, their optimiser states and the teacher; a
+        # mode's peak adds that mode's activations (and the other step's idle state) on top.
+        result["memory_gib"] = {"resident": resident, "peak": peak_gib,
+                                "device_total": torch.cuda.get_device_properties(bench.device).total_memory / 2**30}
     if breakdown:
         result["breakdown_ms"] = time_breakdown(bench, max(5, steps))
     return result
+
+
+# ----------------------------------------------------------------------------------------------------- variants
+def current_attn(bench: Bench) -> str:
+    from eva_pipeline.models.eva import EvaAttention
+
+    impls = {m.attn_impl for m in bench.ours.engine.module.modules() if isinstance(m, EvaAttention)}
+    return impls.pop() if len(impls) == 1 else "mixed"
+
+
+def parse_variant(text: str) -> tuple[str, bool, bool]:
+    """``sdpa``, ``eager+ckpt``, ``sdpa+compile`` ... -> (attn, grad checkpointing, compile)."""
+    attn, *flags = text.split("+")
+    if attn not in ("eager", "sdpa") or not set(flags) <= {"ckpt", "compile"}:
+        raise ValueError(f"variant {text!r}: expected eager|sdpa followed by +ckpt and/or +compile")
+    return attn, "ckpt" in flags, "compile" in flags
+
+
+def set_variant(bench: Bench, attn: str, grad_checkpointing: bool, compile_students: bool) -> None:
+    """Switch the built steps in place (no rebuild of a 1B-parameter model per variant).
+
+    ``attn`` changes our attention only: the reference keeps timm's own choice (fused sdpa), what a user gets.
+    Gradient checkpointing applies to both students; compilation is irreversible, so it must come last.
+    """
+    from eva_pipeline.models.eva import EvaAttention
+
+    if bench.compiled and not compile_students:
+        raise ValueError("a compiled bench cannot be uncompiled: put +compile variants last")
+    for module in bench.ours.engine.module.modules():
+        if isinstance(module, EvaAttention):
+            module.attn_impl = attn
+    bench.ours.engine.module.set_grad_checkpointing(grad_checkpointing)
+    bench.reference.model.grad_checkpointing = grad_checkpointing
+    if compile_students and not bench.compiled:
+        bench.ours.engine.module.compile()
+        bench.reference.model.compile()
+        bench.compiled = True
 
 
 def time_breakdown(bench: Bench, reps: int = 5) -> dict[str, float]:
@@ -559,7 +614,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"size={result['size']} device={result['device_name']} precision={result['precision']} "
         f"batch={result['batch']} attn(ours)={result['attn']} grad_ckpt={result['grad_checkpointing']} "
-        f"threads={result['torch_threads']}",
+        f"compiled={result['compiled']} threads={result['torch_threads']}",
         f"timed: {result['rounds']} rounds x {result['steps']} steps per mode (median of rounds), "
         f"{result['warmup']} warm-up steps; weights: {result['weights']}",
         f"model GFLOPs/image: student fwd {flops['student_forward'] / 1e9:.3f}, student train "
@@ -580,6 +635,10 @@ def format_table(result: dict[str, Any]) -> str:
         b = result["breakdown_ms"]
         lines.append(f"teacher forward alone (ms/batch): reference {b['reference_teacher']:.1f}, "
                      f"ours {b['ours_teacher']:.1f}")
+    if result.get("memory_gib"):
+        mem = result["memory_gib"]
+        lines.append(f"memory (GiB): resident {mem['resident']:.1f} of {mem['device_total']:.1f}; peak per mode "
+                     + ", ".join(f"{m} {v:.1f}" for m, v in mem["peak"].items()))
     if result["peak_tflops"]:
         source = result.get("peak_source", "given")
         lines.append(f"peak: {result['peak_tflops']:.4f} TFLOP/s ({source})")
@@ -624,12 +683,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn", choices=["eager", "sdpa"], default="eager", help="our EvaConfig.attn_impl")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks (both students)")
     p.add_argument("--compile", action="store_true", help="torch.compile both students")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1], default=1, help="our engine's ZeRO stage (recipe: 1)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default: table for H100/H200/A100; on CPU a measured GEMM peak)")
     p.add_argument("--breakdown", action="store_true", help="also time the teacher forward alone")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per mode")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                   help="time several variants on one build, e.g. sdpa eager sdpa+ckpt sdpa+compile (compile last); "
+                        "overrides --attn/--grad-checkpointing/--compile")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the results here (a list, one entry per variant, rewritten after each)")
     return p.parse_args(argv)
 
 
@@ -644,20 +708,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = size_config(args.size)
     if args.batch:
         cfg = dataclasses.replace(cfg, batch=args.batch)
-    bench = build_bench(cfg, device, precision, args.attn, args.grad_checkpointing, args.compile)
+    variants = [parse_variant(v) for v in args.variants] if args.variants else [
+        (args.attn, args.grad_checkpointing, args.compile)]
+    compiles = [c for _, _, c in variants]
+    if compiles != sorted(compiles):
+        raise SystemExit("--variants: +compile variants must come last (compilation cannot be undone)")
+    first = variants[0]
+    bench = build_bench(cfg, device, precision, first[0], first[1], first[2], zero_stage=args.zero_stage)
     peak, peak_source = peak_tflops(device, precision, args.peak_tflops), "given" if args.peak_tflops else "data sheet"
     if peak is None:
         peak, peak_source = measure_matmul_tflops(device, precision), f"measured: 1024^3 {precision} matmuls"
-    result = run_benchmark(bench, args.steps, args.rounds, args.warmup, peak, args.breakdown)
-    result["peak_source"] = peak_source
-    result["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    print(format_table(result), flush=True)
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    results: list[dict[str, Any]] = []
+    for attn, ckpt, compiled in variants:
+        set_variant(bench, attn, ckpt, compiled)
+        result = run_benchmark(bench, args.steps, args.rounds, args.warmup, peak, args.breakdown)
+        result["peak_source"] = peak_source
+        result["command"] = command
+        print(format_table(result), "\n", flush=True)
+        results.append(result)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results if args.variants else result, indent=2, default=str))
     if args.profile:
         print(profile_modes(bench), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return results if args.variants else results[0]
 
 
 if __name__ == "__main__":

@@ -104,6 +104,27 @@ def test_benchmark_runs_and_reports(bench_module, monkeypatch, tmp_path, capsys)
     assert "equal-work bound" in printed
 
 
+def test_variants_switch_one_build_in_place(bench_module, monkeypatch, tmp_path):
+    """``--variants``: one build, attention and checkpointing switched per variant, one JSON entry each."""
+    bm = bench_module
+    monkeypatch.setattr(bm, "size_config", lambda size: tiny_config(bm))
+    built = []
+    real_build = bm.build_bench
+    monkeypatch.setattr(bm, "build_bench", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    out = tmp_path / "variants.json"
+    results = bm.main(["--device", "cpu", "--steps", "1", "--rounds", "1", "--warmup", "0", "--peak-tflops", "1.0",
+                       "--zero-stage", "0", "--variants", "sdpa", "eager+ckpt", "--json", str(out)])
+    assert len(built) == 1
+    assert [(r["attn"], r["grad_checkpointing"], r["zero_stage"]) for r in results] == [("sdpa", False, 0),
+                                                                                         ("eager", True, 0)]
+    assert [r["attn"] for r in json.loads(out.read_text())] == ["sdpa", "eager"]
+    assert bm.parse_variant("sdpa+ckpt+compile") == ("sdpa", True, True)
+    with pytest.raises(ValueError, match="expected eager"):
+        bm.parse_variant("flash")
+    with pytest.raises(SystemExit, match="must come last"):
+        bm.main(["--device", "cpu", "--variants", "sdpa+compile", "eager"])
+
+
 def test_cpu_peak_is_measured_when_no_data_sheet_applies(bench_module):
     bm = bench_module
     assert bm.peak_tflops(bm.torch.device("cpu"), "fp32", None) is None
