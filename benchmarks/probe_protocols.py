@@ -1,10 +1,11 @@
 """Linear-probe protocols on the same split: which frozen features of the student beat raw pixels, and at what cost.
 
-Exploration for issue 9 item 6 (the probe protocol is not chosen yet). Run after `make pretrain`:
-``.venv/bin/python benchmarks/probe_protocols.py --full --no-scale``. For the pre-trained student, the same ViT at its training init
-(``torch.manual_seed(pretrain.seed)`` then ``EvaMIM``), raw pixels and the teacher, it fits the project's probe
-(StandardScaler or not + lbfgs logistic regression, ``evaluation.probe``) on the split of ``split_probe`` and prints
-top-1 and the fit's wall time per encoder x protocol.
+The exploration behind ``evaluation.probe`` (issue 9 item 6; results in benchmarks/README.md). Run after
+`make pretrain`: ``.venv/bin/python benchmarks/probe_protocols.py --full --no-scale``. For the pre-trained student,
+the same ViT at its training init (``initial_student``: ``pretrain.seed``), raw pixels and the teacher, it fits the
+project's probe (StandardScaler or not + lbfgs logistic regression, ``evaluation.probe``) on the split of
+``split_probe`` and prints top-1 and the fit's wall time per encoder x protocol. The pipeline's probe is the row
+"concat | final norm", std.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from eva_pipeline.data import load_images, select_split, to_model_input
 from eva_pipeline.evaluation import ProbeConfig, linear_probe_top1, split_probe
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import build_teacher, student_config
+from eva_pipeline.training.loop import initial_student
 
 
 def load_params(conf: str, env: str, overrides: list[str]) -> dict:
@@ -138,8 +140,8 @@ def main() -> None:
     load_official_checkpoint(student, state)
     features["student"] = vit_protocols(student, images, evaluation.batch_size, args.full)
     if not args.skip_random:
-        torch.manual_seed(pretrain.seed)
-        features["random init"] = vit_protocols(EvaMIM(config), images, evaluation.batch_size, args.full)
+        random_init = initial_student(pretrain, config.target_dim)
+        features["random init"] = vit_protocols(random_init, images, evaluation.batch_size, args.full)
     features["raw pixels"] = {"pixels": pixels.reshape(pixels.shape[0], -1).float().numpy() / 255.0}
     if not args.no_teacher and evaluation.include_teacher:
         teacher = build_teacher(teacher_params.teacher, teacher_params.device)

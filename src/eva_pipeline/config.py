@@ -263,14 +263,25 @@ class PretrainParams(_Params):
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 class ProbeParams(_Params):
+    """The linear probe: split, readout of the frozen tokens, standardisation, logistic regression.
+
+    ``readout: concat`` (the default) keeps every patch token in place, as raw pixels keep every pixel, so the
+    student is compared with its baselines on equal terms; ``mean`` averages them (BEiT's readout), which discards
+    the layout the probe needs on 28 px images (benchmarks/README.md has both). ``standardize`` z-scores each
+    feature with train statistics: MAE's BatchNorm without affine before the linear layer.
+    """
+
     test_fraction: float = Field(default=0.4, gt=0, lt=1)
     seed: int = 0
     C: float = Field(default=1.0, gt=0)
     max_iter: int = Field(default=1000, ge=1)
+    readout: Literal["concat", "mean"] = "concat"
+    standardize: bool = True
 
 
 class EvaluationParams(_Params):
+    """Probe settings. The random-init baseline is the student at its training init (``pretrain.seed``)."""
+
     probe: ProbeParams = ProbeParams()
     batch_size: int = Field(default=256, ge=1)
     include_teacher: bool = True
-    seed: int = Field(default=0, description="seed of the randomly initialised baseline student")

@@ -171,6 +171,16 @@ def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
             assert torch.equal(got, want)
 
 
+def test_initial_student_is_where_training_starts(tmp_path, data):
+    """``initial_student`` (also the probe's random-init baseline) is the model step 1 starts from."""
+    params = make_params(tmp_path / "i", max_steps=1, seed=3)
+    trained = _run(params, data).model.state_dict()  # step 1's LR is 0 (warmup starts at 0): no weight moves
+    start = loop.initial_student(params, D).state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in start.items())
+    other = loop.initial_student(make_params(tmp_path / "j", seed=4), D).state_dict()
+    assert not all(torch.equal(other[k], v) for k, v in start.items())
+
+
 def test_keep_last_and_every_steps(tmp_path, data):
     _run(make_params(tmp_path / "c", epochs=3, checkpoint=dict(every_steps=3, keep_last=3)), data)
     folder = _only_fingerprint_dir(tmp_path / "c")

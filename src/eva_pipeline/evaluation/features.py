@@ -1,10 +1,10 @@
 """Frozen-feature extraction for the linear probe.
 
 The encoder is passed in as a plain callable so the same code serves the pre-trained student, the randomly
-initialised student and the teacher. For our ViT, pass a function that returns the *patch* tokens, e.g.
+initialised student, the teacher and raw pixels. For our ViT, pass a function that returns the *patch* tokens, e.g.
 ``lambda x: model.forward_features(x)[:, 1:]`` (dropping the CLS token, which masked image modelling does not
-train), and let ``pool="mean"`` average them; an encoder that already returns one vector per image (a CLIP or
-EfficientNet teacher) passes through unchanged.
+train), and let ``pool`` read them out: ``"concat"`` keeps every token in place (B, T*D), ``"mean"`` averages them
+(B, D). An encoder that already returns one vector per image passes through unchanged.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from eva_pipeline.evaluation.probe import DEFAULT_PROBE_CONFIG
 
-Pool = Literal["mean", "none"]
-_POOLS: tuple[str, ...] = ("mean", "none")
+Pool = Literal["concat", "mean", "none"]
+_POOLS: tuple[str, ...] = ("concat", "mean", "none")
 _TOKEN_AXIS = 1  # (B, T, D): tokens lie on axis 1
 
 
@@ -29,7 +29,7 @@ def _pool(out: Tensor, pool: Pool) -> Tensor:
     if out.ndim == 2 or pool == "none":
         return out
     if out.ndim == 3:
-        return out.mean(dim=_TOKEN_AXIS)
+        return out.flatten(_TOKEN_AXIS) if pool == "concat" else out.mean(dim=_TOKEN_AXIS)
     raise ValueError(f"encode must return (B, D) or (B, T, D), got shape {tuple(out.shape)}")
 
 
@@ -41,12 +41,13 @@ def extract_features(
     pool: Pool = "mean",
     device: torch.device | str | None = None,
 ) -> np.ndarray:
-    """Features of ``images`` (N, C, H, W) as a float32 array: (N, D), or as ``encode`` returns them if pool="none".
+    """Features of ``images`` (N, C, H, W) as a float32 array: (N, D) or (N, T*D), as ``encode`` returns them if
+    pool="none".
 
     Runs under ``torch.inference_mode()`` (no autograd graph, so 5,000 images fit in memory) and in batches of
     ``batch_size``; each batch is moved to ``device`` (when given) and handed to ``encode`` as is, so preprocessing
-    (dtype, normalisation) belongs in ``encode``. ``encode`` returns (B, D) or (B, T, D) tokens; with ``pool="mean"``
-    tokens are averaged over T. Put modules in eval mode first: dropout or drop-path would make features random.
+    (dtype, normalisation) belongs in ``encode``. ``encode`` returns (B, D) or (B, T, D) tokens; ``pool="mean"``
+    averages them over T, ``pool="concat"`` lays them side by side in token order. Put modules in eval mode first: dropout or drop-path would make features random.
     """
     if pool not in _POOLS:
         raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")

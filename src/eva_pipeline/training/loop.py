@@ -93,6 +93,12 @@ def make_student(params: PretrainParams, target_dim: int) -> EvaMIM:
     return EvaMIM(get_config(params.model.name, **{**params.model.overrides, "target_dim": target_dim}))
 
 
+def initial_student(params: PretrainParams, target_dim: int) -> EvaMIM:
+    """The student exactly as training starts it (seeded by ``params.seed``): also the probe's random-init baseline."""
+    torch.manual_seed(params.seed)  # the same initial weights on every rank
+    return make_student(params, target_dim)
+
+
 def make_optimizer(model: torch.nn.Module, params: PretrainParams) -> torch.optim.AdamW:
     """AdamW over EVA's weight-decay groups (spec section 6)."""
     o = params.optimizer
@@ -182,8 +188,7 @@ def run_pretraining(
     ckpt_dir = Path(params.checkpoint.dir) / fingerprint
     checkpointing.ensure_writable(ckpt_dir)
 
-    torch.manual_seed(params.seed)  # the same initial weights on every rank
-    model = make_student(params, target_dim)
+    model = initial_student(params, target_dim)
     config = model.config
     optimizer = make_optimizer(model, params)
     engine = initialize_engine(model, optimizer, params, device)
