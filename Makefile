@@ -28,6 +28,7 @@ pretrain: $(STAMP)
 	$(BIN)/kedro run --pipelines pretrain
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 viz: $(STAMP)

@@ -15,7 +15,7 @@ Usage::
     .venv/bin/python benchmarks/ingestion.py manifest --sizes 20000 200000
     .venv/bin/python benchmarks/ingestion.py manifest --pythonpath /tmp/old_src   # another copy of the package
 
-``loader``: images/s of the training-batch loader (``eva_pipeline.data.stream``: manifest rows -> decode as at
+``loader``: images/s of the training-batch loader (``eva_pipeline.loader.batches``: manifest rows -> decode as at
 ingestion -> EVA's RandomResizedCrop(0.2, 1) + flip at 224 px, bicubic, plus the block masks of every sample)
 against torchvision's ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``PILToTensor`` over
 the same generated JPEG folder, in the same run, interleaved rounds, median reported. Per core = images/s per
@@ -58,7 +58,7 @@ def _digest(source: str, i: int) -> str:
 
 def register_synthetic_kind() -> None:
     """Register :data:`SYNTHETIC_KIND`: ``limit`` items, ``split`` as given, nothing read from disk."""
-    from eva_pipeline.data.manifest import SourceScan, register_source_kind, source_kinds
+    from eva_pipeline.ingest.scan import SourceScan, register_source_kind, source_kinds
 
     if SYNTHETIC_KIND in source_kinds():
         return
@@ -84,7 +84,7 @@ def register_synthetic_kind() -> None:
 
 
 def synthetic_specs(n: int, root: str | os.PathLike[str]) -> list[Any]:
-    from eva_pipeline.data.manifest import SourceSpec
+    from eva_pipeline.ingest.scan import SourceSpec
 
     n_probe = max(1, n // PROBE_SHARE)
     return [
@@ -100,7 +100,10 @@ def _maxrss_mib() -> float:
 
 def manifest_child(n: int, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Build the synthetic manifest of ``n`` items in this process; -> wall time, peak RSS, counts."""
-    import eva_pipeline.data.manifest as manifest_mod
+    try:
+        import eva_pipeline.ingest.build as manifest_mod
+    except ImportError:  # checkouts before the ingest/ split
+        import eva_pipeline.data.manifest as manifest_mod  # type: ignore[no-redef]
 
     register_synthetic_kind()
     out_dir = Path(out_dir)
@@ -207,8 +210,11 @@ def make_jpeg_folder(root: Path, n: int, classes: int = 4, seed: int = 0) -> Pat
 
 
 def _ours(rows: Any, batch: int, steps: int, workers: int) -> Any:
-    from eva_pipeline.data.augment import RandomResizedCropFlip
-    from eva_pipeline.data.stream import BatchPlan, EpochOrder, FrameRows, ManifestPixels, batch_loader
+    from eva_pipeline.loader.augment import RandomResizedCropFlip
+    from eva_pipeline.loader.batches import BatchPlan, batch_loader
+    from eva_pipeline.loader.order import EpochOrder
+    from eva_pipeline.loader.rows import FrameRows
+    from eva_pipeline.loader.pixels import ManifestPixels
     from eva_pipeline.masking import BlockMaskGenerator
 
     plan = BatchPlan(
@@ -252,7 +258,8 @@ def cmd_loader(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one core per process: "per core" means per decoding process
     with tempfile.TemporaryDirectory() as tmp:
         root = make_jpeg_folder(Path(args.data or tmp) / "jpegs", args.images)
-        from eva_pipeline.data.manifest import SourceSpec, build_manifest
+        from eva_pipeline.ingest.scan import SourceSpec
+        from eva_pipeline.ingest.build import build_manifest
 
         built, _ = build_manifest([SourceSpec("bench", "image_folder", "pretrain", root)])
         rows = built if hasattr(built, "columns") else built.split("pretrain")
@@ -280,7 +287,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     import dataclasses
     import statistics
 
-    from eva_pipeline.data.manifest import SourceSpec, build_manifest
+    from eva_pipeline.ingest.scan import SourceSpec
+    from eva_pipeline.ingest.build import build_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_jpeg_folder(Path(args.data or tmp) / "jpegs", args.images)

@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from eva_pipeline.data.images import read_tar_span, tar_member_spans
-from eva_pipeline.data.manifest import ROW_GROUP_ROWS
-from eva_pipeline.data.row_index import RowIndex
-from eva_pipeline.data.stream import EpochOrder
+from eva_pipeline.loader.pixels import read_tar_span, tar_member_spans
+from eva_pipeline.manifest import ROW_GROUP_ROWS
+from eva_pipeline.loader.row_index import RowIndex
+from eva_pipeline.loader.order import EpochOrder
 
 STEP = 4096  # EVA-01's global batch
 RANK_SHARE = 32  # one rank's images per step (128 GPUs)

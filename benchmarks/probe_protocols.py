@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,9 @@ from omegaconf import OmegaConf
 from threadpoolctl import threadpool_limits
 
 from eva_pipeline.config import EvaluationParams, PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import load_images, select_split, to_model_input
+from eva_pipeline.loader.pixels import load_images
+from eva_pipeline.manifest import select_split
+from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.evaluation import ProbeConfig, linear_probe_top1, split_probe
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import build_teacher, student_config

@@ -19,7 +19,7 @@ class _Params(BaseModel):
 
 # ---------------------------------------------------------------------------------------------------- ingestion
 class SourceParams(_Params):
-    """One image source. ``kind`` selects the reader (see ``eva_pipeline.data.source_kinds()`` for those available)."""
+    """One image source. ``kind`` selects the reader (see ``eva_pipeline.ingest.scan.source_kinds()`` for those available)."""
 
     name: str = Field(min_length=1)
     kind: Literal["idx", "image_folder", "file_list", "webdataset"]
@@ -191,7 +191,7 @@ class AugmentationParams(_Params):
 
 
 class LoaderParams(_Params):
-    """How training batches stream from the manifest (eva_pipeline.data.stream)."""
+    """How training batches stream from the manifest (eva_pipeline.loader.batches)."""
 
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes per rank (0: in-process)")
 

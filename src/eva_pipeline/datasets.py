@@ -10,7 +10,7 @@ import torch
 from kedro.io import AbstractDataset, DatasetError
 from torch import nn
 
-from eva_pipeline.data.manifest_file import Manifest, write_frame
+from eva_pipeline.manifest import Manifest, write_frame
 from eva_pipeline.models import extract_state_dict, save_official_checkpoint
 
 
@@ -43,9 +43,9 @@ class EvaCheckpointDataset(AbstractDataset[nn.Module, dict[str, torch.Tensor]]):
 
 
 class ManifestDataset(AbstractDataset[Manifest | pd.DataFrame, Manifest]):
-    """The image manifest as a Parquet file (:data:`~eva_pipeline.data.MANIFEST_SCHEMA`, row groups).
+    """The image manifest as a Parquet file (:data:`~eva_pipeline.manifest.MANIFEST_SCHEMA`, row groups).
 
-    ``load`` returns a lazy :class:`~eva_pipeline.data.Manifest` handle (path, ``num_rows``, ``split(name)``,
+    ``load`` returns a lazy :class:`~eva_pipeline.manifest.Manifest` handle (path, ``num_rows``, ``split(name)``,
     ``iter_batches``, streamed ``digest``), never the whole table. ``save`` takes the handle the ingestion node
     returns (its temporary file is moved into place, or a loaded manifest's file copied) or a DataFrame.
     """

@@ -19,7 +19,7 @@ import torch
 
 from eva_pipeline import preflight
 from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
-from eva_pipeline.data.stream import batch_masks
+from eva_pipeline.loader.batches import batch_masks
 from eva_pipeline.teachers import create_teacher_skeleton
 from eva_pipeline.training.engine import deepspeed_config
 from eva_pipeline.training.loop import make_optimizer, make_plan, make_schedule, make_student

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import source_kinds
+from eva_pipeline.ingest.scan import source_kinds
 from eva_pipeline.masking import BlockMaskGenerator
 from eva_pipeline.models import get_config
 from eva_pipeline.teachers import TeacherWeightsUnavailable, check_teacher_weights
@@ -30,7 +30,7 @@ def check_sources(params: IngestionParams) -> list[str]:
             problems.append(
                 f"{where}: source kind '{source.kind}' has no reader in this version (available: "
                 f"{', '.join(available)}); convert the data to an available kind or add a reader with "
-                f"eva_pipeline.data.register_source_kind"
+                f"eva_pipeline.ingest.scan.register_source_kind"
             )
         for label, path in (("images", source.images), ("labels", source.labels)):
             if path is not None and not Path(path).exists():

@@ -13,8 +13,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from eva_pipeline.config import PretrainParams
-from eva_pipeline.data.augment import RandomResizedCropFlip, View, view_rng
-from eva_pipeline.data.transforms import to_model_input
+from eva_pipeline.loader.augment import RandomResizedCropFlip, View, view_rng
+from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import mask_rng
 from eva_pipeline.models import EvaMIM
 from eva_pipeline.training import loop

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from eva_pipeline.data import manifest as manifest_mod
+from eva_pipeline.ingest import scan as scan_mod
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ingestion.py"
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.setattr(manifest_mod, "_SOURCE_READERS", dict(manifest_mod._SOURCE_READERS))  # kind stays private
+    monkeypatch.setattr(scan_mod, "_SOURCE_READERS", dict(scan_mod._SOURCE_READERS))  # kind stays private
     spec = importlib.util.spec_from_file_location("eva_bench_ingestion", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

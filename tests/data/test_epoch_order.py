@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from eva_pipeline.data.stream import EpochOrder
+from eva_pipeline.loader.order import EpochOrder
 
 #: A synthetic class-sorted manifest: just over 2**20 rows (the awkward case: the Feistel domain is 2**21).
 ROWS, CLASSES, BATCH = 1_048_583, 5_000, 4_096

@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from eva_pipeline.data import manifest as manifest_module
-from eva_pipeline.data import sources
-from eva_pipeline.data.idx import write_idx
-from eva_pipeline.data.manifest import SourceSpec, build_manifest
+from eva_pipeline.ingest import build as build_module
+from eva_pipeline.ingest import sources
+from eva_pipeline.ingest.idx import write_idx
+from eva_pipeline.ingest.scan import SourceSpec
+from eva_pipeline.ingest.build import build_manifest
 
 CACHE_KEYS = ("read", "from_cache", "removed_since_cache", "cache_invalidated")
 OLD = time.time_ns() - 600 * 10**9  # well outside the "racy" window
@@ -84,7 +85,7 @@ def _specs(root: Path, **changes) -> list[SourceSpec]:
 def reads(monkeypatch) -> set[str]:
     """Names of the units opened: image files read, shards iterated, IDX files parsed."""
     opened: set[str] = set()
-    real_open_file, real_iter, real_idx = sources._ingest_file, sources.iter_tar_files, manifest_module.read_idx
+    real_open_file, real_iter, real_idx = sources._ingest_file, sources.iter_tar_files, build_module.read_idx
 
     def ingest_file(scan, location, label):
         opened.add(Path(location).name)
@@ -100,7 +101,7 @@ def reads(monkeypatch) -> set[str]:
 
     monkeypatch.setattr(sources, "_ingest_file", ingest_file)
     monkeypatch.setattr(sources, "iter_tar_files", iter_tar)
-    monkeypatch.setattr(manifest_module, "read_idx", read_idx)
+    monkeypatch.setattr(build_module, "read_idx", read_idx)
     return opened
 
 

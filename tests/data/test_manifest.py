@@ -10,19 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eva_pipeline.data import manifest as manifest_mod
-from eva_pipeline.data.idx import read_idx, write_idx
-from eva_pipeline.data.manifest import (
-    MANIFEST_COLUMNS,
-    MANIFEST_SCHEMA,
-    SourceScan,
-    SourceSpec,
-    build_manifest,
-    manifest_digest,
-    register_source_kind,
-    select_split,
-    validate_manifest,
-)
+from eva_pipeline.ingest import scan as scan_mod
+from eva_pipeline.ingest.idx import read_idx, write_idx
+from eva_pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_digest, select_split, validate_manifest
+from eva_pipeline.ingest.scan import SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.ingest.build import build_manifest
 
 
 def test_embedded_manifest_rows_schema_and_labels(embedded, fmnist) -> None:
@@ -133,7 +125,7 @@ def test_without_dedup_a_probe_leak_is_refused(tmp_path) -> None:
 
 def test_missing_source_fails_before_any_reading(tmp_path, fmnist, monkeypatch) -> None:
     calls = []
-    monkeypatch.setitem(manifest_mod._SOURCE_READERS, "idx", lambda spec: calls.append(spec) or None)
+    monkeypatch.setitem(scan_mod._SOURCE_READERS, "idx", lambda spec: calls.append(spec) or None)
     specs = [*fmnist.specs(), SourceSpec("gone", "idx", "pretrain", tmp_path / "gone.gz", tmp_path / "gone-labels")]
     with pytest.raises(FileNotFoundError, match=r"'gone'.*gone\.gz, .*gone-labels.*data/01_raw/fashion_mnist"):
         build_manifest(specs)
@@ -171,7 +163,7 @@ def test_spec_and_build_argument_errors(fmnist) -> None:
 
 
 def test_new_source_kind_plugs_in_with_rejections(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(manifest_mod, "_SOURCE_READERS", dict(manifest_mod._SOURCE_READERS))
+    monkeypatch.setattr(scan_mod, "_SOURCE_READERS", dict(scan_mod._SOURCE_READERS))
     (tmp_path / "list.txt").write_text("ok1.png\nbroken.png\nok2.png\n")
 
     @register_source_kind("toy_list")
@@ -194,7 +186,7 @@ def test_new_source_kind_plugs_in_with_rejections(tmp_path, monkeypatch) -> None
     src = report["sources"]["files"]
     assert (src["found"], src["kept"], src["rejected"]) == (3, 2, 1)
     assert src["rejected_examples"] == [{"location": "broken.png", "reason": "cannot decode"}]
-    assert "toy_list" in manifest_mod.source_kinds()
+    assert "toy_list" in scan_mod.source_kinds()
 
 
 def test_validate_manifest_reports_every_problem(embedded) -> None:

@@ -17,21 +17,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from eva_pipeline.data import manifest as manifest_mod
-from eva_pipeline.data.idx import write_idx
-from eva_pipeline.data.manifest import (
-    MANIFEST_COLUMNS,
-    MANIFEST_DTYPES,
-    DiskSet,
-    SourceScan,
-    SourceSpec,
-    build_manifest,
-    manifest_digest,
-    register_source_kind,
-    select_split,
-    write_manifest,
-)
-from eva_pipeline.data.manifest_file import Manifest, write_frame
+from eva_pipeline import manifest as manifest_mod
+from eva_pipeline.ingest import build as build_mod
+from eva_pipeline.ingest import scan as scan_mod
+from eva_pipeline.ingest.idx import write_idx
+from eva_pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_DTYPES, manifest_digest, select_split
+from eva_pipeline.ingest.scan import DiskSet, SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.ingest.build import build_manifest, write_manifest
+from eva_pipeline.manifest import Manifest, write_frame
 
 #: Computed with the previous (in-memory, pandas) build on the embedded data, locations relative to RAW.
 GOLDEN_ALL_COLUMNS = "b77c8293b99f1c165a8c16d60bfe91884174a4e133ba10280eacb6950f838a74"
@@ -61,7 +54,7 @@ def _tiny(tmp_path: Path) -> list[SourceSpec]:
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the source registry for plug-in kinds registered by a test."""
-    monkeypatch.setattr(manifest_mod, "_SOURCE_READERS", dict(manifest_mod._SOURCE_READERS))
+    monkeypatch.setattr(scan_mod, "_SOURCE_READERS", dict(scan_mod._SOURCE_READERS))
 
 
 def _register_items(kind: str, items: dict[str, list[tuple]], scans: list | None = None) -> None:
@@ -137,7 +130,7 @@ def _reference_dedup(specs, items) -> tuple[list[str], dict[str, list[dict]]]:
             item_id = f"{specs[k].name}/{i}"
             if digest in owner:
                 dropped.add(item_id)
-                if len(examples[specs[k].name]) < manifest_mod.REPORT_EXAMPLES:
+                if len(examples[specs[k].name]) < scan_mod.REPORT_EXAMPLES:
                     examples[specs[k].name].append({"id": item_id, "duplicate_of": owner[digest]})
             elif digest is not None:
                 owner[digest] = item_id
@@ -223,13 +216,13 @@ def test_buffers_never_exceed_one_chunk(tmp_path, registry, monkeypatch) -> None
     scans: list[SourceScan] = []
     _register_synthetic("synthetic", scans)
     writers = []
-    real_writer = manifest_mod._RowGroupWriter
+    real_writer = build_mod._RowGroupWriter
 
     def writer(*args, **kwargs):
         writers.append(real_writer(*args, **kwargs))
         return writers[-1]
 
-    monkeypatch.setattr(manifest_mod, "_RowGroupWriter", writer)
+    monkeypatch.setattr(build_mod, "_RowGroupWriter", writer)
     specs = [SourceSpec("s1", "synthetic", "pretrain", tmp_path, limit=3000),
              SourceSpec("s2", "synthetic", "probe", tmp_path, limit=1000)]  # fmt: skip
     handle, report = write_manifest(specs, tmp_path / "out" / "m.parquet", chunk_rows=64, row_group_rows=200)

@@ -23,10 +23,11 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_pipeline.data import images as images_mod
-from eva_pipeline.data import row_index as row_index_mod
-from eva_pipeline.data.row_index import INDEX_DIRNAME, RowIndex, manifest_identity
-from eva_pipeline.data.stream import ManifestPixels, ParquetRows
+from eva_pipeline.loader import pixels as images_mod
+from eva_pipeline.loader import row_index as row_index_mod
+from eva_pipeline.loader.row_index import INDEX_DIRNAME, RowIndex, manifest_identity
+from eva_pipeline.loader.pixels import ManifestPixels
+from eva_pipeline.loader.rows import ParquetRows
 
 #: Rows per row group of the test manifests: many groups, splits interleaved across them.
 GROUP_ROWS = 7
@@ -139,7 +140,7 @@ def test_a_rewritten_shard_is_read_by_name(shards, tmp_path, caplog):
     _write_shard(shard, members, reverse=True)  # same members, other offsets; the manifest is unchanged
     frame = rows.rows(np.arange(len(rows)))
     picks = np.flatnonzero(frame["location"].str.startswith("shards/00000.tar#").to_numpy())
-    with caplog.at_level(logging.WARNING, logger="eva_pipeline.data.images"):
+    with caplog.at_level(logging.WARNING, logger="eva_pipeline.loader.pixels"):
         got = ManifestPixels(rows, root=tmp_path)(picks)
     for k, image in zip(picks, got):
         np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pixels[frame["location"][k]])
@@ -192,7 +193,7 @@ def test_concurrent_processes_build_one_index(tmp_path):
     manifest = _manifest([(f"img_{i}.png", i, i, "pretrain") for i in range(5000)], tmp_path / "m.parquet")
     go, processes = tmp_path / "go", 3
     code = (
-        "import os, sys, time, pathlib; from eva_pipeline.data.row_index import RowIndex\n"
+        "import os, sys, time, pathlib; from eva_pipeline.loader.row_index import RowIndex\n"
         "pathlib.Path(sys.argv[2] + f'.ready{os.getpid()}').touch()\n"
         "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
         "i = RowIndex.open(sys.argv[1], 'pretrain'); print(i.folder, len(i), i.rows([4321])['location'][0])"
@@ -258,10 +259,11 @@ def test_building_holds_one_row_group(tmp_path, monkeypatch):
 def test_loader_workers_read_through_the_index(shards, tmp_path):
     """The streaming loader over the index and tar shards: the same batches with 0 or 2 workers (each opens the
     maps itself), every image the one its row names."""
-    from eva_pipeline.data.stream import BatchPlan, EpochOrder, batch_loader
+    from eva_pipeline.loader.batches import BatchPlan, batch_loader
+    from eva_pipeline.loader.order import EpochOrder
     from eva_pipeline.masking import BlockMaskGenerator
 
-    from eva_pipeline.data.transforms import resize_uint8
+    from eva_pipeline.loader.transforms import resize_uint8
 
     _, pixels = shards
     only_tar = _manifest([(loc, a.shape[1], a.shape[0], "pretrain") for loc, a in pixels.items()],

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eva_pipeline.data import decode
-from eva_pipeline.data.images import load_images
-from eva_pipeline.data.manifest import SourceSpec, build_manifest, source_kinds
-from eva_pipeline.data.sources import detect_folder_layout, parse_list_line
+from eva_pipeline.ingest import decode
+from eva_pipeline.loader.pixels import load_images
+from eva_pipeline.ingest.scan import SourceSpec, source_kinds
+from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.ingest.sources import detect_folder_layout, parse_list_line
 
 BOMB_LIMIT = 5000  # Image.MAX_IMAGE_PIXELS during ingestion: the 100x100 "bomb" exceeds it, 32x32 images do not
 
@@ -372,7 +373,7 @@ def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_
 
     import pandas as pd
 
-    from eva_pipeline.data import sources as sources_mod
+    from eva_pipeline.ingest import sources as sources_mod
 
     layout, manifest, report = ingested
     threads: set[str] = set()
@@ -386,7 +387,7 @@ def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_
 
     monkeypatch.setattr(sources_mod, "decode_image", spy)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BOMB_LIMIT)
-    from eva_pipeline.data import scan_cache
+    from eva_pipeline.ingest import scan_cache
 
     monkeypatch.setattr(scan_cache, "RACY_NS", 0)  # the tree was written just now: cache it anyway
     specs = [dataclasses.replace(s, decode_workers=3) for s in _specs(layout)]

@@ -14,19 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_pipeline.data.augment import RandomResizedCropFlip, View, view_rng
-from eva_pipeline.data.images import PixelReader, load_images
-from eva_pipeline.data.stream import (
-    BatchPlan,
-    EpochOrder,
-    FrameRows,
-    ManifestPixels,
-    ParquetRows,
-    PretrainBatches,
-    TensorPixels,
-    batch_loader,
-    batch_masks,
-)
+from eva_pipeline.loader.augment import RandomResizedCropFlip, View, view_rng
+from eva_pipeline.loader.pixels import PixelReader, load_images
+from eva_pipeline.loader.batches import BatchPlan, PretrainBatches, batch_loader, batch_masks
+from eva_pipeline.loader.order import EpochOrder
+from eva_pipeline.loader.rows import FrameRows, ParquetRows
+from eva_pipeline.loader.pixels import ManifestPixels, TensorPixels
 from eva_pipeline.masking import BlockMaskGenerator
 
 
@@ -245,7 +238,7 @@ def test_manifest_pixels_stream_the_embedded_demo(embedded, tmp_path):
 
 
 def test_resizing_in_the_loader_equals_resizing_the_batch(images):
-    from eva_pipeline.data.transforms import to_model_input
+    from eva_pipeline.loader.transforms import to_model_input
 
     batch = PretrainBatches(_plan(images), 0, 5).batch(2)
     late = to_model_input(images[batch.indices], 16)  # what the loop did before batches were resized per image

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from eva_pipeline.data.target_store import (
+from eva_pipeline.targets.store import (
     STORE_FORMAT,
     TargetStore,
     TargetStoreError,
@@ -17,7 +17,7 @@ from eva_pipeline.data.target_store import (
     is_complete,
     load_targets,
 )
-from eva_pipeline.data.transforms import to_model_input
+from eva_pipeline.loader.transforms import to_model_input
 
 NUM_ITEMS, SHARD, PATCH, DIM = 50, 16, 7, 12  # 4 shards, the last one partial (2 rows)
 FINGERPRINT = {"manifest": "abc123", "teacher": "fake-projection-v1", "input_size": 28, "grid": [4, 4]}
@@ -133,7 +133,7 @@ def test_changed_fingerprint_recomputes_everything(tmp_path, caplog) -> None:
     assert not is_complete(tmp_path, changed)
     with pytest.raises(TargetStoreError, match=r"different fingerprint \(differs in \['teacher'\]\)"):
         load_targets(tmp_path, expected_fingerprint=changed)
-    with caplog.at_level(logging.INFO, logger="eva_pipeline.data.target_store"):
+    with caplog.at_level(logging.INFO, logger="eva_pipeline.targets.store"):
         teacher, _ = _compute(tmp_path, fingerprint=changed)
     assert teacher.calls == [16, 16, 16, 2]
     assert "fingerprint changed" in caplog.text and "removing 4 old shard(s)" in caplog.text

@@ -18,22 +18,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_pipeline.data import read_idx
-from eva_pipeline.data.augment import RandomResizedCropFlip, view_rng
-from eva_pipeline.data.target_store import (
+from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.loader.augment import RandomResizedCropFlip, view_rng
+from eva_pipeline.targets.store import (
     STORE_FORMAT,
     TargetReader,
     TargetStore,
     TargetStoreError,
     compute_targets,
-    crops_to_views,
     is_complete,
     items_and_views,
     load_targets,
     open_targets,
-    views_to_crops,
 )
-from eva_pipeline.data.transforms import to_model_input
+from eva_pipeline.loader.augment import crops_to_views, views_to_crops
+from eva_pipeline.loader.transforms import to_model_input
 
 RAW = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
 NUM_ITEMS, K, SIZE, SEED = 8, 3, 28, 7  # 24 rows
@@ -183,7 +182,7 @@ WORKER = textwrap.dedent(
     import torch
     import torch.nn.functional as F
 
-    from eva_pipeline.data.target_store import compute_targets
+    from eva_pipeline.targets.store import compute_targets
 
     N, K, SHARD = 10, 3, 4  # 30 rows, 8 shards
     FINGERPRINT = {"teacher": "patches", "n": N}

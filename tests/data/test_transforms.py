@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_pipeline.data.transforms import CLIP_MEAN, CLIP_STD, to_model_input
+from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD, to_model_input
 
 MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)

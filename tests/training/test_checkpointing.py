@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_pipeline.data import SourceSpec, build_manifest, compute_targets, load_images, load_targets
+from eva_pipeline.ingest.scan import SourceSpec
+from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.targets.store import compute_targets, load_targets
+from eva_pipeline.loader.pixels import load_images
 from eva_pipeline.models import extract_state_dict
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.checkpointing import COMPLETE_MARKER, CheckpointError

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from eva_pipeline.config import PretrainParams
-from eva_pipeline.data import build_manifest, compute_targets, load_targets, SourceSpec
+from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.targets.store import compute_targets, load_targets
+from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.models import EvaMIM, get_config, load_official_checkpoint
-from eva_pipeline.training.launch import WORKER_MODULE, launch, launch_command
+from eva_pipeline.runtime.launch import WORKER_MODULE, launch, launch_command
 from eva_pipeline.training.loop import cached_targets, run_pretraining
-from eva_pipeline.data.stream import ParquetRows
+from eva_pipeline.loader.rows import ParquetRows
 from eva_pipeline.training.validation import open_validation_set
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 from eva_test_support import make_params
@@ -63,7 +65,7 @@ def _params(ckpt: Path, world_size: int, launcher: str = "torchrun", port: int =
 @pytest.mark.parametrize(("launcher", "port"), [("torchrun", 29631), ("deepspeed", 29633)])
 def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_path, launcher, port):
     root, manifest, store = workspace
-    from eva_pipeline.data import load_images
+    from eva_pipeline.loader.pixels import load_images
 
     params_one = _params(tmp_path / "one", 1)
     validation = open_validation_set(

@@ -17,12 +17,8 @@ from eva_pipeline.config import PretrainParams
 from eva_pipeline.models import EvaMIM, get_config, get_layer_id
 from eva_pipeline.tracking import MlflowStepLogger
 from eva_pipeline.training import loop
-from eva_pipeline.training.engine import (
-    check_precision,
-    deepspeed_config,
-    initialize_engine,
-    resolve_device,
-)
+from eva_pipeline.training.engine import check_precision, deepspeed_config, initialize_engine
+from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
 from eva_test_support import make_params as make_tiny_params

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from eva_pipeline.config import PretrainParams
-from eva_pipeline.data import read_idx, to_model_input
+from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import mask_rng
 from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.training import loop
-from eva_pipeline.data.stream import batch_masks
+from eva_pipeline.loader.batches import batch_masks
 from eva_pipeline.training.loop import (
     cached_targets,
     epoch_permutation,
@@ -25,7 +26,7 @@ from eva_pipeline.training.loop import (
 )
 from eva_pipeline.training.optim import param_groups
 from eva_pipeline.training.schedule import WarmupCosineSchedule
-from eva_test_support import TINY, make_params
+from eva_test_support import make_params
 
 FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
 N, D = 32, 16  # images, target width; batch 8 -> 4 steps per epoch

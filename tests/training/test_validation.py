@@ -9,17 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_pipeline.data import compute_targets, read_idx, to_model_input
-from eva_pipeline.data.stream import TensorPixels, teacher_views
-from eva_pipeline.data.target_store import TargetStore
+from eva_pipeline.targets.store import compute_targets
+from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.loader.transforms import to_model_input
+from eva_pipeline.loader.pixels import TensorPixels
+from eva_pipeline.targets.extract import teacher_views
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.training.loop import cached_targets, run_pretraining
-from eva_pipeline.training.validation import (
-    ValidationSet,
-    validation_loss,
-    validation_mask,
-    validation_rows,
-)
+from eva_pipeline.training.validation import ValidationSet, validation_loss, validation_mask
+from eva_pipeline.loader.heldout import validation_rows
 from eva_test_support import TINY, make_params
 
 FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"

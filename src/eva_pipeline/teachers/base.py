@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eva_pipeline.data.transforms import CLIP_MEAN, CLIP_STD
+from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD
 
 #: Spec: "both resized bicubic". Antialias only acts when downscaling and then matches PIL/torchvision resizing.
 RESIZE_MODE: str = "bicubic"

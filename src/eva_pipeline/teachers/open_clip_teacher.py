@@ -25,7 +25,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME  # noqa: E
 from open_clip.transformer import VisionTransformer  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from eva_pipeline.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
+from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from eva_pipeline.teachers.base import Teacher, TeacherWeightsUnavailable, freeze  # noqa: E402
 
 DEFAULT_MODEL_NAME: str = "ViT-L-14"

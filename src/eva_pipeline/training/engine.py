@@ -17,18 +17,6 @@ from eva_pipeline.config import PretrainParams
 _SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; asking for CUDA without one is an error, not a silent fallback."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "device 'cuda' was requested but no CUDA GPU is visible to torch; use device: cpu (or auto) "
-            "or run on a GPU machine"
-        )
-    return torch.device(device)
-
-
 def check_precision(precision: str, device: torch.device) -> None:
     """fp16 needs a GPU (DeepSpeed refuses it on CPU); say so before any work starts."""
     if precision == "fp16" and device.type != "cuda":

@@ -21,13 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from eva_pipeline.config import PretrainParams
-from eva_pipeline.data.augment import RandomResizedCropFlip
-from eva_pipeline.data.stream import BatchPlan, EpochOrder, TensorPixels, batch_loader
-from eva_pipeline.data.transforms import to_model_input
+from eva_pipeline.loader.augment import RandomResizedCropFlip
+from eva_pipeline.loader.batches import BatchPlan, batch_loader
+from eva_pipeline.loader.order import EpochOrder
+from eva_pipeline.loader.pixels import TensorPixels
+from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import BlockMaskGenerator
 from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.training import checkpointing
-from eva_pipeline.training.engine import check_precision, initialize_engine, resolve_device
+from eva_pipeline.training.engine import check_precision, initialize_engine
+from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
 from eva_pipeline.training.schedule import WarmupCosineSchedule
@@ -120,7 +123,7 @@ def make_schedule(params: PretrainParams, steps_per_epoch: int) -> WarmupCosineS
 def make_plan(
     params: PretrainParams, pixels: object, img_size: int, grid: int, rank: int, world: int, stored: object = None
 ) -> BatchPlan:
-    """What the loader needs to build any step's batch of ``rank`` (see :class:`~eva_pipeline.data.stream.BatchPlan`)."""
+    """What the loader needs to build any step's batch of ``rank`` (see :class:`~eva_pipeline.loader.batches.BatchPlan`)."""
     return BatchPlan(
         pixels=pixels,
         order=epoch_order(params, len(pixels)),
@@ -159,11 +162,11 @@ def run_pretraining(
 ) -> PretrainResult:
     """Pre-train an EVA student on ``pixels`` against per-patch teacher targets.
 
-    ``pixels``: the pre-training images, a :class:`~eva_pipeline.data.stream.ManifestPixels` (streamed from the
+    ``pixels``: the pre-training images, a :class:`~eva_pipeline.loader.pixels.ManifestPixels` (streamed from the
     manifest) or a uint8 tensor (N, C, H, W) held in memory. ``targets``: a target-store reader (its targets, and
     crops when it has views, are read by the loader with the pixels) or a function ``(indices, model input) ->
     targets`` called on every batch (the online teacher). Batches stream through
-    :func:`~eva_pipeline.data.stream.batch_loader` with ``params.loader.num_workers`` workers.
+    :func:`~eva_pipeline.loader.batches.batch_loader` with ``params.loader.num_workers`` workers.
 
     Writes resumable DeepSpeed checkpoints to ``params.checkpoint.dir`` and returns the trained student (the caller
     stores it, e.g. in the official EVA-01 format). ``data_fingerprint`` identifies the images and targets (e.g.

@@ -21,16 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eva_pipeline.loader.heldout import validation_pixels
+
 #: The flattened-grid stride of the fixed validation mask (every other token masked).
 VALIDATION_MASK_STRIDE: int = 2
-
-
-def validation_rows(num_rows: int, num_images: int) -> np.ndarray:
-    """Rows of the held-out split that form the validation set: ``min(num_images, num_rows)`` evenly spaced ones."""
-    if num_rows < 1 or num_images < 1:
-        raise ValueError(f"num_rows and num_images must be positive, got {num_rows}, {num_images}")
-    count = min(num_images, num_rows)
-    return np.floor(np.arange(count) * (num_rows / count)).astype(np.int64)
 
 
 def validation_mask(num_patches: int) -> torch.Tensor:
@@ -40,32 +34,11 @@ def validation_mask(num_patches: int) -> torch.Tensor:
     return mask
 
 
-class SubsetPixels:
-    """A pixel source restricted to ``rows``: position ``i`` is row ``rows[i]`` of ``pixels`` (picklable)."""
-
-    def __init__(self, pixels: Any, rows: np.ndarray) -> None:
-        self.pixels, self.rows = pixels, np.asarray(rows, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __call__(self, positions: np.ndarray) -> list[torch.Tensor]:
-        return self.pixels(self.rows[np.asarray(positions, dtype=np.int64)])
-
-
-def validation_pixels(rows: Any, num_images: int) -> SubsetPixels:
-    """The validation images of a held-out split's rows (a RowSource), by position ``0 .. n-1``."""
-    from eva_pipeline.data.stream import ManifestPixels
-
-    pixels = ManifestPixels(rows)
-    return SubsetPixels(pixels, validation_rows(len(pixels), num_images))
-
-
 def open_validation_set(rows: Any, store: str, img_size: int, every_steps: int, batch_size: int) -> ValidationSet:
     """The validation set of a held-out split whose targets lie in the target store ``store`` (its item count is the
     number of images)."""
-    from eva_pipeline.data.stream import teacher_views
-    from eva_pipeline.data.target_store import TargetStore
+    from eva_pipeline.targets.extract import teacher_views
+    from eva_pipeline.targets.store import TargetStore
 
     targets = TargetStore(store).reader()
     pixels = validation_pixels(rows, targets.num_items)

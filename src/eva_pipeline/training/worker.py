@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from eva_pipeline.config import PretrainParams, TeacherParams
-from eva_pipeline.data.stream import ManifestPixels, ParquetRows
-from eva_pipeline.data.target_store import TargetStore
+from eva_pipeline.loader.pixels import ManifestPixels
+from eva_pipeline.loader.rows import ParquetRows
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.models import save_official_checkpoint
 from eva_pipeline.teachers import create_teacher
 from eva_pipeline.tracking import MlflowStepLogger
-from eva_pipeline.training.launch import RunFile
+from eva_pipeline.runtime.launch import RunFile
 from eva_pipeline.training.loop import TargetFn, run_pretraining
 from eva_pipeline.training.validation import ValidationSet, open_validation_set
 
@@ -50,7 +51,7 @@ def _targets(spec: RunSpec, rank: int) -> TargetFn | object:
     """The stored targets' reader (read by the loader), or the online teacher as a per-batch function."""
     if spec.targets_store is not None:
         return TargetStore(spec.targets_store).reader()
-    from eva_pipeline.training.engine import resolve_device
+    from eva_pipeline.runtime.device import resolve_device
 
     teacher_params = TeacherParams.model_validate(spec.teacher)
     device = resolve_device(spec.teacher_device)

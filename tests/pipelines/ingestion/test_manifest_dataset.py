@@ -9,7 +9,7 @@ import pytest
 from kedro.io import DatasetError
 
 from eva_pipeline.config import IngestionParams
-from eva_pipeline.data import Manifest, manifest_digest, select_split
+from eva_pipeline.manifest import Manifest, manifest_digest, select_split
 from eva_pipeline.datasets import ManifestDataset
 from eva_pipeline.pipelines.common import split_rows
 from eva_pipeline.pipelines.ingestion.nodes import build_manifest as build_manifest_node

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from eva_pipeline.data import MANIFEST_COLUMNS, validate_manifest
+from eva_pipeline.manifest import MANIFEST_COLUMNS, validate_manifest
 
 
 def test_manifest_has_every_configured_image_in_its_split(workspace, pl):
@@ -43,7 +43,7 @@ def test_report_counts_found_kept_rejected(workspace, pl):
 
 
 def test_catalog_loads_a_lazy_manifest(workspace, pl):
-    from eva_pipeline.data import Manifest, manifest_digest, select_split
+    from eva_pipeline.manifest import Manifest, manifest_digest, select_split
     from eva_pipeline.pipelines.common import split_rows
 
     workspace.run("ingestion")
@@ -56,7 +56,7 @@ def test_catalog_loads_a_lazy_manifest(workspace, pl):
         assert handle.digest(split) == manifest_digest(select_split(frame, split))
     # the node's temporary manifest was moved into place: no temporary or work file beside it (the loader's row
     # index cache, built by a later stage of the shared workspace, may be there)
-    from eva_pipeline.data.row_index import INDEX_DIRNAME
+    from eva_pipeline.loader.row_index import INDEX_DIRNAME
 
     beside = [p.name for p in workspace.path("manifest").parent.iterdir() if p.name != INDEX_DIRNAME]
     assert beside == ["manifest.parquet"]

@@ -8,11 +8,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from eva_pipeline.data import load_images, load_targets, manifest_digest, select_split, to_model_input
-from eva_pipeline.data.transforms import resize_uint8
+from eva_pipeline.loader.pixels import load_images
+from eva_pipeline.targets.store import load_targets
+from eva_pipeline.manifest import manifest_digest, select_split
+from eva_pipeline.loader.transforms import to_model_input
+from eva_pipeline.loader.transforms import resize_uint8
 from eva_pipeline.teachers import create_teacher
-from eva_pipeline.teachers import extract as extract_mod
-from eva_pipeline.training.validation import validation_rows
+from eva_pipeline.targets import extract as extract_mod
+from eva_pipeline.loader.heldout import validation_rows
 
 GRID, TARGET_DIM = 7, 112  # eva_tiny_patch4_28: 28 px / patch 4; EfficientNet-Lite0 block 10: 112 channels
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import select_split
-from eva_pipeline.data.stream import BatchPlan, FrameRows, ManifestPixels, PretrainBatches
-from eva_pipeline.data.target_store import TargetStore
-from eva_pipeline.data.transforms import to_model_input
+from eva_pipeline.manifest import select_split
+from eva_pipeline.loader.batches import BatchPlan, PretrainBatches
+from eva_pipeline.loader.rows import FrameRows
+from eva_pipeline.loader.pixels import ManifestPixels
+from eva_pipeline.targets.store import TargetStore
+from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.pipelines.common import build_teacher
 from eva_pipeline.pipelines.teacher_targets.nodes import compute_teacher_targets
 from eva_pipeline.preflight import PreflightError, check_augmentation, raise_if_problems

@@ -89,7 +89,9 @@ def test_mask_picture_shows_the_first_training_views(workspace):
     import pandas as pd
 
     from eva_pipeline.config import PretrainParams
-    from eva_pipeline.data.stream import BatchPlan, FrameRows, ManifestPixels, PretrainBatches
+    from eva_pipeline.loader.batches import BatchPlan, PretrainBatches
+    from eva_pipeline.loader.rows import FrameRows
+    from eva_pipeline.loader.pixels import ManifestPixels
     from eva_pipeline.pipelines.train_student.nodes import draw_mask_examples
     from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator
 
@@ -119,9 +121,12 @@ def test_val_loss_is_the_fixed_mask_loss_of_the_held_out_images(workspace, pl):
     (whole images, as stored with their targets), every other token masked, token mean of -cos."""
     import torch.nn.functional as F
 
-    from eva_pipeline.data import load_images, load_targets, select_split, to_model_input
-    from eva_pipeline.data.transforms import resize_uint8
-    from eva_pipeline.training.validation import validation_rows
+    from eva_pipeline.loader.pixels import load_images
+    from eva_pipeline.targets.store import load_targets
+    from eva_pipeline.manifest import select_split
+    from eva_pipeline.loader.transforms import to_model_input
+    from eva_pipeline.loader.transforms import resize_uint8
+    from eva_pipeline.loader.heldout import validation_rows
 
     workspace.run("train_student")
     history = pd.read_csv(workspace.path("pretrain_history"))

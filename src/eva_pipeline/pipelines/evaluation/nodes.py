@@ -7,10 +7,11 @@ import torch
 from matplotlib.figure import Figure
 
 from eva_pipeline.config import EvaluationParams, PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import load_images, to_model_input
+from eva_pipeline.loader.pixels import load_images
+from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.evaluation import ProbeConfig, extract_features, linear_probe_top1, probe_bar_chart, split_probe
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
-from eva_pipeline.data import Manifest
+from eva_pipeline.manifest import Manifest
 from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
 from eva_pipeline.training.loop import initial_student
 

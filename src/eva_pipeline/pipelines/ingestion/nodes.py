@@ -10,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from eva_pipeline.config import IngestionParams
-from eva_pipeline.data import Manifest, SourceSpec, write_manifest
+from eva_pipeline.manifest import Manifest
+from eva_pipeline.ingest.scan import SourceSpec
+from eva_pipeline.ingest.build import write_manifest
 
 
 def build_manifest(params: IngestionParams) -> tuple[Manifest, dict]:
@@ -20,7 +22,7 @@ def build_manifest(params: IngestionParams) -> tuple[Manifest, dict]:
     With ``cache_dir`` a re-run reads only the files / shards that are new or changed since the last run.
 
     The manifest is written in row groups to a temporary Parquet file (next to ``cache_dir`` when set, so on the
-    data disk; else in the system temp folder) and returned as a :class:`~eva_pipeline.data.Manifest` handle that
+    data disk; else in the system temp folder) and returned as a :class:`~eva_pipeline.manifest.Manifest` handle that
     owns it: the ``manifest`` dataset (``eva_pipeline.datasets.ManifestDataset``) moves the file into place.
     Memory does not grow with the number of images.
     """

@@ -1,4 +1,4 @@
-"""Thin node over the teacher-target extraction (``eva_pipeline.teachers.extract``) and the target store."""
+"""Thin node over the teacher-target extraction (``eva_pipeline.targets.extract``) and the target store."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import pandas as pd
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import Manifest
-from eva_pipeline.data.target_store import TargetStore, TargetStoreError
+from eva_pipeline.manifest import Manifest
+from eva_pipeline.targets.store import TargetStore, TargetStoreError
 from eva_pipeline.pipelines.common import manifest_file, split_digest, split_source, student_config
 from eva_pipeline.teachers import teacher_target_dim
-from eva_pipeline.teachers.extract import ExtractSpec, extract
-from eva_pipeline.training.launch import launch
+from eva_pipeline.targets.extract import ExtractSpec, extract
+from eva_pipeline.runtime.launch import launch
 
-EXTRACT_MODULE = "eva_pipeline.teachers.extract"
+EXTRACT_MODULE = "eva_pipeline.targets.extract"
 
 
 VALIDATION_STORE = "validation"  # sub-folder of output_dir holding the validation set's targets

@@ -11,15 +11,16 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.data import Manifest
-from eva_pipeline.data.stream import BatchPlan, ManifestPixels, PretrainBatches
-from eva_pipeline.data.target_store import TargetStore
+from eva_pipeline.manifest import Manifest
+from eva_pipeline.loader.batches import BatchPlan, PretrainBatches
+from eva_pipeline.loader.pixels import ManifestPixels
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.evaluation import loss_curve, mask_overview
 from eva_pipeline.pipelines.common import build_teacher, manifest_file, split_source, student_config
 from eva_pipeline.preflight import check_augmentation, raise_if_problems
 from eva_pipeline.tracking import active_run_logger
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
-from eva_pipeline.training.launch import launch
+from eva_pipeline.runtime.launch import launch
 from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator, run_pretraining
 from eva_pipeline.training.validation import ValidationSet, open_validation_set
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec

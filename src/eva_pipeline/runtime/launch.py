@@ -2,7 +2,7 @@
 
 Kedro runs one process; running ``kedro run`` under a launcher would repeat upstream nodes on every rank, race dataset
 writes and open one MLflow run per rank. Instead a node writes a frozen run file and launches a Kedro-free worker
-module (``eva_pipeline.training.worker`` for training, ``eva_pipeline.teachers.extract`` for teacher targets)
+module (``eva_pipeline.training.worker`` for training, ``eva_pipeline.targets.extract`` for teacher targets)
 through the DeepSpeed launcher (GPUs, multi-node with a hostfile) or torch elastic.
 """
 

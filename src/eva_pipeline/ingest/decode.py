@@ -1,7 +1,7 @@
 """Robust decoding of one encoded image: an RGB PIL image, or a rejection reason. Never raises on bad input.
 
 Every source reader (image folders, file lists, webdataset shards) and the pixel loader go through
-:func:`decode_image`, so what ingestion accepts is exactly what :func:`~eva_pipeline.data.images.load_images` can
+:func:`decode_image`, so what ingestion accepts is exactly what :func:`~eva_pipeline.loader.pixels.load_images` can
 decode, with the same size (EXIF rotation applied in both). The public EVA loader silently substitutes another
 image for an unreadable one; here an unreadable item is rejected with a reason that the ingestion report records.
 

@@ -1,8 +1,8 @@
 """Teacher-target extraction, in the Kedro process or as one of several ranks: ``python -m
-eva_pipeline.teachers.extract <run.json>``.
+eva_pipeline.targets.extract <run.json>``.
 
 The teacher_targets node writes one frozen :class:`ExtractSpec` and, for ``world_size > 1``, starts a rank per GPU
-through the DeepSpeed launcher or torch elastic (:mod:`eva_pipeline.training.launch`). Each rank streams the images
+through the DeepSpeed launcher or torch elastic (:mod:`eva_pipeline.runtime.launch`). Each rank streams the images
 of its own shards from the manifest (shard ``s`` belongs to rank ``s % world_size``), runs the teacher on its device
 and writes them; a killed extraction resumes with only the missing shards, with any number of ranks.
 """
@@ -15,16 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from eva_pipeline.config import AugmentationParams, TeacherParams
-from eva_pipeline.data.augment import RandomResizedCropFlip
-from eva_pipeline.data.stream import ManifestPixels, ParquetRows, teacher_views
-from eva_pipeline.data.target_store import TargetStore, compute_targets
+from eva_pipeline.loader.augment import RandomResizedCropFlip, view_rng
+from eva_pipeline.loader.pixels import ManifestPixels
+from eva_pipeline.loader.rows import ParquetRows
+from eva_pipeline.loader.transforms import resize_uint8, stack_images
+from eva_pipeline.targets.store import TargetStore, compute_targets
 from eva_pipeline.teachers import create_teacher
-from eva_pipeline.training.engine import resolve_device
-from eva_pipeline.training.launch import RunFile
-from eva_pipeline.training.validation import SubsetPixels, validation_pixels
+from eva_pipeline.runtime.device import resolve_device
+from eva_pipeline.runtime.launch import RunFile
+from eva_pipeline.loader.heldout import SubsetPixels, validation_pixels
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def item_pixels(rows: Any, num_images: int = 0) -> ManifestPixels | SubsetPixels
 def extract(spec: ExtractSpec, rank: int = 0, world_size: int = 1, rows: Any = None, progress: bool = True) -> Path:
     """Compute this rank's shards of the store (all of them with one rank); returns the store folder.
 
-    ``rows``: the rows of ``spec.split`` as a :class:`~eva_pipeline.data.stream.RowSource` (default: streamed from
+    ``rows``: the rows of ``spec.split`` as a :class:`~eva_pipeline.loader.rows.RowSource` (default: streamed from
     ``spec.manifest``).
     """
     if TargetStore(spec.store).is_complete(spec.fingerprint):  # nothing to do: not even the teacher is built
@@ -87,9 +90,42 @@ def extract(spec: ExtractSpec, rank: int = 0, world_size: int = 1, rows: Any = N
 def main(argv: list[str] | None = None) -> None:
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     if len(args) != 1:
-        raise SystemExit("usage: python -m eva_pipeline.teachers.extract <run.json>")
+        raise SystemExit("usage: python -m eva_pipeline.targets.extract <run.json>")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     extract(ExtractSpec.read(Path(args[0])), rank, world)
+
+
+def teacher_views(
+    pixels: Any, img_size: int, views_per_item: int, augment: RandomResizedCropFlip | None, seed: int
+) -> Any:
+    """``batch_fn`` of target extraction: store rows ``[start, stop)`` -> model input (and crops).
+
+    ``views_per_item`` 0: one row per image, the whole image resized (no crops stored). K >= 1: row ``i*K + k`` is
+    view ``k`` of image ``i``, drawn from ``view_rng(seed, k, i)``, the view the ``augment`` loader mode draws in
+    epoch ``k``; its crop is returned with the input so that training reads exactly what the teacher saw.
+    """
+    from eva_pipeline.targets.store import items_and_views
+    from eva_pipeline.loader.augment import views_to_crops
+    from eva_pipeline.loader.transforms import to_model_input
+
+    if views_per_item < 0 or (views_per_item and augment is None):
+        raise ValueError(f"views_per_item must be 0, or >= 1 with an augmentation; got {views_per_item}")
+
+    def batch_fn(start: int, stop: int) -> Any:
+        if views_per_item == 0:
+            images = [resize_uint8(im, img_size) for im in pixels(np.arange(start, stop))]
+            return to_model_input(stack_images(images), img_size)
+        items, views = items_and_views(start, stop, views_per_item)
+        unique, inverse = np.unique(items, return_inverse=True)  # each image decoded once for its K views
+        decoded = pixels(unique)
+        chosen = [
+            augment.sample(decoded[j].shape[-2], decoded[j].shape[-1], view_rng(seed, int(k), int(i)))
+            for j, i, k in zip(inverse, items, views)
+        ]
+        crops = [augment.apply(decoded[j], v) for j, v in zip(inverse, chosen)]
+        return to_model_input(stack_images(crops), img_size), views_to_crops(chosen)
+
+    return batch_fn
 
 
 if __name__ == "__main__":

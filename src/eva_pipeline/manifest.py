@@ -1,9 +1,12 @@
-"""A manifest on disk, read lazily: :class:`Manifest` is what the ``manifest`` catalog entry loads.
+"""The manifest: the torch-free contract between stages, one row per image, whatever container it lives in.
 
-A Merged-30M manifest has 29.6M rows; no stage needs them all in one DataFrame. :class:`Manifest` keeps only the
-path and the Parquet footer; :meth:`Manifest.split` materialises the rows of one split (what a stage consumes),
-:meth:`Manifest.iter_batches` streams, :meth:`Manifest.digest` computes :func:`~eva_pipeline.data.manifest_digest`
-of a split without loading it (the same value, so caches and DVC keyed on it do not change).
+Every stage after ingestion (teacher targets, pre-training, probing) reads images only through the manifest, so the
+schema is written for large sources too: ``location`` is a plain file path, ``"path#index"`` for an item of an
+array container (IDX), or ``"shard.tar#member"``. The ``split`` column keeps probe images out of pre-training;
+``content_hash`` lets ingestion keep the same image out of both. This module holds the schema, its validation,
+split selection, the pixel digest that keys caches, and :class:`Manifest`, the lazy handle of a manifest Parquet
+file that the ``manifest`` catalog entry loads (a Merged-30M manifest has 29.6M rows; no stage needs them all in
+one DataFrame). Ingestion (:mod:`eva_pipeline.ingest`) writes it; the loader and the stages read it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import os
 import shutil
 import weakref
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,17 +24,126 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from eva_pipeline.data.manifest import (
-    MANIFEST_COLUMNS,
-    MANIFEST_SCHEMA,
-    PIXEL_DIGEST_COLUMNS,
-    REQUIRED_COLUMNS,
-    ROW_GROUP_ROWS,
-    SPLITS,
-    manifest_file_schema,
+#: What images are for. Probe images are held out: never used in pre-training.
+SPLITS: tuple[str, ...] = ("pretrain", "probe")
+
+#: Column order and types of a manifest on disk (parquet). ``content_hash`` is the sha1 hex of the item's raw
+#: bytes (the encoded file, or the H*W*C pixel bytes of an array item); null where a source cannot afford hashing.
+MANIFEST_SCHEMA: pa.Schema = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("location", pa.string(), nullable=False),
+        pa.field("label", pa.int64(), nullable=True),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("size_bytes", pa.int64(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=True),
+    ]
 )
+MANIFEST_COLUMNS: tuple[str, ...] = tuple(MANIFEST_SCHEMA.names)
+#: ``content_hash`` may be absent from a manifest; every other column is required.
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in MANIFEST_COLUMNS if c != "content_hash")
+#: The pandas dtypes of the same columns ("str": pandas' default string dtype).
+MANIFEST_DTYPES: dict[str, str] = {
+    "id": "str",
+    "source": "str",
+    "location": "str",
+    "label": "Int64",
+    "width": "int32",
+    "height": "int32",
+    "size_bytes": "int64",
+    "split": "str",
+    "content_hash": "str",
+}
+_STRING_COLUMNS = ("id", "source", "location", "split")
+#: Columns that determine the pixels of the rows (not labels or splits): what a target cache must depend on.
+PIXEL_DIGEST_COLUMNS: tuple[str, ...] = ("id", "location", "width", "height", "size_bytes", "content_hash")
+#: Rows per row group of the manifest Parquet file (Arrow-side buffer of the writer).
+ROW_GROUP_ROWS: int = 65_536
 
 
+@lru_cache(maxsize=None)
+def manifest_file_schema(columns: tuple[str, ...] = MANIFEST_COLUMNS) -> pa.Schema:
+    """:data:`MANIFEST_SCHEMA` (restricted to ``columns``) plus pandas metadata, so that ``pd.read_parquet`` and
+    ``Table.to_pandas`` give the manifest's dtypes (:data:`MANIFEST_DTYPES`: ``label`` Int64 even with nulls)."""
+    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    empty = pd.DataFrame({c: pd.Series([], dtype=MANIFEST_DTYPES[c]) for c in columns})
+    meta = pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata
+    return schema.with_metadata(meta)
+
+
+
+def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
+    """Check columns, dtypes, unique ids and locations, split values and probe/pretrain leakage; returns ``df``.
+
+    All problems are collected into one ValueError, so a bad manifest is fixed in one round.
+    """
+    errors: list[str] = []
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"manifest is missing columns {missing}; expected {list(MANIFEST_COLUMNS)}")
+    for col in _STRING_COLUMNS + (("content_hash",) if "content_hash" in df.columns else ()):
+        series = df[col]
+        if not (pd.api.types.is_string_dtype(series.dtype) or series.dtype == object):
+            errors.append(f"column {col!r} must hold strings, has dtype {series.dtype}")
+            continue
+        values = series.dropna()
+        if not values.map(lambda v: isinstance(v, str)).all():
+            errors.append(f"column {col!r} holds non-string values")
+        if col != "content_hash" and (len(values) != len(series) or (values == "").any()):
+            errors.append(f"column {col!r} has missing or empty values")
+    if str(df["label"].dtype) not in ("Int64", "int64"):
+        errors.append(f"column 'label' must be Int64 (nullable integer), has dtype {df['label'].dtype}")
+    for col, want in (("width", "int32"), ("height", "int32"), ("size_bytes", "int64")):
+        if str(df[col].dtype) != want:
+            errors.append(f"column {col!r} must be {want}, has dtype {df[col].dtype}")
+        elif col != "size_bytes" and (df[col] <= 0).any():
+            errors.append(f"column {col!r} has non-positive values")
+        elif col == "size_bytes" and (df[col] < 0).any():
+            errors.append("column 'size_bytes' has negative values")
+    for col in ("id", "location"):
+        dupes = df[col][df[col].duplicated()].unique()
+        if len(dupes):
+            errors.append(f"{len(dupes)} duplicate {col}(s), e.g. {list(dupes[:5])}")
+    bad_splits = sorted(set(df["split"].dropna().unique()) - set(SPLITS))
+    if bad_splits:
+        errors.append(f"unknown split value(s) {bad_splits}; allowed: {list(SPLITS)}")
+    if "content_hash" in df.columns:
+        hashes = df[["content_hash", "split"]].dropna()
+        probe = set(hashes.loc[hashes["split"] == "probe", "content_hash"])
+        leaked = hashes.loc[(hashes["split"] != "probe") & hashes["content_hash"].isin(probe)]
+        if len(leaked):
+            errors.append(f"{len(leaked)} pre-training image(s) are also probe images (same content_hash)")
+    if errors:
+        raise ValueError("invalid manifest:\n  - " + "\n  - ".join(errors))
+    return df
+
+
+def select_split(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Rows of one split in manifest order, with a fresh 0..n-1 index (row i <-> target row i)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return manifest[manifest["split"] == split].reset_index(drop=True)
+
+
+def manifest_digest(manifest: pd.DataFrame, columns: Sequence[str] = PIXEL_DIGEST_COLUMNS) -> str:
+    """sha256 hex of the given columns, row order included: a stable key for caches derived from the images.
+
+    By default only the columns that determine pixels count, so relabelling does not invalidate teacher targets.
+    Columns absent from the manifest are skipped (e.g. ``content_hash``).
+    """
+    h = hashlib.sha256()
+    cols = [c for c in columns if c in manifest.columns]
+    h.update(("\x1f".join(cols) + f"\x1e{len(manifest)}\x1e").encode())
+    for col in cols:
+        values = manifest[col].astype(object).where(manifest[col].notna(), None)
+        h.update(("\x1f".join("\x00" if v is None else str(v) for v in values) + "\x1e").encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- file handle
 def _check_split(split: str | None) -> None:
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -41,7 +154,7 @@ def _rmtree(path: Path) -> None:
 
 
 class Manifest:
-    """A manifest Parquet file (:data:`~eva_pipeline.data.MANIFEST_SCHEMA` columns, manifest row order).
+    """A manifest Parquet file (:data:`~eva_pipeline.manifest.MANIFEST_SCHEMA` columns, manifest row order).
 
     ``owned_dir``: a temporary folder holding the file (what an ingestion build returns); it is removed when the
     handle is collected, and :meth:`save` then moves the file instead of copying it.
@@ -121,7 +234,7 @@ class Manifest:
 
     def split(self, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Rows of split ``name`` in manifest order with a fresh 0..n-1 index: what
-        :func:`~eva_pipeline.data.select_split` gives on the whole DataFrame (same dtypes)."""
+        :func:`~eva_pipeline.manifest.select_split` gives on the whole DataFrame (same dtypes)."""
         if name is None:
             raise ValueError(f"split must be one of {SPLITS}, got None")
         _check_split(name)
@@ -143,7 +256,7 @@ class Manifest:
         columns: Sequence[str] = PIXEL_DIGEST_COLUMNS,
         batch_rows: int = ROW_GROUP_ROWS,
     ) -> str:
-        """:func:`~eva_pipeline.data.manifest_digest` of the rows of ``split`` (all rows: None), streamed: one pass
+        """:func:`~eva_pipeline.manifest.manifest_digest` of the rows of ``split`` (all rows: None), streamed: one pass
         per column, one batch in memory. Equal to ``manifest_digest(select_split(df, split), columns)``."""
         _check_split(split)
         cols = [c for c in columns if c in self.columns]

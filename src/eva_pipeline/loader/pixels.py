@@ -1,12 +1,12 @@
 """Pixels for manifest rows: resolve each ``location`` to a uint8 image, reading every container only once.
 
-Locations are ``"path"`` (an encoded image file, decoded as RGB by :func:`~eva_pipeline.data.decode.decode_image`,
+Locations are ``"path"`` (an encoded image file, decoded as RGB by :func:`~eva_pipeline.ingest.decode.decode_image`,
 EXIF rotation applied, as at ingestion) or ``"path#member"`` (an item inside a container: IDX, or a webdataset
 ``.tar`` shard; more through :func:`register_container`). Rows that share a container are
 gathered with one read and one fancy index, so the 10k-image demo loads in a fraction of a second.
 
 A streaming loader reads scattered single rows instead (:class:`PixelReader`): a tar member whose data offset and
-size are known (the manifest row index of :mod:`eva_pipeline.data.row_index`) is one seek and one read, like an
+size are known (the manifest row index of :mod:`eva_pipeline.loader.row_index`) is one seek and one read, like an
 image file, whatever the order of the rows.
 """
 
@@ -18,14 +18,14 @@ import os
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from eva_pipeline.data.decode import decode_image
-from eva_pipeline.data.idx import read_idx
+from eva_pipeline.ingest.decode import decode_image
+from eva_pipeline.ingest.idx import read_idx
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _decode_or_raise(data: bytes, name: str) -> np.ndarray:
 @register_container(_is_tar, pixel_hashes=False)
 def _read_tar_members(path: Path, members: list[str]) -> np.ndarray:
     """Members of one webdataset tar shard -> (n, H, W, 3); the shard is read once, stopping after the last one."""
-    from eva_pipeline.data.sources import iter_tar_files
+    from eva_pipeline.ingest.sources import iter_tar_files
 
     wanted = set(members)
     found: dict[str, bytes] = {}
@@ -351,3 +351,39 @@ def _check_hashes(
                 f"content of {ids[row]!r} ({locations[row]}) does not match its content_hash: the source changed "
                 "since ingestion, re-run the ingestion pipeline"
             )
+
+
+# -------------------------------------------------------------------------------------------------- samples
+class ManifestPixels:
+    """Pixels of sample indices: manifest rows (a :class:`RowSource`) decoded by a :class:`PixelReader`."""
+
+    def __init__(self, rows: Any, root: str | Path | None = None) -> None:
+        self.rows, self.reader = rows, PixelReader(root)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __call__(self, indices: np.ndarray) -> list[torch.Tensor]:
+        frame = self.rows.rows(indices)
+        spans = None
+        if "member_offset" in frame.columns:  # tar members located by the row index: one seek each
+            spans = list(zip(frame["member_offset"].tolist(), frame["member_size"].tolist()))
+        pixels = self.reader.read(frame["location"].tolist(), spans)
+        return [torch.from_numpy(a).permute(2, 0, 1) for a in pixels]
+
+
+class TensorPixels:
+    """Pixels of sample indices from images already in memory (uint8 (N, C, H, W)): tests and tiny data."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __call__(self, indices: np.ndarray) -> list[torch.Tensor]:
+        return list(self.images[torch.as_tensor(np.asarray(indices))])
+
+

@@ -40,7 +40,7 @@ CACHE_KIB = 8_192
 #: Entries of one unit buffered before they are inserted.
 _FLUSH_ROWS = 4_096
 _ITEM, _REJECTION = 1, 2
-_KEEP = object()
+KEEP_LABEL = object()
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -108,7 +108,7 @@ class _UnitSink:
     def add(
         self, location: str, label: int | None, width: int, height: int, size_bytes: int, digest: str | None
     ) -> None:
-        if self.label is not _KEEP:
+        if self.label is not KEEP_LABEL:
             label = self.label
         self.scan.add(location, label, width, height, size_bytes, digest)
         if self._db is not None:
@@ -193,7 +193,7 @@ class UnitCache:
         paths: Sequence[str | os.PathLike[str]],
         read: Callable[[Any], dict[str, Any] | None],
         *,
-        label: Any = _KEEP,
+        label: Any = KEEP_LABEL,
         reusable: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, Any]:
         """Add one unit's items and rejections to ``scan``: from the cache when its stamp matches (and
@@ -265,7 +265,7 @@ class UnitCache:
         )
         for kind, location, item_label, width, height, size_bytes, digest, reason, detail in rows:
             if kind == _ITEM:
-                scan.add(location, item_label if label is _KEEP else label, width, height, size_bytes, digest)
+                scan.add(location, item_label if label is KEEP_LABEL else label, width, height, size_bytes, digest)
             else:
                 scan.reject(location, reason, detail or "")
 

@@ -1,6 +1,6 @@
 """A memory-mapped index of one split of a manifest: any row in O(1), for a loader that reads rows in random order.
 
-Every epoch visits the rows in a uniform random order (:class:`~eva_pipeline.data.stream.EpochOrder`), so a batch's
+Every epoch visits the rows in a uniform random order (:class:`~eva_pipeline.loader.order.EpochOrder`), so a batch's
 rows are scattered over the whole manifest: reading them from the Parquet file would decode nearly every 65k-row
 group at every step, and finding a tar member by name would scan its shard's headers for every image. The index is built once per manifest
 file and split, streamed over the row groups (memory: one row group and one shard's member table), and holds per
@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from eva_pipeline.data.images import reads_as_tar, split_location, tar_member_spans
+from eva_pipeline.loader.pixels import reads_as_tar, split_location, tar_member_spans
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class RowIndex:
         """The index of ``split`` of ``manifest``, built first unless a complete one for this very file exists.
 
         ``root``: the folder relative shard paths resolve against (default: the working directory, as
-        :class:`~eva_pipeline.data.images.PixelReader`). ``cache_dir``: where indices live (default: next to the
+        :class:`~eva_pipeline.loader.pixels.PixelReader`). ``cache_dir``: where indices live (default: next to the
         manifest, :data:`INDEX_DIRNAME`).
         """
         manifest = Path(manifest)

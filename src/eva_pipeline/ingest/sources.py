@@ -1,7 +1,7 @@
 """Source readers for encoded images: ``image_folder``, ``file_list`` and ``webdataset`` (registered on import).
 
 Every candidate item is read once, hashed (sha1 of the raw file bytes: ``content_hash``) and fully decoded with
-:func:`~eva_pipeline.data.decode.decode_image`, so the manifest's width/height are those after EXIF rotation and
+:func:`~eva_pipeline.ingest.decode.decode_image`, so the manifest's width/height are those after EXIF rotation and
 an unreadable item becomes a rejection with a reason in the ingestion report; nothing is dropped silently and
 nothing is substituted. ``limit`` keeps the first ``limit`` candidates (in sorted order); the rest are counted
 in ``available`` without being read (webdataset: reading stops, see ``available_is_lower_bound``).
@@ -10,14 +10,14 @@ Locations: a file is its path (the source's folder or the list file's folder joi
 so relative sources give relative locations); a webdataset item is ``"shard.tar#member"``. A ``#`` inside a
 file path or member name would make the location ambiguous, so such items are rejected (``unsupported path``).
 
-Incremental scans: given a :class:`~eva_pipeline.data.scan_cache.UnitCache` (``units``), each image file and each
+Incremental scans: given a :class:`~eva_pipeline.ingest.scan_cache.UnitCache` (``units``), each image file and each
 shard is one cache unit; an unchanged one is replayed from the cache without being opened.
 
 Parallel decode: with ``decode_workers > 1`` a :class:`UnitRunner` reads and decodes the next uncached files (or
 shards) in a thread pool (Pillow's decoders and hashlib release the GIL) while results are recorded strictly in
 scan order, so the manifest, the report and the cache are identical to a single-threaded scan.
 
-Memory: readers stream items into the :class:`~eva_pipeline.data.manifest.SourceScan` (which spills to disk) and
+Memory: readers stream items into the :class:`~eva_pipeline.ingest.scan.SourceScan` (which spills to disk) and
 hold at most one directory listing per tree level, one shard sample, or (file lists) one chunk of seen lines.
 """
 
@@ -30,9 +30,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from eva_pipeline.data.decode import IMAGE_EXTENSIONS, decode_image, is_image_name
-from eva_pipeline.data.manifest import SourceScan, SourceSpec, StringSet, register_source_kind
-from eva_pipeline.data.scan_cache import _KEEP, UnitCache
+from eva_pipeline.ingest.decode import IMAGE_EXTENSIONS, decode_image, is_image_name
+from eva_pipeline.ingest.scan import SourceScan, SourceSpec, StringSet, register_source_kind
+from eva_pipeline.ingest.scan_cache import KEEP_LABEL, UnitCache
 
 MISSING = "missing file"
 UNREADABLE = "unreadable file"
@@ -150,7 +150,7 @@ class UnitRunner:
         paths: list[Any],
         read: Callable[[Any], dict[str, Any] | None],
         *,
-        label: Any = _KEEP,
+        label: Any = KEEP_LABEL,
         reusable: Callable[[dict[str, Any]], bool] | None = None,
         done: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
@@ -162,7 +162,7 @@ class UnitRunner:
         def run() -> None:
             reader = read if future is None else (lambda sink: future.result().replay(sink))
             if self.units is None:
-                meta = reader(self.scan if label is _KEEP else _Labelled(self.scan, label)) or {}
+                meta = reader(self.scan if label is KEEP_LABEL else _Labelled(self.scan, label)) or {}
             else:
                 meta = self.units.run(self.scan, unit, paths, reader, label=label, reusable=reusable)
             if done is not None:

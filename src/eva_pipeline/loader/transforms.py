@@ -62,3 +62,11 @@ def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
         image[None].float(), size=(size, size), mode=RESIZE_MODE, align_corners=False, antialias=RESIZE_ANTIALIAS
     )
     return x.clamp_(0.0, 255.0).round_()[0].to(torch.uint8)
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """One (n, C, H, W) batch of same-size uint8 images; grayscale ones are broadcast to the widest channel count."""
+    import torch
+
+    channels = max(im.shape[0] for im in images)
+    return torch.stack([im.expand(channels, -1, -1) for im in images])

@@ -8,7 +8,7 @@ Layout (format 2). A store is a folder holding ``meta.json`` and shards ``shard_
      "stop": end row, "targets": fp16 (rows, num_tokens, dim), "crops": int32 (rows, 5) (optional)}
 
 ``crops`` holds the crop each target's teacher input was made from: (top, left, height, width, flip) in source
-pixels (see :class:`~eva_pipeline.data.augment.View`), so training can re-apply exactly that crop to the image and
+pixels (see :class:`~eva_pipeline.loader.augment.View`), so training can re-apply exactly that crop to the image and
 see what the teacher saw.
 
 What the targets depend on (manifest content digest, teacher description, input size, grid, and for augmented
@@ -48,24 +48,20 @@ import secrets
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from eva_pipeline.data.augment import View
+from eva_pipeline.loader.augment import CROP_DTYPE, CROP_FIELDS
 
 logger = logging.getLogger(__name__)
 
 META_FILE: str = "meta.json"
 STORE_FORMAT: int = 2
 TARGET_DTYPE: torch.dtype = torch.float16
-CROP_DTYPE: torch.dtype = torch.int32
-#: Columns of a stored crop, in order.
-CROP_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
 DEFAULT_MAX_OPEN_SHARDS: int = 16
 _SHARD_GLOB = "shard_*.pt"
 _SHARD_RE = re.compile(r"^shard_(\d+)_([0-9a-f]+)\.pt$")
@@ -111,19 +107,6 @@ def items_and_views(start: int, stop: int, views_per_item: int) -> tuple[np.ndar
     """(item, view) int64 arrays of rows ``start .. stop - 1`` (row = item * views_per_item + view)."""
     rows = np.arange(start, stop, dtype=np.int64)
     return rows // views_per_item, rows % views_per_item
-
-
-def views_to_crops(views: Sequence["View"]) -> Tensor:
-    """int32 (n, 5) crops (top, left, height, width, flip) of ``views``: what ``batch_fn`` returns with images."""
-    rows = [(v.top, v.left, v.height, v.width, int(v.flip)) for v in views]
-    return torch.tensor(rows, dtype=CROP_DTYPE).reshape(len(rows), len(CROP_FIELDS))
-
-
-def crops_to_views(crops: Tensor) -> list["View"]:
-    """The :class:`~eva_pipeline.data.augment.View` of each stored crop row (inverse of :func:`views_to_crops`)."""
-    from eva_pipeline.data.augment import View
-
-    return [View(int(t), int(l), int(h), int(w), bool(f)) for t, l, h, w, f in crops.tolist()]
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:

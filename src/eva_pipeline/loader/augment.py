@@ -8,10 +8,12 @@ see the identical crop, a resumed run sees the identical views, and the box can 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 _TRIES = 10  # torchvision's RandomResizedCrop
 
@@ -84,3 +86,20 @@ class RandomResizedCropFlip:
 def view_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator for the view of sample ``index`` in ``epoch`` (a stream apart from the mask's)."""
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, index, 0xC209]))
+
+
+# ---------------------------------------------------------------------------------------------- stored form
+CROP_DTYPE: torch.dtype = torch.int32
+#: Columns of a stored crop, in order.
+CROP_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")
+
+
+def views_to_crops(views: Sequence[View]) -> Tensor:
+    """int32 (n, 5) crops (top, left, height, width, flip) of ``views``: what ``batch_fn`` returns with images."""
+    rows = [(v.top, v.left, v.height, v.width, int(v.flip)) for v in views]
+    return torch.tensor(rows, dtype=CROP_DTYPE).reshape(len(rows), len(CROP_FIELDS))
+
+
+def crops_to_views(crops: Tensor) -> list[View]:
+    """The :class:`~eva_pipeline.loader.augment.View` of each stored crop row (inverse of :func:`views_to_crops`)."""
+    return [View(int(t), int(l), int(h), int(w), bool(f)) for t, l, h, w, f in crops.tolist()]

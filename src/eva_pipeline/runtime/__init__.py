@@ -1,0 +1,1 @@
+"""Process plumbing shared by training and target extraction: devices and the multi-process launch."""
