@@ -1,4 +1,4 @@
-"""Official EVA-01 checkpoint format (spec 8): ``{"model": state_dict}`` in fp16, readable by timm and the EVA code."""
+"""Official EVA-01 checkpoint format: ``{"model": state_dict}`` in fp16, readable by timm and the EVA code."""
 
 from __future__ import annotations
 
