@@ -81,7 +81,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
 }
 
-# Optimiser: EVA-01 pre-training (spec 6).
+# Optimiser: EVA-01 pre-training (EVA paper, Sec. 2.2; run_eva_pretraining.py).
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP_GRAD = 1e-3, (0.9, 0.98), 1e-6, 0.05, 3.0
 
 

@@ -1,4 +1,4 @@
-"""Block-wise masking reproduces BEiT/EVA's statistics (spec section 3) and is reproducible from a seed."""
+"""Block-wise masking reproduces BEiT/EVA's statistics (``masking_generator.py``) and is reproducible from a seed."""
 
 import numpy as np
 import pytest

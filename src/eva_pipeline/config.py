@@ -160,7 +160,7 @@ class TeacherTargetsParams(_Params):
 
 # ---------------------------------------------------------------------------------------------------- pretrain
 class MaskingParams(_Params):
-    """Block-wise masking (spec section 3)."""
+    """Block-wise masking (BEiT's ``MaskingGenerator``, EVA-01 ``masking_generator.py``)."""
 
     num_masking_patches: int = Field(ge=1)
     min_num_patches: int = Field(default=16, ge=1)
@@ -169,7 +169,7 @@ class MaskingParams(_Params):
 
 
 class OptimizerParams(_Params):
-    """AdamW and the warmup + cosine schedule (spec section 6)."""
+    """AdamW and the warmup + cosine schedule (EVA paper, Sec. 2.2; EVA-01 ``run_eva_pretraining.py``)."""
 
     lr: float = Field(gt=0)
     min_lr: float = Field(ge=0)
@@ -181,8 +181,9 @@ class OptimizerParams(_Params):
 
 
 class AugmentationParams(_Params):
-    """EVA's view augmentation (spec section 7); student and teacher see the same view: the online teacher sees
-    the student's crop, stored targets (teacher_targets.views_per_image >= 1) carry the crop they were made of."""
+    """EVA-01's pre-training view augmentation (flip p=0.5, RandomResizedCrop); student and teacher see the same
+    view: the online teacher sees the student's crop, stored targets (teacher_targets.views_per_image >= 1) carry
+    the crop they were made of."""
 
     enabled: bool = False
     scale: tuple[float, float] = (0.2, 1.0)

@@ -1,4 +1,5 @@
-"""Block-wise masking for masked image modeling (BEiT's algorithm, as EVA uses it; spec section 3).
+"""Block-wise masking for masked image modeling (BEiT's algorithm, as EVA uses it: EVA-01
+``masking_generator.py``).
 
 Rectangles of patches with a log-uniform aspect ratio are added until the target count is reached. Draws come
 from an explicit ``numpy.random.Generator`` so every mask is reproducible from a seed, independent of which data
@@ -97,7 +98,8 @@ def mask_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def alternating_mask(num_patches: int) -> np.ndarray:
-    """The fixed validation mask: every other token (flattened indices 0::2) is masked (spec section 5)."""
+    """The fixed validation mask: every other token (flattened indices 0::2) is masked, as in the public EVA-01
+    code's validation loss."""
     if num_patches < 1:
         raise ValueError(f"num_patches must be >= 1, got {num_patches}")
     mask = np.zeros(num_patches, dtype=bool)

@@ -1,6 +1,6 @@
-"""EVA's pre-training view augmentation (spec section 7): flip p=0.5 + RandomResizedCrop(scale (0.2, 1),
-ratio (3/4, 4/3), bicubic, 10 tries then a centre crop), seeded per (seed, epoch, index); student and teacher see
-the identical augmented tensor (spec section 4)."""
+"""EVA-01's pre-training view augmentation (as ``run_eva_pretraining.py`` builds it): flip p=0.5 +
+RandomResizedCrop(scale (0.2, 1), ratio (3/4, 4/3), bicubic, 10 tries then a centre crop), seeded per
+(seed, epoch, index); student and teacher see the identical augmented tensor (as in EVA-01)."""
 
 from __future__ import annotations
 

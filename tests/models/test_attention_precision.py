@@ -1,10 +1,11 @@
-"""Fused attention (``attn_impl: sdpa``) against the spec's attention (QK^T and softmax in fp32, ``eager``).
+"""Fused attention (``attn_impl: sdpa``) against the official EVA-01 attention (QK^T and softmax in fp32,
+``eager``).
 
-In fp32 the two are the same math. In bf16 the spec path still computes the logits and softmax in fp32 while sdpa
+In fp32 the two are the same math. In bf16 the eager path still computes the logits and softmax in fp32 while sdpa
 stays in bf16, so they differ; what matters is whether sdpa is any further from the exact result. Measured against
 an fp64 reference of the same weights, over softmaxes from flat to peaked (qkv gain 1, 4, 8), sdpa's relative error is
-never more than 1.1x the spec path's (both ~0.4-4%, the bf16 rounding of the projections). The documented tolerance:
-**sdpa may replace the spec path in bf16 when its error is within 10% of the spec path's**. This is why eva01 keeps
+never more than 1.1x the eager path's (both ~0.4-4%, the bf16 rounding of the projections). The documented tolerance:
+**sdpa may replace the eager path in bf16 when its error is within 10% of the eager path's**. This is why eva01 keeps
 ``attn_impl: sdpa`` (conf/eva01/parameters_pretrain.yml).
 """
 
@@ -16,7 +17,7 @@ import torch
 from eva_pipeline.models.eva import EvaAttention
 
 WIDTH, HEADS, TOKENS = 1408, 16, 257  # EVA-g/14: head dim 88, 16x16 patches + cls
-TOLERANCE = 1.10  # sdpa's error / the spec path's error, at most
+TOLERANCE = 1.10  # sdpa's error / the eager path's error, at most
 
 
 def _pair(gain: float) -> tuple[EvaAttention, EvaAttention]:

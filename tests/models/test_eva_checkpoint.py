@@ -1,4 +1,4 @@
-"""Official-format checkpoint I/O (spec 8): fp16 {"model": ...}, wrappers, clear mismatch errors, pos_embed resample."""
+"""Official EVA-01 checkpoint I/O: fp16 {"model": ...}, wrappers, clear mismatch errors, pos_embed resample."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""MIM forward semantics (spec 2), attention implementations, gradient checkpointing, frozen patch embedding,
-layer ids (spec 9)."""
+"""MIM forward semantics (EVA-01 ``modeling_pretrain.py``), attention implementations, gradient checkpointing,
+frozen patch embedding, layer ids (EVA-01 ``optim_factory.py``)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def mask() -> torch.Tensor:
 
 
 def _reference_features(model: EvaMIM, images: torch.Tensor, mask: torch.Tensor, after_pos: bool = False):
-    """The spec's formula, written independently: x*(1-w) + mask_token*w, then cls and pos_embed."""
+    """EVA-01's masking formula (``modeling_pretrain.py``), written independently: x*(1-w) + mask_token*w, then cls
+    and pos_embed."""
     x = model.patch_embed(images)
     w = mask.unsqueeze(-1).to(x.dtype)
     if not after_pos:

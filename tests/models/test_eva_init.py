@@ -1,4 +1,5 @@
-"""Pre-training init statistics (spec 1): trunc-normal 0.015 at +-1 sigma, 1/sqrt(2i) rescale, zero biases."""
+"""Pre-training init statistics (EVA-01 ``modeling_pretrain.py``): trunc-normal 0.015 at +-1 sigma, 1/sqrt(2i)
+rescale, zero biases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Parameter counts and state-dict keys against the spec (sections 1 and 8); giant only ever on the meta device."""
+"""Parameter counts and state-dict keys against the official EVA-01 models and checkpoints; giant only ever on the
+meta device."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_timm_giant_count_and_key_compatibility(giant_mim: torch.nn.Module) -> N
 
 
 def _official_mim_keys(depth: int) -> list[str]:
-    """Spec 8, written out by hand."""
+    """The released EVA-01 MIM checkpoint's keys, written out by hand."""
     keys = ["cls_token", "mask_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
     for i in range(depth):
         keys += [

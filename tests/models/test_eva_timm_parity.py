@@ -1,4 +1,5 @@
-"""Numerical equivalence with timm's Eva after its official-checkpoint filter (spec 8), fp32."""
+"""Numerical equivalence with timm's Eva after its official-checkpoint filter (``checkpoint_filter_fn`` in
+timm/models/eva.py), fp32."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The dry run builds every object of a configured run without data, weights or GPU (eva01: the paper's recipe).
 
-Library level on the merged eva01 parameters (exact numbers from the spec), and the ``kedro dry-run`` command in the
-real project folder: it must exit 0, print the plan and write nothing.
+Library level on the merged eva01 parameters (exact numbers of the EVA-01 recipe), and the ``kedro dry-run`` command
+in the real project folder: it must exit 0, print the plan and write nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from eva_pipeline.dry_run import dry_run
 from eva_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
 
 ROOT = Path(__file__).resolve().parents[2]
-MERGED_30M = 29_663_232  # 7242 full batches of 4096 (spec section 6)
+MERGED_30M = 29_663_232  # 7242 full batches of 4096 (EVA-01's steps per epoch on Merged-30M)
 
 
 def _blocks(env: str, **pretrain_changes) -> tuple:
@@ -38,7 +38,7 @@ def eva01_report():
 
 def test_eva01_dry_run_builds_the_paper_models(eva01_report):
     facts = eva01_report.facts
-    assert facts["student_parameters"] == 1_012_229_632  # EVA-g/14 MIM model (spec section 1)
+    assert facts["student_parameters"] == 1_012_229_632  # EVA-g/14 MIM model, as the official EVA-01 code builds it
     assert facts["teacher_parameters"] == 303_966_208  # CLIP ViT-L/14 image tower, architecture only
     assert facts["target_dim"] == 768
 
@@ -54,7 +54,7 @@ def test_eva01_dry_run_builds_groups_schedule_loader_and_deepspeed(eva01_report)
     assert facts["not_decayed_parameters"] == one_d + 257 * width + width  # + pos_embed + cls_token
     assert (facts["steps_per_epoch"], facts["total_steps"], facts["warmup_steps"]) == (7242, 1_086_300, 14_484)
     assert facts["micro_batch"] == 32 and facts["view_mode"] == "augment"
-    assert 104.0 < facts["mean_masked"] <= 105  # BEiT masking on 16x16 with 105 targeted (spec section 3)
+    assert 104.0 < facts["mean_masked"] <= 105  # BEiT's block-wise masking on 16x16 with 105 targeted
     assert facts["validation_masked_tokens"] == 128
     ds = facts["deepspeed"]
     assert ds["train_batch_size"] == 4096 and ds["train_micro_batch_size_per_gpu"] == 32

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.ingest.build import build_manifest
-from eva_pipeline.targets.store import compute_targets, load_targets
+from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.loader.pixels import load_images
-from eva_pipeline.models import extract_state_dict
+import eva_pipeline.models.checkpoint as model_checkpoint
+from eva_pipeline.models import CheckpointError, create_model, extract_state_dict, load_official_checkpoint
+from eva_pipeline.targets.store import compute_targets, load_targets
 from eva_pipeline.training import checkpointing
-from eva_pipeline.training.checkpointing import COMPLETE_MARKER, CheckpointError
+from eva_pipeline.training.checkpointing import COMPLETE_MARKER
 from eva_pipeline.training.loop import cached_targets, run_pretraining
 from eva_pipeline.training.worker import WEIGHTS_FILE, RunSpec
 from eva_test_support import make_params
@@ -175,3 +176,27 @@ def test_unwritable_checkpoint_folder_fails_before_training(workspace, tmp_path)
     params = make_params(blocker / "ckpt", epochs=1)
     with pytest.raises(CheckpointError, match="is not writable"):
         _train(params, workspace)
+
+
+class _UnreadableEngine:
+    """A DeepSpeed engine stand-in whose every checkpoint file is unreadable."""
+
+    def load_checkpoint(self, root: str, tag: str):
+        raise EOFError(f"{root}/{tag}: truncated")
+
+
+def test_one_checkpoint_error_for_training_state_and_official_files(tmp_path):
+    assert checkpointing.CheckpointError is model_checkpoint.CheckpointError is CheckpointError
+    # Handlers written for either former base class keep catching it.
+    assert issubclass(CheckpointError, ValueError) and issubclass(CheckpointError, RuntimeError)
+
+    (tmp_path / "step_2").mkdir()
+    (tmp_path / "step_2" / COMPLETE_MARKER).write_text("")
+    with pytest.raises(CheckpointError, match="no checkpoint .* could be loaded.*EOFError"):
+        checkpointing.resume(_UnreadableEngine(), tmp_path, fingerprint="f")
+
+    model = create_model("eva_tiny_patch4_28", embed_dim=32, depth=2, num_heads=2, mlp_hidden_dim=64, target_dim=8)
+    with pytest.raises(CheckpointError, match="no state dict found"):
+        load_official_checkpoint(model, {"epoch": 3})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_official_checkpoint(model, {"model": {"cls_token": torch.zeros(1, 1, 16)}})

@@ -1,4 +1,5 @@
-"""DeepSpeed engine setup (spec section 6) and the MLflow step logger.
+"""DeepSpeed engine setup (EVA paper, Sec. 2.2: ZeRO stage 1, fp16 with dynamic loss scaling) and the MLflow step
+logger.
 
 The DeepSpeed config must carry the paper's settings (ZeRO-1, reduce bucket 5e8, clipping 3.0, fp16 dynamic loss
 scale 2^16 / 500 / 2 / 1); impossible precision/device requests must fail before any work; and the engine's ZeRO

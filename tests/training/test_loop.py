@@ -1,5 +1,6 @@
-"""The pre-training loop over DeepSpeed (spec sections 3, 5, 6): same math as a plain PyTorch loop, it learns,
-resumes exactly, keeps its checkpoints in order, and every batch/mask is a pure function of the seed."""
+"""The EVA-01 pre-training loop over DeepSpeed (block masking, cosine loss, AdamW + warmup/cosine): same math as a
+plain PyTorch loop, it learns, resumes exactly, keeps its checkpoints in order, and every batch/mask is a pure
+function of the seed."""
 
 from __future__ import annotations
 

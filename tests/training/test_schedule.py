@@ -1,4 +1,5 @@
-"""The per-step warmup + cosine LR reproduces EVA-01's logged epoch-mean learning rates (spec section 6)."""
+"""The per-step warmup + cosine LR reproduces EVA-01's logged epoch-mean learning rates (``cosine_scheduler`` in
+EVA-01 ``utils.py``)."""
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def test_epoch_mean_lr_matches_reference(eva01, epoch, logged_mean_lr):
 
 
 def test_matches_beit_cosine_scheduler_exactly(eva01):
-    """Closed form == the reference's array construction (linspace warmup, then cos(pi * i / len))."""
+    """Closed form == BEiT/EVA ``cosine_scheduler``'s array construction (linspace warmup, then cos(pi * i / len))."""
     total, warmup = 150 * STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH
     iters = np.arange(total - warmup)
     reference = np.concatenate(

@@ -1,4 +1,5 @@
-"""EVA's pre-training augmentation (spec section 7): horizontal flip p=0.5, RandomResizedCrop, bicubic.
+"""EVA-01's pre-training augmentation (built by ``run_eva_pretraining.py``): horizontal flip p=0.5,
+RandomResizedCrop, bicubic.
 
 Crop boxes are drawn from a per-sample ``numpy.random.Generator`` (torchvision's algorithm: 10 tries, then a
 centre crop clamped to the ratio range), so a view is a pure function of (seed, epoch, index): student and teacher

@@ -1,4 +1,5 @@
-"""Image normalisation shared by student and teacher (spec section 4: both see the identical tensor)."""
+"""Image normalisation shared by student and teacher (EVA-01: both see the same crop, normalised with CLIP's
+mean/std, so the tensors are identical)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ if TYPE_CHECKING:  # torch is imported on use: modules that only need the consta
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-#: Spec section 4/7: bicubic resizing; antialias matches PIL when downscaling (and the teachers' resize).
+#: EVA-01 resizes student and teacher inputs bicubically; antialias matches PIL when downscaling (and the
+#: teachers' resize).
 RESIZE_MODE: str = "bicubic"
 RESIZE_ANTIALIAS: bool = True
 
@@ -20,7 +22,8 @@ def to_model_input(images: torch.Tensor, size: int, *, chunk_size: int = 256) ->
 
     Grayscale is replicated to 3 channels only when writing the output, so any resize runs on one channel. The
     bicubic resize happens only when (H, W) != (size, size); its result is clamped and rounded to 0..255 so the
-    output equals resizing the uint8 image first (as PIL/torchvision do in the reference) and then normalising.
+    output equals resizing the uint8 image first (as PIL/torchvision do in the official pipeline) and then
+    normalising.
     Works chunk by chunk straight into the preallocated output: peak extra memory is one float chunk.
     """
     import torch

@@ -1,4 +1,4 @@
-"""Official EVA-01 checkpoint format (spec 8): ``{"model": state_dict}`` in fp16, readable by timm and the EVA code."""
+"""Official EVA-01 checkpoint format: ``{"model": state_dict}`` in fp16, readable by timm and the EVA code."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ _WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 _NUM_PREFIX_TOKENS = 1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message lists every offending key."""
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint that cannot be used: an official file that does not fit the model (the message lists every
+    offending key), or training state that cannot be saved or resumed (``eva_pipeline.training.checkpointing``: the
+    message says which files and what state is intact).
+
+    Both bases: loading an official checkpoint raised ``ValueError`` and training checkpointing ``RuntimeError``
+    before the two were one class, so handlers written for either keep working.
+    """
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,13 @@ from typing import Literal
 AttnImpl = Literal["eager", "sdpa"]
 ATTN_IMPLS: tuple[str, ...] = ("eager", "sdpa")
 
-# Output width of the MIM head when the teacher is OpenAI CLIP ViT-L/14 (its projected patch tokens, spec 4).
+# Output width of the MIM head when the teacher is OpenAI CLIP ViT-L/14 (its patch tokens
+# after ``ln_post`` and ``@ proj``, as in EVA paper Sec. 2.2).
 CLIP_L14_TARGET_DIM = 768
-# Spec 1: trunc-normal std of every pre-training weight, and LayerNorm eps.
+# EVA-01 modeling_pretrain.py: trunc-normal std of every pre-training weight, and LayerNorm eps.
 PRETRAIN_INIT_STD = 0.015
 LN_EPS = 1e-6
-# Spec 1: drop path linspace(0, 0.1, depth) in pre-training.
+# EVA-01 pre-training (run_eva_pretraining.py): drop path linspace(0, 0.1, depth).
 PRETRAIN_DROP_PATH_RATE = 0.1
 
 
@@ -26,9 +27,10 @@ def _positive_int(name: str, value: object) -> None:
 class EvaConfig:
     """Shape and numerics of one EVA ViT. Validated on creation so a bad config fails before any allocation.
 
-    ``attn_impl``: ``"eager"`` is the spec's precision (q scaled, QK^T and softmax in fp32, probabilities cast back
-    to the activation dtype); ``"sdpa"`` uses ``torch.nn.functional.scaled_dot_product_attention``, which is faster
-    but computes the softmax in the input dtype (fp16/bf16 under mixed precision), so it is not bit-faithful there.
+    ``attn_impl``: ``"eager"`` is the official code's precision (q scaled, QK^T and softmax in fp32, probabilities
+    cast back to the activation dtype); ``"sdpa"`` uses ``torch.nn.functional.scaled_dot_product_attention``, which
+    is faster but computes the softmax in the input dtype (fp16/bf16 under mixed precision), so it is not
+    bit-faithful there.
     """
 
     img_size: int

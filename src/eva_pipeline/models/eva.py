@@ -1,6 +1,7 @@
-"""EVA-01 vanilla ViT (spec sections 1, 2, 9) with the official EVA-01 state-dict key names.
+"""EVA-01 vanilla ViT (EVA paper, Sec. 2.2; official code: EVA-01 ``modeling_pretrain.py`` for pre-training,
+``run_class_finetuning.py`` for fine-tuning) with the official EVA-01 state-dict key names.
 
-Module names are chosen so that ``state_dict()`` keys are exactly the released checkpoints' keys (spec 8); timm
+Module names are chosen so that ``state_dict()`` keys are exactly the released EVA-01 checkpoints' keys; timm
 building blocks are used wherever their parameter names agree (``PatchEmbed``, ``Mlp``, ``LayerNormFp32``,
 ``DropPath``, ``trunc_normal_``).
 """
@@ -18,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from eva_pipeline.models.config import EvaConfig
 
-# Spec 9: fine-tune head init = trunc-normal std 0.02 (timm's default absolute bounds +-2, as BEiT/EVA fine-tune
-# code), then weight and bias scaled by 0.001.
+# EVA-01 fine-tuning (run_class_finetuning.py): head init = trunc-normal std 0.02 (timm's default absolute
+# bounds +-2, as BEiT/EVA fine-tune code), then weight and bias scaled by 0.001.
 HEAD_INIT_STD = 0.02
 HEAD_INIT_SCALE = 1e-3
 
@@ -57,7 +58,7 @@ class EvaAttention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_impl == "sdpa":
-            # Softmax in the input dtype: fast, but not the spec's fp32 softmax under fp16/bf16.
+            # Softmax in the input dtype: fast, but not the official code's fp32 QK^T/softmax under fp16/bf16.
             x = F.scaled_dot_product_attention(q, k, v)
         else:
             q = q * self.scale
@@ -69,7 +70,7 @@ class EvaAttention(nn.Module):
 
 
 class EvaBlock(nn.Module):
-    """Pre-norm transformer block; no layer scale, no relative position bias (spec 1)."""
+    """Pre-norm transformer block; no layer scale, no relative position bias (EVA-01 pre-training)."""
 
     def __init__(
         self, dim: int, num_heads: int, mlp_hidden_dim: int, drop_path: float, ln_eps: float, attn_impl: str
@@ -89,7 +90,8 @@ class EvaBlock(nn.Module):
 class EvaViT(nn.Module):
     """The EVA encoder: patch embedding, cls token, absolute pos_embed and ``depth`` blocks, no final norm.
 
-    Subclasses add their heads and then call :meth:`init_weights`, so the spec init covers their modules too.
+    Subclasses add their heads and then call :meth:`init_weights`, so EVA's pre-training init covers their modules
+    too.
     """
 
     def __init__(self, config: EvaConfig, *, initialise: bool = True) -> None:
@@ -115,7 +117,8 @@ class EvaViT(nn.Module):
     # ---- initialisation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Spec 1 init; a no-op on the meta device (nothing to fill), call again after ``to_empty``."""
+        """EVA-01's pre-training init (``modeling_pretrain.py``); a no-op on the meta device (nothing to fill), call
+        again after ``to_empty``."""
         if self.cls_token.is_meta:
             return
         std = self.config.init_std
@@ -182,7 +185,8 @@ class EvaViT(nn.Module):
 
 
 class EvaMIM(EvaViT):
-    """Pre-training model (spec 2): mask_token before cls/pos, final LayerNorm, ``lm_head`` on masked tokens."""
+    """Pre-training model (EVA-01 ``modeling_pretrain.py``): mask_token before cls/pos, final LayerNorm, ``lm_head``
+    on masked tokens."""
 
     def __init__(self, config: EvaConfig, *, initialise: bool = True) -> None:
         super().__init__(config, initialise=False)
@@ -227,7 +231,7 @@ class EvaMIM(EvaViT):
 
 
 class EvaClassifier(EvaViT):
-    """Fine-tune model (spec 9): mean of patch tokens (cls excluded) -> fc_norm -> head.
+    """Fine-tune model (EVA-01 ``run_class_finetuning.py``): mean of patch tokens (cls excluded) -> fc_norm -> head.
 
     ``freeze_patch_embed`` (default, as every EVA fine-tune) sets the patch embedding's ``requires_grad`` to False and
     detaches its output, so no gradient or optimizer state is spent on it.
@@ -266,7 +270,8 @@ class EvaClassifier(EvaViT):
 
 
 def get_layer_id(param_name: str, num_layers: int) -> int:
-    """Layer id for layer-wise LR decay (spec 9): embeddings 0, ``blocks.i`` i + 1, everything after = depth + 1.
+    """Layer id for layer-wise LR decay (EVA-01 ``optim_factory.py``): embeddings 0, ``blocks.i`` i + 1, everything
+    after = depth + 1.
 
     ``num_layers`` is the encoder depth (40 for EVA-g); the scale is then ``decay ** (num_layers + 1 - id)``.
     DDP/compile wrapper prefixes (``module.``, ``_orig_mod.``) are ignored.

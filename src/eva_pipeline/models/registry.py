@@ -9,11 +9,12 @@ from typing import Any
 from eva_pipeline.models.config import EvaConfig
 from eva_pipeline.models.eva import EvaClassifier, EvaMIM
 
-# Spec 9: drop path 0.4 in the IN-21K and IN-1K fine-tunes.
+# EVA-01 fine-tuning (run_class_finetuning.py, EVA-01 README commands): drop path 0.4 in the IN-21K and IN-1K
+# fine-tunes.
 FINETUNE_DROP_PATH_RATE = 0.4
 
 _CONFIGS: dict[str, EvaConfig] = {
-    # EVA-g/14, the paper's 1.0B model (spec 1).
+    # EVA-g/14, the paper's 1.0B model (EVA paper, Sec. 2.2).
     "eva_giant_patch14_224": EvaConfig(
         img_size=224, patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_hidden_dim=6144
     ),

@@ -1,4 +1,4 @@
-"""Frozen teachers that produce one regression target per student patch (spec section 4), Kedro-free.
+"""Frozen teachers that produce one regression target per student patch (EVA paper, Sec. 2.2), Kedro-free.
 
 ``OpenClipTeacher`` is the paper's teacher (OpenAI CLIP ViT-L/14); ``EfficientNetLiteTeacher`` is the packaged real
 network usable offline. Both follow :class:`Teacher`: ``targets(images, grid) -> (B, gh*gw, target_dim)``.

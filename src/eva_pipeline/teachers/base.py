@@ -1,6 +1,6 @@
 """The teacher interface: frozen networks that turn the student's image tensor into one target per student patch.
 
-Spec section 4: student and teacher see the same crop. The student tensor is CLIP-normalised; each teacher brings
+As in EVA-01, student and teacher see the same crop. The student tensor is CLIP-normalised; each teacher brings
 it to its own input size (bicubic) and its own normalisation, and returns its token grid flattened row-major so
 that target ``i`` belongs to student patch ``i``.
 """
@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD
 
-#: Spec: "both resized bicubic". Antialias only acts when downscaling and then matches PIL/torchvision resizing.
+#: EVA-01 resizes both student and teacher inputs bicubically. Antialias only acts when downscaling and then
+#: matches PIL/torchvision resizing.
 RESIZE_MODE: str = "bicubic"
 RESIZE_ANTIALIAS: bool = True
-#: The student images are normalised with these (spec section 4).
+#: The student images are normalised with these (CLIP's mean/std, as EVA-01 does).
 STUDENT_MEAN: tuple[float, float, float] = CLIP_MEAN
 STUDENT_STD: tuple[float, float, float] = CLIP_STD
 IMAGE_CHANNELS: int = 3

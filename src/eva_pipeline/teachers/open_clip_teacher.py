@@ -1,12 +1,14 @@
-"""OpenCLIP vision tower as the EVA teacher (spec section 4): last-layer patch tokens -> ``ln_post`` -> ``@ proj``.
+"""OpenCLIP vision tower as the EVA teacher (EVA paper, Sec. 2.2: OpenAI CLIP ViT-L/14): last-layer patch tokens
+-> ``ln_post`` -> ``@ proj``.
 
 Weights are resolved *before* the model is built and only from local files or caches, so a missing checkpoint
 fails in well under a second with instructions instead of after minutes of hub retries or a 2.4 GB build.
 
 Grid: the teacher's grid is ``image_size // patch_size``. When the student grid differs from the native one, build
 the teacher with ``image_size=(patch*gh, patch*gw)``: open_clip then resizes the learned position embedding
-bicubically while loading the checkpoint (``open_clip.model.resize_pos_embed``), which is the spec's
-"bicubic pos-embed interpolation if a grid ever differs". A mismatch at call time raises ValueError saying so.
+bicubically while loading the checkpoint (``open_clip.model.resize_pos_embed``), the bicubic
+pos-embed interpolation EVA-01 itself uses when a grid changes (fine-tuning at 336/560). A mismatch at call time
+raises ValueError saying so.
 """
 
 from __future__ import annotations

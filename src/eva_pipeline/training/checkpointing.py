@@ -14,15 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+# The one checkpoint error class lives in the lower layer (models); saving/resuming raises it too.
+from eva_pipeline.models.checkpoint import CheckpointError
+
 log = logging.getLogger(__name__)
 
 PREFIX = "step_"
 COMPLETE_MARKER = ".complete"
 LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """Saving or resuming failed; the message says which files and what state is intact."""
 
 
 def tag_for(step: int) -> str:

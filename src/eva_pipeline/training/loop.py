@@ -91,8 +91,8 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def make_student(params: PretrainParams, target_dim: int) -> EvaMIM:
-    """The student of ``params`` with an lm_head of ``target_dim`` (the teacher's width), spec-initialised from the
-    current torch generator (seeded identically on every rank)."""
+    """The student of ``params`` with an lm_head of ``target_dim`` (the teacher's width), initialised as EVA-01's
+    ``modeling_pretrain.py`` does, from the current torch generator (seeded identically on every rank)."""
     return EvaMIM(get_config(params.model.name, **{**params.model.overrides, "target_dim": target_dim}))
 
 
@@ -103,7 +103,7 @@ def initial_student(params: PretrainParams, target_dim: int) -> EvaMIM:
 
 
 def make_optimizer(model: torch.nn.Module, params: PretrainParams) -> torch.optim.AdamW:
-    """AdamW over EVA's weight-decay groups (spec section 6)."""
+    """AdamW over EVA's weight-decay groups (EVA-01 ``optim_factory.py``)."""
     o = params.optimizer
     config = AdamWConfig(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     return build_adamw(param_groups(model, o.weight_decay), config)

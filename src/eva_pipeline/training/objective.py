@@ -1,4 +1,5 @@
-"""The EVA pre-training objective (spec section 5)."""
+"""The EVA pre-training objective: negative cosine similarity to the teacher's features on masked patches (EVA paper,
+Sec. 2.2; EVA-01 ``engine_for_pretraining.py``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ def mim_cosine_loss(pred: torch.Tensor, target: torch.Tensor, num_tokens: float 
     """Negative cosine similarity averaged over all masked tokens of the batch (a token mean, not per image).
 
     ``pred`` and ``target`` are (num_masked_tokens, D); both are upcast to fp32 so an fp16 student is compared
-    in full precision, as the reference does. ``num_tokens`` divides the sum instead of the local count: with data
+    in full precision, as the official code does. ``num_tokens`` divides the sum instead of the local count: with data
     parallelism, each rank passes (global masked tokens / ranks) so the averaged gradient is the global token mean.
     """
     if pred.shape != target.shape:

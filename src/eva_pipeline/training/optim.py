@@ -1,4 +1,5 @@
-"""AdamW parameter groups: EVA's weight-decay exclusions and optional layer-wise LR decay (spec sections 6 and 9)."""
+"""AdamW parameter groups: EVA's weight-decay exclusions and optional layer-wise LR decay (EVA-01
+``optim_factory.py``, inherited from BEiT)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-step learning-rate schedule: linear warmup from a start value, then half-cosine to a floor (spec section 6).
+"""Per-step learning-rate schedule: linear warmup from a start value, then half-cosine to a floor (EVA-01
+``utils.py``).
 
 Matches BEiT/EVA's ``cosine_scheduler`` value for value (warmup is ``linspace(start, base, warmup_steps)``, both ends
 included), but is evaluated in closed form per step instead of materialising a million-entry array.
@@ -37,7 +38,7 @@ class WarmupCosineSchedule:
         warmup_epochs: float = 0,
         start_value: float = 0.0,
     ) -> WarmupCosineSchedule:
-        """The reference's epoch-denominated form: warmup and length in epochs of ``steps_per_epoch`` steps."""
+        """``cosine_scheduler``'s epoch-denominated form: warmup and length in epochs of ``steps_per_epoch`` steps."""
         return cls(
             base_value=base_value,
             final_value=final_value,

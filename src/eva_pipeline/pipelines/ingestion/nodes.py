@@ -1,4 +1,4 @@
-"""Thin nodes over ``eva_pipeline.data``."""
+"""Thin nodes over ``eva_pipeline.ingest``."""
 
 from __future__ import annotations
 
