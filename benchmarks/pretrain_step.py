@@ -10,9 +10,9 @@ Three training steps are timed in one process, on the same batch, masks and prec
     loss ``-cosine.mean()``; ``torch.optim.AdamW`` + ``clip_grad_norm_(3.0)``; autocast for bf16/fp16 (+ GradScaler
     for fp16).
 ``ours_online``
-    The body of ``eva_pipeline.training.loop.run_pretraining``'s step: ``EvaMIM`` (lm_head on masked tokens only),
-    ``mim_cosine_loss``, DeepSpeed engine (ZeRO-1) from ``initialize_engine`` over ``build_adamw(param_groups(..))``,
-    targets from ``OpenClipTeacher.targets`` every step.
+    ``eva_pipeline.training.loop.train_step``, the very step ``run_pretraining`` runs (not a copy of it): ``EvaMIM``
+    (lm_head on masked tokens only), ``mim_cosine_loss``, DeepSpeed engine (ZeRO-1) from ``initialize_engine`` over
+    ``build_adamw(param_groups(..))``, targets from ``OpenClipTeacher.targets`` every step.
 ``ours_cached``
     The same step and engine with targets looked up in a precomputed fp16 store (``cached_targets``), the mode of
     the embedded default configuration.
@@ -258,11 +258,13 @@ def make_batch(cfg: BenchConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return images, masks.bool()
 
 
-PHASE_PREFIX = "bench::"
+# train_step marks its own forward/backward/optimizer ranges with this prefix
+# (eva_pipeline.training.loop.STEP_PHASE_PREFIX); the reference step and the targets use it too.
+PHASE_PREFIX = "step::"
 
 
 def _phase(name: str) -> contextlib.AbstractContextManager:
-    """A profiler range (``bench::<name>``) around one phase of a step; costs nothing when not profiling."""
+    """A profiler range (``step::<name>``) around one phase of a step; costs nothing when not profiling."""
     return torch.profiler.record_function(PHASE_PREFIX + name)
 
 
@@ -379,7 +381,8 @@ def pretrain_params(cfg: BenchConfig, device: torch.device, precision: str, zero
 
 
 class OursStep:
-    """``run_pretraining``'s step body over one engine; ``target_fn(index, images)`` selects online or cached."""
+    """``eva_pipeline.training.loop.train_step`` (the step ``run_pretraining`` runs) over one engine, after the
+    loop's host->device copy; ``target_fns[targets](index, images)`` selects online or cached targets."""
 
     def __init__(self, cfg: BenchConfig, teacher_name: str, device: torch.device, precision: str,
                  attn: str = "eager", grad_checkpointing: bool = False, compile_student: bool = False,
@@ -409,28 +412,19 @@ class OursStep:
             "cached": cached_targets(store),
         }
         self.index = torch.arange(cfg.batch)
+        self.step = 0  # train_step seeds drop path from (seed, rank, step), as the loop does
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor, targets: str) -> float:
-        from eva_pipeline.training.objective import mim_cosine_loss
-        from eva_pipeline.training.optim import apply_lr
+        from eva_pipeline.training.loop import train_step
 
-        engine, device = self.engine, self.device
-        world = engine.world_size
+        device = self.device
         mask = masks.to(device, non_blocking=True)
         with _phase("teacher" if targets == "online" else "targets"):
             target = self.target_fns[targets](self.index, images).to(device, non_blocking=True)[mask]
         x = images.to(device, self.dtype, non_blocking=True)
-        apply_lr(engine.optimizer, LR)
-        with _phase("forward"):
-            loss = mim_cosine_loss(engine(x, mask), target, num_tokens=int(masks.sum()) / world)
-        with _phase("backward"):
-            engine.backward(loss)
-        with _phase("optimizer"):
-            engine.step()
-        value = loss.item()  # the loop logs these every step
-        engine.get_global_grad_norm()
-        engine.was_step_applied()
-        return value
+        record = train_step(self.engine, x, mask, target, LR, num_masked=int(masks.sum()), step=self.step, seed=0)
+        self.step += 1
+        return record["loss"]
 
 
 # ------------------------------------------------------------------------------------------------------- timing

@@ -100,8 +100,25 @@ def test_benchmark_runs_and_reports(bench_module, monkeypatch, tmp_path, capsys)
     for key in ("| reference", "| ours_online", "| ours_cached", "ours_online/reference", "== ours_cached:"):
         assert key in printed
     assert "optimizer" in printed.split("== reference:")[1].splitlines()[0]  # phases named in the profile
+    ours_phases = printed.split("== ours_cached:")[1].splitlines()[0]  # ranges that train_step itself opens
+    assert all(phase in ours_phases for phase in ("targets", "forward", "backward", "optimizer"))
     assert result["equal_work_bound"] == pytest.approx(1.0 / result["achieved_tflops"]["reference"])
     assert "equal-work bound" in printed
+
+
+def test_our_step_is_the_loops_train_step(bench_module, monkeypatch):
+    """``ours_*`` time ``eva_pipeline.training.loop.train_step`` itself, not a copy; its profiler ranges share the
+    benchmark's prefix, so ``--profile`` names its phases."""
+    from eva_pipeline.training import loop
+
+    bm = bench_module
+    assert bm.PHASE_PREFIX == loop.STEP_PHASE_PREFIX
+    bench = bm.build_bench(tiny_config(bm), torch.device("cpu"), zero_stage=0)
+    calls = []
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: calls.append(k["step"]) or real(*a, **k))
+    losses = [bench.steps["ours_cached"](), bench.steps["ours_online"]()]
+    assert calls == [0, 1] and all(isinstance(v, float) for v in losses)
 
 
 def test_variants_switch_one_build_in_place(bench_module, monkeypatch, tmp_path):

@@ -370,3 +370,59 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path, data):
     # drop path really acts: the same run without it ends elsewhere
     c = _run(make_params(tmp_path / "c", model=dict(overrides=dict(depth=2))), data)
     assert not torch.equal(c.model.state_dict()["lm_head.weight"], a.model.state_dict()["lm_head.weight"])
+
+
+# ------------------------------------------------------------------------------------------- the step itself
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "images_per_second", "epoch", "step_skipped"}  # + loss_scale (fp16)
+
+
+def _tiny_engine(params: PretrainParams):
+    from eva_pipeline.training.engine import initialize_engine
+
+    model = loop.initial_student(params, D)
+    return initialize_engine(model, loop.make_optimizer(model, params), params, torch.device("cpu"))
+
+
+def _step_inputs(params: PretrainParams, data, step: int):
+    """Step ``step``'s batch of the first epoch, as the loop feeds it to the step (x, mask, masked targets)."""
+    images, targets = data
+    idx = epoch_permutation(params, 0, N)[step * 8 : (step + 1) * 8]
+    x = to_model_input(images[torch.from_numpy(idx)], 28)
+    mask = batch_masks(make_mask_generator(params, 7), params.seed, 0, idx)
+    return x, mask, targets[torch.from_numpy(idx)][mask], int(mask.sum())
+
+
+def test_train_step_records_and_is_a_function_of_its_inputs(tmp_path, data):
+    """Two engines built alike and stepped alike (interleaved, so they share the global torch generator) record the
+    same steps and end with the same weights: the step reseeds drop path from (seed, rank, step) itself."""
+    params = make_params(tmp_path / "unused", **DROP_PATH)
+    engines = [_tiny_engine(params), _tiny_engine(params)]
+    for engine in engines:
+        engine.train()
+    records: list[list[dict[str, float]]] = [[], []]
+    for step, lr in enumerate([1e-3, 5e-4, 1e-3]):
+        x, mask, target, num_masked = _step_inputs(params, data, step)
+        for engine, out in zip(engines, records):
+            out.append(loop.train_step(engine, x, mask, target, lr, num_masked=num_masked, step=step, seed=3, epoch=0))
+            torch.rand(7)  # whatever else draws from the generator in between must not matter
+    for record in records[0]:
+        assert set(record) == STEP_KEYS
+        assert all(isinstance(v, float) for v in record.values())
+        assert record["images_per_second"] > 0 and record["step_skipped"] == 0.0 and np.isfinite(record["grad_norm"])
+    assert [r["step"] for r in records[0]] == [1.0, 2.0, 3.0] and [r["lr"] for r in records[0]] == [1e-3, 5e-4, 1e-3]
+    timeless = [[{k: v for k, v in r.items() if k != "images_per_second"} for r in out] for out in records]
+    assert timeless[0] == timeless[1]  # bit for bit (CPU fp32)
+    initial = loop.initial_student(params, D).state_dict()
+    for (name, a), b in zip(engines[0].module.state_dict().items(), engines[1].module.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(engines[0].module.state_dict()["lm_head.weight"], initial["lm_head.weight"])  # it trained
+
+
+def test_the_loop_records_what_train_step_returns(tmp_path, data, monkeypatch):
+    """``run_pretraining`` runs :func:`loop.train_step` once per step and logs its records (benchmarks time it)."""
+    returned = []
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: returned.append(real(*a, **k)) or returned[-1])
+    result = _run(make_params(tmp_path / "t", max_steps=3), data)
+    assert len(returned) == 3 and all(a is b for a, b in zip(result.history, returned))
+    assert all(set(r) == STEP_KEYS for r in result.history)

@@ -4,6 +4,10 @@ Everything a step consumes is a pure function of (seed, epoch, index): the epoch
 and hence each batch; stochastic layers (drop path) draw from a torch seed of (seed, rank, step). A run resumed from a
 checkpoint therefore continues exactly where it stopped, and ranks draw different drop-path patterns (as the public
 code's ``seed + rank``).
+
+Laid out as MAE's ``main_pretrain.py`` + ``engine_pretrain.py``: setup (``make_*``, :func:`initial_student`), one
+step (:func:`train_step`, also what ``benchmarks/pretrain_step.py`` times) and :func:`run_pretraining`'s loop, which
+adds validation, the non-finite rollback, checkpoints and metrics through small helpers.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from eva_pipeline.loader.order import EpochOrder
 from eva_pipeline.loader.pixels import TensorPixels
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import BlockMaskGenerator
-from eva_pipeline.models import EvaMIM, get_config
+from eva_pipeline.models import EvaConfig, EvaMIM, get_config
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine
 from eva_pipeline.runtime.device import resolve_device
@@ -150,6 +155,113 @@ def _view_mode(params: PretrainParams, stored: object) -> str:
     return "augment" if params.augmentation.enabled else "resize"
 
 
+def step_inputs(
+    batch: Any, targets: TargetFn | object, img_size: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A loader batch (:class:`~eva_pipeline.data.stream.Batch`) as :func:`train_step` takes it: model input ``x`` in
+    ``dtype``, ``mask`` (B, N) and the masked tokens' ``target`` (M, D), all on ``device``; ``targets`` (the online
+    teacher) runs on ``x`` when the batch brought no stored targets."""
+    mask = batch.mask.to(device, non_blocking=True)
+    x = to_model_input(batch.images, img_size).to(device, non_blocking=True)
+    # An online teacher works on the device, with no round trip; stored targets came with the batch.
+    raw = batch.targets if batch.targets is not None else targets(batch.indices, x)
+    target = raw.to(device, non_blocking=True)[mask]
+    return x.to(dtype), mask, target
+
+
+STEP_PHASE_PREFIX = "step::"
+
+
+def _phase(name: str) -> torch.profiler.record_function:
+    """A profiler range (``step::<name>``) around one phase of the step; costs nothing when not profiling."""
+    return torch.profiler.record_function(STEP_PHASE_PREFIX + name)
+
+
+def train_step(
+    engine: Any,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    target: torch.Tensor,
+    lr: float,
+    *,
+    num_masked: int,
+    step: int,
+    seed: int,
+    epoch: int = 0,
+    started: float | None = None,
+) -> dict[str, float]:
+    """One optimisation step of ``engine`` on one rank's share of a global batch; returns the step's record.
+
+    ``x`` (B, 3, H, W), ``mask`` (B, N) and ``target`` (the masked tokens' targets, (M, D)) are on the engine's device;
+    ``num_masked`` counts the masked tokens of the whole global batch (all ranks); ``step`` is 0-based. ``started``
+    (a ``time.perf_counter()`` value) is when the step's work began, e.g. before its batch was loaded: the default,
+    this call, times the step alone.
+
+    The record: ``step`` (1-based), ``loss``, ``lr``, ``grad_norm`` (before clipping), ``images_per_second`` (global
+    batch), ``epoch``, ``step_skipped`` (1.0 when DeepSpeed skipped a non-finite step, else 0.0) and, under fp16,
+    ``loss_scale``. The forward, backward and optimizer phases are profiler ranges ``step::forward`` etc.
+    """
+    tick = time.perf_counter() if started is None else started
+    world = engine.world_size
+    apply_lr(engine.optimizer, lr)
+    torch.manual_seed(step_seed(seed, engine.global_rank, step))  # drop path: per rank, and exact on resume
+    with _phase("forward"):
+        # Each rank's share of the global token mean: DeepSpeed averages gradients over ranks, so the update equals
+        # a single process's on the whole batch, however the masked tokens fall across ranks.
+        loss = mim_cosine_loss(engine(x, mask), target, num_tokens=num_masked / world)
+    with _phase("backward"):
+        engine.backward(loss)
+    with _phase("optimizer"):
+        engine.step()
+    elapsed = time.perf_counter() - tick
+    record = {
+        "step": float(step + 1),
+        "loss": loss.item(),
+        "lr": lr,
+        "grad_norm": _float(engine.get_global_grad_norm()),
+        "images_per_second": x.shape[0] * world / elapsed,  # the global batch: every rank's share is the same size
+        "epoch": float(epoch),
+        "step_skipped": float(not engine.was_step_applied()),
+    }
+    if engine.fp16_enabled():
+        record["loss_scale"] = float(engine.optimizer.cur_scale)
+    return record
+
+
+@dataclass
+class _Run:
+    """What :func:`_setup` builds for the loop: the engine at its starting step and everything that drives it."""
+
+    params: PretrainParams
+    engine: Any
+    config: EvaConfig
+    device: torch.device
+    dtype: torch.dtype
+    schedule: WarmupCosineSchedule
+    plan: BatchPlan
+    ckpt_dir: Path
+    fingerprint: str
+    steps_per_epoch: int
+    last_step: int
+    start_step: int
+
+    @property
+    def rank(self) -> int:
+        return self.engine.global_rank
+
+    @property
+    def world(self) -> int:
+        return self.engine.world_size
+
+    def checkpoint_due(self, done: int) -> bool:
+        """Whether the state after ``done`` steps is saved: every ``checkpoint.every_steps`` steps and the last."""
+        return done % self.params.checkpoint.every_steps == 0 or done == self.last_step
+
+    def batches(self, step: int) -> Iterator[Any]:
+        """The batches of steps ``step`` .. ``last_step - 1``, in order."""
+        return iter(batch_loader(self.plan, step, self.last_step, self.params.loader.num_workers))
+
+
 def run_pretraining(
     params: PretrainParams,
     pixels: torch.Tensor | object,
@@ -177,6 +289,57 @@ def run_pretraining(
     if isinstance(pixels, torch.Tensor):
         pixels = TensorPixels(pixels)
     stored = targets if hasattr(targets, "get") and hasattr(targets, "views_per_item") else None
+    run = _setup(params, pixels, stored, target_dim, data_fingerprint)
+
+    history: list[dict[str, float]] = []
+    trajectory = RunHistory(run.ckpt_dir / RUN_HISTORY_FILE, enabled=run.rank == 0)
+    trajectory.truncate(run.start_step)  # what a crashed run logged after its last checkpoint did not happen
+    bar = tqdm(total=run.last_step, initial=run.start_step, desc="pretrain", unit="step",
+               disable=not progress or run.rank != 0)
+    run.engine.train()
+    guard = NonFiniteGuard(params.nonfinite.max_consecutive_skips, params.nonfinite.max_rollbacks)
+    step = run.start_step
+    batches = run.batches(step)
+    while step < run.last_step:
+        tick = time.perf_counter()  # images/s counts loading the batch too
+        batch = next(batches)
+        assert batch.step == step, f"loader out of step: got {batch.step}, expected {step}"
+        x, mask, target = step_inputs(batch, targets, run.config.img_size, run.device, run.dtype)
+        record = train_step(run.engine, x, mask, target, run.schedule(step), num_masked=batch.num_masked, step=step,
+                            seed=params.seed, epoch=step // run.steps_per_epoch, started=tick)
+        applied = not record["step_skipped"]
+        if validation is not None and applied and validation.due(step + 1, run.last_step):
+            record["val_loss"] = _validation_loss(run, validation)
+        history.append(record)
+        trajectory.append(record)
+        if guard.observe(applied):  # too many non-finite steps in a row: back to the last good state
+            step = _roll_back(run, guard, step)
+            bar.reset(total=run.last_step)
+            bar.update(step)
+            trajectory.truncate(step)
+            batches = run.batches(step)
+            continue
+        if run.rank == 0:
+            _report(bar, metrics_fn, record, params.log_every_steps, run.last_step)
+        if applied and run.checkpoint_due(step + 1):
+            _save(run, step + 1)
+        step += 1
+    bar.close()
+
+    return PretrainResult(
+        model=run.engine.module,
+        steps=max(run.last_step, run.start_step),  # a checkpoint past max_steps is returned as it is, not re-trained
+        steps_per_epoch=run.steps_per_epoch,
+        resumed_from_step=run.start_step,
+        history=history,
+        run_history=trajectory.read(),
+    )
+
+
+def _setup(
+    params: PretrainParams, pixels: object, stored: object, target_dim: int, data_fingerprint: str
+) -> _Run:
+    """Check the settings, build the engine over the initial student and resume it from its latest checkpoint."""
     device = resolve_device(params.device)
     check_precision(params.precision, device)
     num_items = len(pixels)
@@ -207,94 +370,54 @@ def run_pretraining(
     schedule = make_schedule(params, steps_per_epoch)
     plan = make_plan(params, pixels, config.img_size, config.grid_size, rank, world, stored)
     start_step = checkpointing.resume(engine, ckpt_dir, fingerprint) if params.checkpoint.resume == "auto" else 0
-
-    dtype = _DTYPES[params.precision]
-    history: list[dict[str, float]] = []
-    trajectory = RunHistory(ckpt_dir / RUN_HISTORY_FILE, enabled=rank == 0)
-    trajectory.truncate(start_step)  # what a crashed run logged after its last checkpoint did not happen
-    bar = tqdm(total=last_step, initial=start_step, desc="pretrain", unit="step", disable=not progress or rank != 0)
-    engine.train()
-    guard = NonFiniteGuard(params.nonfinite.max_consecutive_skips, params.nonfinite.max_rollbacks)
-    step = start_step
-    batches = iter(batch_loader(plan, start_step, last_step, params.loader.num_workers))
-    while step < last_step:
-        tick = time.perf_counter()
-        epoch = step // steps_per_epoch
-        batch = next(batches)
-        assert batch.step == step, f"loader out of step: got {batch.step}, expected {step}"
-        mask = batch.mask.to(device, non_blocking=True)
-        x = to_model_input(batch.images, config.img_size).to(device, non_blocking=True)
-        # An online teacher works on the device, with no round trip; stored targets came with the batch.
-        raw = batch.targets if batch.targets is not None else targets(batch.indices, x)
-        target = raw.to(device, non_blocking=True)[mask]
-        x = x.to(dtype)
-
-        lr = schedule(step)
-        apply_lr(engine.optimizer, lr)
-        torch.manual_seed(step_seed(params.seed, rank, step))  # drop path: per rank, and exact on resume
-        # Each rank's share of the global token mean: DeepSpeed averages gradients over ranks, so the update equals
-        # a single process's on the whole batch, however the masked tokens fall across ranks.
-        loss = mim_cosine_loss(engine(x, mask), target, num_tokens=batch.num_masked / world)
-        engine.backward(loss)
-        engine.step()
-
-        elapsed = time.perf_counter() - tick
-        applied = engine.was_step_applied()
-        record = {
-            "step": float(step + 1),
-            "loss": loss.item(),
-            "lr": lr,
-            "grad_norm": _float(engine.get_global_grad_norm()),
-            "images_per_second": params.batch_size / elapsed,
-            "epoch": float(epoch),
-            "step_skipped": float(not applied),
-        }
-        if params.precision == "fp16":
-            record["loss_scale"] = float(engine.optimizer.cur_scale)
-        if validation is not None and applied and validation.due(step + 1, last_step):
-            engine.eval()
-            record["val_loss"] = validation_loss(engine, validation, config.num_patches, device, dtype, rank, world)
-            engine.train()
-        history.append(record)
-        trajectory.append(record)
-        if guard.observe(applied):  # too many non-finite steps in a row: back to the last good state
-            if not checkpointing.tags(ckpt_dir):
-                raise NonFiniteTrainingError(
-                    f"{guard.max_consecutive_skips} consecutive non-finite steps at step {step + 1}, before the first "
-                    f"checkpoint (pretrain.checkpoint.every_steps={params.checkpoint.every_steps}): nothing to roll "
-                    f"back to. Lower pretrain.optimizer.lr or check the inputs and targets for NaN/inf"
-                )
-            restored = checkpointing.resume(engine, ckpt_dir, fingerprint)
-            log.warning(
-                "%d consecutive non-finite steps at step %d: rolled back to the checkpoint of step %d (rollback %d/%d)",
-                guard.max_consecutive_skips, step + 1, restored, guard.rollbacks, guard.max_rollbacks,
-            )
-            bar.reset(total=last_step)
-            bar.update(restored)
-            trajectory.truncate(restored)
-            step = restored
-            batches = iter(batch_loader(plan, step, last_step, params.loader.num_workers))
-            continue
-        if rank == 0:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_second']:.0f}")
-            due = (step + 1) % params.log_every_steps == 0 or step + 1 == last_step or "val_loss" in record
-            if metrics_fn is not None and due:
-                metrics_fn(step + 1, {k: v for k, v in record.items() if k != "step"})  # the step is the x-axis
-        if applied and ((step + 1) % params.checkpoint.every_steps == 0 or step + 1 == last_step):
-            state = {"global_step": step + 1, "fingerprint": fingerprint}
-            checkpointing.save(engine, ckpt_dir, step + 1, params.checkpoint.keep_last, state)
-        step += 1
-    bar.close()
-
-    return PretrainResult(
-        model=engine.module,
-        steps=max(last_step, start_step),  # a checkpoint past max_steps is returned as it is, not re-trained
-        steps_per_epoch=steps_per_epoch,
-        resumed_from_step=start_step,
-        history=history,
-        run_history=trajectory.read(),
+    return _Run(
+        params=params, engine=engine, config=config, device=device, dtype=_DTYPES[params.precision],
+        schedule=schedule, plan=plan, ckpt_dir=ckpt_dir, fingerprint=fingerprint, steps_per_epoch=steps_per_epoch,
+        last_step=last_step, start_step=start_step,
     )
+
+
+def _validation_loss(run: _Run, validation: ValidationSet) -> float:
+    """The held-out fixed-mask loss of the current weights (evaluated in eval mode, then back to training)."""
+    run.engine.eval()
+    loss = validation_loss(run.engine, validation, run.config.num_patches, run.device, run.dtype, run.rank, run.world)
+    run.engine.train()
+    return loss
+
+
+def _roll_back(run: _Run, guard: NonFiniteGuard, step: int) -> int:
+    """Restore the latest checkpoint after the guard's run of non-finite steps ending at ``step``; its step."""
+    if not checkpointing.tags(run.ckpt_dir):
+        raise NonFiniteTrainingError(
+            f"{guard.max_consecutive_skips} consecutive non-finite steps at step {step + 1}, before the first "
+            f"checkpoint (pretrain.checkpoint.every_steps={run.params.checkpoint.every_steps}): nothing to roll "
+            f"back to. Lower pretrain.optimizer.lr or check the inputs and targets for NaN/inf"
+        )
+    restored = checkpointing.resume(run.engine, run.ckpt_dir, run.fingerprint)
+    log.warning(
+        "%d consecutive non-finite steps at step %d: rolled back to the checkpoint of step %d (rollback %d/%d)",
+        guard.max_consecutive_skips, step + 1, restored, guard.rollbacks, guard.max_rollbacks,
+    )
+    return restored
+
+
+def _report(
+    bar: tqdm, metrics_fn: MetricsFn | None, record: dict[str, float], log_every_steps: int, last_step: int
+) -> None:
+    """Rank 0: advance the progress bar; hand the record to ``metrics_fn`` every ``log_every_steps`` steps, at the
+    last step and whenever it carries a validation loss."""
+    step = int(record["step"])
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_second']:.0f}")
+    due = step % log_every_steps == 0 or step == last_step or "val_loss" in record
+    if metrics_fn is not None and due:
+        metrics_fn(step, {k: v for k, v in record.items() if k != "step"})  # the step is the x-axis
+
+
+def _save(run: _Run, step: int) -> None:
+    """Checkpoint the engine after ``step`` steps (keeping the newest ``keep_last``)."""
+    state = {"global_step": step, "fingerprint": run.fingerprint}
+    checkpointing.save(run.engine, run.ckpt_dir, step, run.params.checkpoint.keep_last, state)
 
 
 RUN_HISTORY_FILE = "history.jsonl"
