@@ -158,7 +158,7 @@ def _view_mode(params: PretrainParams, stored: object) -> str:
 def step_inputs(
     batch: Any, targets: TargetFn | object, img_size: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A loader batch (:class:`~eva_pipeline.data.stream.Batch`) as :func:`train_step` takes it: model input ``x`` in
+    """A loader batch (:class:`~eva_pipeline.loader.batches.Batch`) as :func:`train_step` takes it: model input ``x`` in
     ``dtype``, ``mask`` (B, N) and the masked tokens' ``target`` (M, D), all on ``device``; ``targets`` (the online
     teacher) runs on ``x`` when the batch brought no stored targets."""
     mask = batch.mask.to(device, non_blocking=True)
