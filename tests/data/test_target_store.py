@@ -12,10 +12,7 @@ from eva_pipeline.targets.store import (
     STORE_FORMAT,
     TargetStore,
     TargetStoreError,
-    compute_targets,
     fingerprint_hash,
-    is_complete,
-    load_targets,
 )
 from eva_pipeline.loader.transforms import to_model_input
 
@@ -55,7 +52,7 @@ class Batches:
 def _compute(root, teacher=None, fingerprint=FINGERPRINT, shard_size=SHARD, batches=None):
     teacher = teacher or FakeTeacher()
     batches = batches or Batches()
-    compute_targets(root, fingerprint, NUM_ITEMS, batches, teacher, shard_size=shard_size, progress=False)
+    TargetStore(root).compute(fingerprint, NUM_ITEMS, batches, teacher, shard_size=shard_size, progress=False)
     return teacher, batches
 
 
@@ -74,7 +71,7 @@ def _direct() -> torch.Tensor:
 def test_round_trip_equals_direct_computation(tmp_path) -> None:
     teacher, batches = _compute(tmp_path / "store")
     assert teacher.calls == [16, 16, 16, 2] and batches.ranges == [(0, 16), (16, 32), (32, 48), (48, 50)]
-    targets = load_targets(tmp_path / "store", expected_fingerprint=FINGERPRINT)
+    targets = TargetStore(tmp_path / "store").load(expected_fingerprint=FINGERPRINT)
     assert targets.shape == (NUM_ITEMS, 16, DIM) and targets.dtype == torch.float16
     assert torch.equal(targets, _direct())
     whole = FakeTeacher()(Batches()(0, NUM_ITEMS))  # one big batch: equal up to fp16 rounding
@@ -87,7 +84,8 @@ def test_round_trip_equals_direct_computation(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
         "meta.json", *(f"shard_0000{i}_{tag}.pt" for i in range(4))
     ]
-    assert is_complete(tmp_path / "store", FINGERPRINT) and TargetStore(tmp_path / "store").fingerprint == FINGERPRINT
+    store = TargetStore(tmp_path / "store")
+    assert store.is_complete(FINGERPRINT) and store.fingerprint == FINGERPRINT
 
 
 def test_complete_store_is_reused_without_teacher_calls(tmp_path) -> None:
@@ -103,14 +101,14 @@ def test_lost_shard_is_recomputed_alone(tmp_path) -> None:
     lost = _shard(tmp_path, 1)
     kept = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt") if p != lost}
     lost.unlink()
-    assert not is_complete(tmp_path, FINGERPRINT)
+    assert not TargetStore(tmp_path).is_complete(FINGERPRINT)
     missing = r"incomplete: 1 of 4 shard\(s\) missing \(shard_00001_\w+\.pt\).*targets"
     with pytest.raises(TargetStoreError, match=missing):
-        load_targets(tmp_path)
+        TargetStore(tmp_path).load()
     teacher, batches = _compute(tmp_path)
     assert teacher.calls == [16] and batches.ranges == [(16, 32)]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*.pt") if p != lost} == kept
-    assert torch.equal(load_targets(tmp_path, FINGERPRINT), _direct())
+    assert torch.equal(TargetStore(tmp_path).load(FINGERPRINT), _direct())
 
 
 def test_crash_midway_then_resume(tmp_path) -> None:
@@ -118,34 +116,34 @@ def test_crash_midway_then_resume(tmp_path) -> None:
         _compute(tmp_path, teacher=FakeTeacher(fail_on_call=3))
     assert sorted(tmp_path.glob("shard_*.pt")) == [_shard(tmp_path, 0), _shard(tmp_path, 1)]
     assert not list(tmp_path.glob(".*"))  # no half-written temporary files
-    assert not is_complete(tmp_path, FINGERPRINT)
+    assert not TargetStore(tmp_path).is_complete(FINGERPRINT)
     missing = r"2 of 4 shard\(s\) missing \(shard_00002_\w+\.pt, shard_00003_\w+\.pt\)"
     with pytest.raises(TargetStoreError, match=missing):
-        load_targets(tmp_path)
+        TargetStore(tmp_path).load()
     teacher, batches = _compute(tmp_path)
     assert teacher.calls == [16, 2] and batches.ranges == [(32, 48), (48, 50)]
-    assert torch.equal(load_targets(tmp_path), _direct())
+    assert torch.equal(TargetStore(tmp_path).load(), _direct())
 
 
 def test_changed_fingerprint_recomputes_everything(tmp_path, caplog) -> None:
     _compute(tmp_path)
     changed = {**FINGERPRINT, "teacher": "fake-projection-v2"}
-    assert not is_complete(tmp_path, changed)
+    assert not TargetStore(tmp_path).is_complete(changed)
     with pytest.raises(TargetStoreError, match=r"different fingerprint \(differs in \['teacher'\]\)"):
-        load_targets(tmp_path, expected_fingerprint=changed)
+        TargetStore(tmp_path).load(expected_fingerprint=changed)
     with caplog.at_level(logging.INFO, logger="eva_pipeline.targets.store"):
         teacher, _ = _compute(tmp_path, fingerprint=changed)
     assert teacher.calls == [16, 16, 16, 2]
     assert "fingerprint changed" in caplog.text and "removing 4 old shard(s)" in caplog.text
-    assert is_complete(tmp_path, changed) and not is_complete(tmp_path, FINGERPRINT)
-    assert torch.equal(load_targets(tmp_path, changed), _direct())
+    assert TargetStore(tmp_path).is_complete(changed) and not TargetStore(tmp_path).is_complete(FINGERPRINT)
+    assert torch.equal(TargetStore(tmp_path).load(changed), _direct())
 
 
 def test_changed_shard_size_recomputes(tmp_path) -> None:
     _compute(tmp_path)
     teacher, _ = _compute(tmp_path, shard_size=32)
     assert teacher.calls == [32, 18] and len(list(tmp_path.glob("shard_*.pt"))) == 2
-    assert torch.equal(load_targets(tmp_path), _direct())
+    assert torch.equal(TargetStore(tmp_path).load(), _direct())
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "foreign"])
@@ -161,20 +159,20 @@ def test_corrupt_shard_is_named_on_load_and_recomputed(tmp_path, damage) -> None
         _compute(other, fingerprint={**FINGERPRINT, "grid": [2, 2]})
         shard.write_bytes(_shard(other, 2).read_bytes())
     with pytest.raises(TargetStoreError, match=r"shard_00002_\w+\.pt is corrupt.*re-run the teacher_targets pipeline"):
-        load_targets(tmp_path)
+        TargetStore(tmp_path).load()
     teacher, _ = _compute(tmp_path)  # the re-run the message asks for repairs exactly that shard
     assert teacher.calls == [16]
-    assert torch.equal(load_targets(tmp_path), _direct())
+    assert torch.equal(TargetStore(tmp_path).load(), _direct())
 
 
 def test_missing_store_and_bad_teacher_output(tmp_path) -> None:
     with pytest.raises(TargetStoreError, match=r"no target store at .*meta\.json missing.*teacher_targets"):
-        load_targets(tmp_path / "nothing")
-    assert not is_complete(tmp_path / "nothing", FINGERPRINT)
+        TargetStore(tmp_path / "nothing").load()
+    assert not TargetStore(tmp_path / "nothing").is_complete(FINGERPRINT)
     with pytest.raises(ValueError, match=r"must return \(16, num_tokens, dim\) targets \(shard 0\), got \(16, 12\)"):
-        compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, Batches(), lambda x: torch.zeros(16, 12), SHARD, False)
+        TargetStore(tmp_path).compute(FINGERPRINT, NUM_ITEMS, Batches(), lambda x: torch.zeros(16, 12), SHARD, False)
     with pytest.raises(ValueError, match="not finite in torch.float16"):
-        compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, Batches(), lambda x: FakeTeacher()(x) * 1e6, SHARD, False)
+        TargetStore(tmp_path).compute(FINGERPRINT, NUM_ITEMS, Batches(), lambda x: FakeTeacher()(x) * 1e6, SHARD, False)
     assert not list(tmp_path.glob("shard_*.pt"))
 
 
@@ -187,16 +185,17 @@ def test_fingerprint_hash() -> None:
 
 
 def test_progress_bar_runs(tmp_path, capsys) -> None:
-    compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, Batches(), FakeTeacher(), shard_size=SHARD, progress=True)
+    TargetStore(tmp_path).compute(FINGERPRINT, NUM_ITEMS, Batches(), FakeTeacher(), shard_size=SHARD, progress=True)
     assert "teacher targets" in capsys.readouterr().err
 
 
 def test_batch_size_splits_teacher_calls_not_shards(tmp_path) -> None:
     teacher, batches = FakeTeacher(), Batches()
-    compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, batches, teacher, shard_size=SHARD, progress=False, batch_size=6)
+    store = TargetStore(tmp_path)
+    store.compute(FINGERPRINT, NUM_ITEMS, batches, teacher, shard_size=SHARD, progress=False, batch_size=6)
     assert teacher.calls == [6, 6, 4] * 3 + [2] and batches.ranges[:3] == [(0, 6), (6, 12), (12, 16)]
     assert len(list(tmp_path.glob("shard_*.pt"))) == 4
-    torch.testing.assert_close(load_targets(tmp_path).float(), _direct().float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(store.load().float(), _direct().float(), rtol=1e-3, atol=1e-3)
     teacher = FakeTeacher()  # batch_size is not part of the layout: a complete store is reused as it is
-    compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, Batches(), teacher, SHARD, progress=False, batch_size=8)
+    store.compute(FINGERPRINT, NUM_ITEMS, Batches(), teacher, SHARD, progress=False, batch_size=8)
     assert teacher.calls == []

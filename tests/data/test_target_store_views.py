@@ -25,11 +25,7 @@ from eva_pipeline.targets.store import (
     TargetReader,
     TargetStore,
     TargetStoreError,
-    compute_targets,
-    is_complete,
     items_and_views,
-    load_targets,
-    open_targets,
 )
 from eva_pipeline.loader.augment import crops_to_views, views_to_crops
 from eva_pipeline.loader.transforms import to_model_input
@@ -86,7 +82,7 @@ def _compute(root, images, teacher=None, **kwargs):
     teacher = teacher or PatchTeacher()
     batches = ViewBatches(images)
     kwargs = {"shard_size": SHARD, "batch_size": BATCH, "progress": False, "views_per_item": K, **kwargs}
-    compute_targets(root, FINGERPRINT, NUM_ITEMS, batches, teacher, **kwargs)
+    TargetStore(root).compute(FINGERPRINT, NUM_ITEMS, batches, teacher, **kwargs)
     return teacher, batches
 
 
@@ -117,7 +113,7 @@ def test_stored_targets_equal_online_teacher_for_the_stored_crops(tmp_path, imag
     other = teacher.targets(to_model_input(pixels[:6].flip(-1), SIZE), GRID)  # other crops: other targets
     assert not torch.allclose(targets[:6].float(), other, rtol=1e-2, atol=1e-2)
 
-    everything, all_crops = load_targets(tmp_path, FINGERPRINT, with_crops=True)
+    everything, all_crops = TargetStore(tmp_path).load(FINGERPRINT, with_crops=True)
     rows = torch.from_numpy(items * K + views)
     assert torch.equal(everything[rows], targets) and torch.equal(all_crops[rows], crops)
 
@@ -137,10 +133,10 @@ def test_layout_on_disk(tmp_path, images) -> None:
     assert crops_to_views(payload["crops"][:1]) == [_view(6, 2)]
     # A view count is part of the layout: a different K recomputes everything.
     teacher = PatchTeacher()
-    compute_targets(tmp_path, FINGERPRINT, NUM_ITEMS, lambda a, b: _k2_batch(images, a, b), teacher,
-                    shard_size=SHARD, progress=False, views_per_item=2)
+    TargetStore(tmp_path).compute(FINGERPRINT, NUM_ITEMS, lambda a, b: _k2_batch(images, a, b), teacher,
+                                  shard_size=SHARD, progress=False, views_per_item=2)
     assert sum(teacher.calls) == 16 and len(list(tmp_path.glob("shard_*.pt"))) == 4
-    assert open_targets(tmp_path).views_per_item == 2
+    assert TargetStore(tmp_path).reader().views_per_item == 2
 
 
 def _k2_batch(images, start, stop):
@@ -156,14 +152,14 @@ def test_crash_then_resume_computes_only_missing_shards(tmp_path, images) -> Non
         _compute(tmp_path, images, teacher=PatchTeacher(fail_after=4))  # 2 teacher calls per shard: 2 shards done
     store = TargetStore(tmp_path)
     assert sorted(tmp_path.glob("shard_*.pt")) == [store.shard_path(0), store.shard_path(1)]
-    assert not list(tmp_path.glob(".*")) and not is_complete(tmp_path, FINGERPRINT)
+    assert not list(tmp_path.glob(".*")) and not TargetStore(tmp_path).is_complete(FINGERPRINT)
     teacher, batches = _compute(tmp_path, images)
     assert batches.ranges == [(10, 13), (13, 15), (15, 18), (18, 20), (20, 23), (23, 24)]
     assert teacher.calls == [3, 2, 3, 2, 3, 1]
-    assert is_complete(tmp_path, FINGERPRINT)
+    assert TargetStore(tmp_path).is_complete(FINGERPRINT)
     fresh = tmp_path / "fresh"
     _compute(fresh, images)
-    for a, b in zip(load_targets(tmp_path, with_crops=True), load_targets(fresh, with_crops=True)):
+    for a, b in zip(TargetStore(tmp_path).load(with_crops=True), TargetStore(fresh).load(with_crops=True)):
         assert torch.equal(a, b)
 
 
@@ -182,7 +178,7 @@ WORKER = textwrap.dedent(
     import torch
     import torch.nn.functional as F
 
-    from eva_pipeline.targets.store import compute_targets
+    from eva_pipeline.targets.store import TargetStore
 
     N, K, SHARD = 10, 3, 4  # 30 rows, 8 shards
     FINGERPRINT = {"teacher": "patches", "n": N}
@@ -202,8 +198,8 @@ WORKER = textwrap.dedent(
 
 
     def run(root, rank, world_size, **kwargs):
-        compute_targets(root, FINGERPRINT, N, batch_fn, teacher_fn, SHARD, progress=False, batch_size=3,
-                        views_per_item=K, rank=rank, world_size=world_size, **kwargs)
+        TargetStore(root).compute(FINGERPRINT, N, batch_fn, teacher_fn, SHARD, progress=False, batch_size=3,
+                                  views_per_item=K, rank=rank, world_size=world_size, **kwargs)
 
 
     if __name__ == "__main__":
@@ -225,8 +221,8 @@ def worker(tmp_path) -> tuple[Path, dict]:
 
 def _stale_store(root: Path, worker_ns: dict) -> None:
     """A complete store of another fingerprint and layout (shard size 3), plus an old-format file and temporary."""
-    compute_targets(root, {"teacher": "old"}, worker_ns["N"], worker_ns["batch_fn"], worker_ns["teacher_fn"], 3,
-                    progress=False, views_per_item=worker_ns["K"])
+    TargetStore(root).compute({"teacher": "old"}, worker_ns["N"], worker_ns["batch_fn"], worker_ns["teacher_fn"], 3,
+                              progress=False, views_per_item=worker_ns["K"])
     (root / "shard_00000.pt").write_bytes(b"format 1")
     (root / ".shard_00001.pt.tmp4242").write_bytes(b"half")
 
@@ -256,7 +252,7 @@ def test_two_concurrent_rank_processes_over_a_stale_store(tmp_path, worker) -> N
     go.touch()  # both ranks start together, both seeing the stale meta.json
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert is_complete(shared, ns["FINGERPRINT"])
+    assert TargetStore(shared).is_complete(ns["FINGERPRINT"])
     _assert_same_store(shared, single)  # bitwise: meta.json and every shard; stale files all gone
 
 
@@ -270,7 +266,7 @@ def test_rank_that_still_sees_the_stale_meta_keeps_the_other_ranks_shards(tmp_pa
     stale_meta = (shared / "meta.json").read_bytes()
     ns["run"](shared, 0, 2)
     fresh = {p.name: p.stat().st_mtime_ns for p in shared.glob("shard_*.pt")}
-    assert len(fresh) == 4 and not is_complete(shared, ns["FINGERPRINT"])
+    assert len(fresh) == 4 and not TargetStore(shared).is_complete(ns["FINGERPRINT"])
     (shared / "meta.json").write_bytes(stale_meta)  # what rank 1 sees if it read meta.json before rank 0 wrote it
     ns["run"](shared, 1, 2)
     assert all((shared / name).stat().st_mtime_ns == t for name, t in fresh.items())  # rank 0's shards untouched
@@ -278,8 +274,8 @@ def test_rank_that_still_sees_the_stale_meta_keeps_the_other_ranks_shards(tmp_pa
     # A later run with a different world size resumes the same store: nothing to compute.
     calls = []
     ns["run"](shared, 0, 3)
-    compute_targets(shared, ns["FINGERPRINT"], ns["N"], ns["batch_fn"], lambda x: calls.append(x) or x, 4,
-                    progress=False, views_per_item=ns["K"], rank=2, world_size=3)
+    TargetStore(shared).compute(ns["FINGERPRINT"], ns["N"], ns["batch_fn"], lambda x: calls.append(x) or x, 4,
+                                progress=False, views_per_item=ns["K"], rank=2, world_size=3)
     assert calls == []
     _assert_same_store(shared, single)
 
@@ -296,18 +292,17 @@ def test_resume_of_one_crashed_rank(tmp_path, worker) -> None:
         return ns["teacher_fn"](x)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        compute_targets(tmp_path, ns["FINGERPRINT"], ns["N"], ns["batch_fn"], crashing, 4, progress=False,
-                        batch_size=3, views_per_item=ns["K"], rank=1, world_size=2)
+        TargetStore(tmp_path).compute(ns["FINGERPRINT"], ns["N"], ns["batch_fn"], crashing, 4, progress=False,
+                                      batch_size=3, views_per_item=ns["K"], rank=1, world_size=2)
     store = TargetStore(tmp_path)
     assert store.missing_shards(store.read_meta()) == [3, 5, 7]  # rank 1 finished shard 1 only
     with pytest.raises(TargetStoreError, match=r"incomplete: 3 of 8 shard\(s\) missing \(shard_00003_\w+\.pt, "):
         store.reader()
     calls.clear()
-    compute_targets(tmp_path, ns["FINGERPRINT"], ns["N"], ns["batch_fn"], lambda x: calls.append(x.shape[0])
-                    or ns["teacher_fn"](x), 4, progress=False, batch_size=3, views_per_item=ns["K"], rank=1,
-                    world_size=2)
+    store.compute(ns["FINGERPRINT"], ns["N"], ns["batch_fn"], lambda x: calls.append(x.shape[0]) or ns["teacher_fn"](x),
+                  4, progress=False, batch_size=3, views_per_item=ns["K"], rank=1, world_size=2)
     assert calls == [3, 1, 3, 1, 2]  # shards 3, 5 (4 rows each, batches of 3) and 7 (2 rows)
-    assert is_complete(tmp_path, ns["FINGERPRINT"])
+    assert store.is_complete(ns["FINGERPRINT"])
 
 
 # -- (d) reader ----------------------------------------------------------------------------------------------------
@@ -321,8 +316,8 @@ def store(tmp_path, worker) -> tuple[Path, dict]:
 
 def test_reader_bounded_lru_matches_load(store) -> None:
     root, ns = store
-    everything, crops = load_targets(root, ns["FINGERPRINT"], with_crops=True)
-    reader = open_targets(root, ns["FINGERPRINT"], max_open_shards=2)
+    everything, crops = TargetStore(root).load(ns["FINGERPRINT"], with_crops=True)
+    reader = TargetStore(root).reader(ns["FINGERPRINT"], max_open_shards=2)
     assert reader.open_shards == (0,)  # shard 0 is opened to learn the shape
     rng = np.random.default_rng(1)
     for _ in range(20):
@@ -341,7 +336,7 @@ def test_reader_bounded_lru_matches_load(store) -> None:
 
 def test_reader_pickles_without_shards_and_works_in_worker_processes(store) -> None:
     root, ns = store
-    reader = open_targets(root)
+    reader = TargetStore(root).reader()
     reader.get(np.arange(ns["N"]), 0)  # every shard touched
     data = pickle.dumps(reader)
     assert len(data) < 4096  # folder and layout only, no mapped tensors
@@ -360,12 +355,12 @@ def test_reader_pickles_without_shards_and_works_in_worker_processes(store) -> N
 
     loader = torch.utils.data.DataLoader(Rows(), batch_size=7, num_workers=2)
     targets = torch.cat([t for t, _ in loader])
-    assert torch.equal(targets, load_targets(root))
+    assert torch.equal(targets, TargetStore(root).load())
 
 
 def test_reader_names_a_corrupt_shard(store) -> None:
     root, ns = store
-    reader = open_targets(root)
+    reader = TargetStore(root).reader()
     path = TargetStore(root).shard_path(3)
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(TargetStoreError, match=r"shard_00003_\w+\.pt is corrupt.*re-run the teacher_targets"):
@@ -373,24 +368,24 @@ def test_reader_names_a_corrupt_shard(store) -> None:
     # A well-formed shard holding other rows is caught too; shard 0 is checked when the reader opens.
     TargetStore(root).shard_path(0).write_bytes(TargetStore(root).shard_path(1).read_bytes())
     with pytest.raises(TargetStoreError, match=r"shard_00000_\w+\.pt is corrupt: it covers the wrong rows"):
-        open_targets(root)
+        TargetStore(root).reader()
 
 
 def test_reader_and_load_refuse_stale_incomplete_or_old_stores(store, tmp_path) -> None:
     root, ns = store
     with pytest.raises(TargetStoreError, match=r"different fingerprint \(differs in \['teacher'\]\)"):
-        open_targets(root, {**ns["FINGERPRINT"], "teacher": "other"})
+        TargetStore(root).reader({**ns["FINGERPRINT"], "teacher": "other"})
     with pytest.raises(TargetStoreError, match="no target store at"):
-        open_targets(tmp_path / "none")
+        TargetStore(tmp_path / "none").reader()
     old = tmp_path / "old"
     old.mkdir()
     (old / "meta.json").write_text(json.dumps({"format": 1, "fingerprint_hash": "x", "num_items": 3}))
     (old / "shard_00000.pt").write_bytes(b"old")
-    for read in (load_targets, open_targets):
+    for read in (TargetStore.load, TargetStore.reader):
         with pytest.raises(TargetStoreError, match=r"has format 1, this code reads format 2: re-run"):
-            read(old)
+            read(TargetStore(old))
     ns["run"](old, 0, 1)  # recomputing replaces the old store and its files
-    assert not (old / "shard_00000.pt").exists() and is_complete(old, ns["FINGERPRINT"])
+    assert not (old / "shard_00000.pt").exists() and TargetStore(old).is_complete(ns["FINGERPRINT"])
 
 
 def test_shards_disagreeing_on_shape_or_crops_are_caught(store) -> None:
@@ -400,20 +395,20 @@ def test_shards_disagreeing_on_shape_or_crops_are_caught(store) -> None:
     torch.save({**payload, "targets": payload["targets"][:, :, :10].contiguous()}, path)
     shape = r"shard_00002_\w+\.pt is corrupt: it has targets of shape \(4, 10\) per row, other shards have \(4, 48\)"
     with pytest.raises(TargetStoreError, match=shape):
-        load_targets(root)
+        TargetStore(root).load()
     del payload["crops"]
     torch.save(payload, path)
     with pytest.raises(TargetStoreError, match=r"shard_00002_\w+\.pt is corrupt: it has no crops, other shards have"):
-        open_targets(root).get([2, 3], 0)
+        TargetStore(root).reader().get([2, 3], 0)
     # compute's resume check also refuses to mix: the re-run recomputes it with crops.
     ns["run"](root, 0, 1)
-    assert open_targets(root).get([2, 3], 0)[1] is not None
+    assert TargetStore(root).reader().get([2, 3], 0)[1] is not None
 
 
 # -- (e) bad inputs --------------------------------------------------------------------------------------------------
 def _run_with(tmp_path, batch_fn, **kwargs):
     kwargs = {"shard_size": 4, "progress": False, "views_per_item": 2, **kwargs}
-    compute_targets(tmp_path, {"t": 1}, 3, batch_fn, lambda x: x.reshape(x.shape[0], 1, -1), **kwargs)
+    TargetStore(tmp_path).compute({"t": 1}, 3, batch_fn, lambda x: x.reshape(x.shape[0], 1, -1), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -452,7 +447,7 @@ def test_other_bad_inputs(tmp_path, store) -> None:
             _run_with(tmp_path, lambda a, b: torch.ones(b - a, 2), **kwargs)
 
     root, ns = store
-    reader = open_targets(root)
+    reader = TargetStore(root).reader()
     with pytest.raises(IndexError, match=r"view 3 out of range: the store at .* has 3 views"):
         reader.get([0, 1], [0, 3])
     with pytest.raises(IndexError, match=r"item 10 out of range: the store at .* has 10 items"):
@@ -466,4 +461,4 @@ def test_other_bad_inputs(tmp_path, store) -> None:
     with pytest.raises(ValueError, match="items and views must have the same length"):
         reader.get([1, 2, 3], [0, 1])
     with pytest.raises(ValueError, match="max_open_shards must be a positive int"):
-        open_targets(root, max_open_shards=0)
+        TargetStore(root).reader(max_open_shards=0)

@@ -20,7 +20,7 @@ from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.loader.pixels import load_images
 import eva_pipeline.models.checkpoint as model_checkpoint
 from eva_pipeline.models import CheckpointError, create_model, extract_state_dict, load_official_checkpoint
-from eva_pipeline.targets.store import compute_targets, load_targets
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.checkpointing import COMPLETE_MARKER
 from eva_pipeline.training.loop import cached_targets, run_pretraining
@@ -37,7 +37,7 @@ def workspace(tmp_path_factory):
     manifest, _ = build_manifest([SourceSpec(name="fm", kind="idx", split="pretrain", images=FMNIST, limit=N)])
     manifest.to_parquet(root / "manifest.parquet")
     targets = torch.randn(N, 49, D, generator=torch.Generator().manual_seed(3))
-    store = compute_targets(root / "targets", {"t": 1}, N, lambda a, b: targets[a:b], lambda t: t, progress=False)
+    store = TargetStore(root / "targets").compute({"t": 1}, N, lambda a, b: targets[a:b], lambda t: t, progress=False)
     return root, manifest, store
 
 
@@ -106,7 +106,8 @@ def _params(tmp_path: Path, **changes):
 
 def _train(params, workspace, **kwargs):
     _, manifest, store = workspace
-    return run_pretraining(params, load_images(manifest), cached_targets(load_targets(store)), D, progress=False, **kwargs)
+    targets = cached_targets(TargetStore(store).load())
+    return run_pretraining(params, load_images(manifest), targets, D, progress=False, **kwargs)
 
 
 def test_corrupt_latest_falls_back_to_the_previous_checkpoint(workspace, tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from eva_pipeline.config import PretrainParams
 from eva_pipeline.ingest.build import build_manifest
-from eva_pipeline.targets.store import compute_targets, load_targets
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.models import EvaMIM, get_config, load_official_checkpoint
 from eva_pipeline.runtime.launch import WORKER_MODULE, launch, launch_command
@@ -41,11 +41,13 @@ def workspace(tmp_path_factory):
     manifest.to_parquet(root / "manifest.parquet")
     gen = torch.Generator().manual_seed(5)
     targets = torch.randn(N, 49, D, generator=gen)
-    store = compute_targets(
-        root / "targets", {"test": 1}, N, lambda a, b: targets[a:b], lambda t: t, shard_size=16, progress=False
+    store = TargetStore(root / "targets").compute(
+        {"test": 1}, N, lambda a, b: targets[a:b], lambda t: t, shard_size=16, progress=False
     )
     held = torch.randn(HELD_OUT, 49, D, generator=gen)
-    compute_targets(root / "val", {"val": 1}, HELD_OUT, lambda a, b: held[a:b], lambda t: t, shard_size=4, progress=False)
+    TargetStore(root / "val").compute(
+        {"val": 1}, HELD_OUT, lambda a, b: held[a:b], lambda t: t, shard_size=4, progress=False
+    )
     return root, manifest, store
 
 
@@ -74,7 +76,7 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
     )
     images = load_images(manifest[manifest["split"] == "pretrain"])
     single = run_pretraining(
-        params_one, images, cached_targets(load_targets(store)), D, progress=False, validation=validation
+        params_one, images, cached_targets(TargetStore(store).load()), D, progress=False, validation=validation
     )
 
     params = _params(tmp_path / "two", 2, launcher, port)

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_pipeline.targets.store import compute_targets
 from eva_pipeline.ingest.idx import read_idx
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.loader.pixels import TensorPixels
@@ -47,7 +46,7 @@ def held_out(tmp_path_factory):
     images = torch.from_numpy(read_idx(FMNIST)[:20].copy()).unsqueeze(1)
     targets = torch.randn(20, 49, D, generator=torch.Generator().manual_seed(3))
     root = tmp_path_factory.mktemp("val")
-    compute_targets(root, {"t": 1}, 20, lambda a, b: targets[a:b], lambda t: t, shard_size=8, progress=False)
+    TargetStore(root).compute({"t": 1}, 20, lambda a, b: targets[a:b], lambda t: t, shard_size=8, progress=False)
     inputs = teacher_views(TensorPixels(images), 28, 0, None, 0)
     return images, targets, ValidationSet(inputs, TargetStore(root).reader(), 20, every_steps=2, batch_size=6)
 

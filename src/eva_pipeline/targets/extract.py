@@ -23,7 +23,7 @@ from eva_pipeline.loader.augment import RandomResizedCropFlip, view_rng
 from eva_pipeline.loader.pixels import ManifestPixels
 from eva_pipeline.loader.rows import ParquetRows
 from eva_pipeline.loader.transforms import resize_uint8, stack_images
-from eva_pipeline.targets.store import TargetStore, compute_targets
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.teachers import create_teacher
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.runtime.launch import RunFile
@@ -61,8 +61,9 @@ def extract(spec: ExtractSpec, rank: int = 0, world_size: int = 1, rows: Any = N
     ``rows``: the rows of ``spec.split`` as a :class:`~eva_pipeline.loader.rows.RowSource` (default: streamed from
     ``spec.manifest``).
     """
-    if TargetStore(spec.store).is_complete(spec.fingerprint):  # nothing to do: not even the teacher is built
-        return Path(spec.store)
+    store = TargetStore(spec.store)
+    if store.is_complete(spec.fingerprint):  # nothing to do: not even the teacher is built
+        return store.root
     device = resolve_device(spec.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -72,8 +73,7 @@ def extract(spec: ExtractSpec, rank: int = 0, world_size: int = 1, rows: Any = N
     augment = RandomResizedCropFlip(spec.img_size, aug.scale, aug.ratio, aug.flip_prob) if spec.views_per_item else None
     pixels = item_pixels(rows if rows is not None else ParquetRows(spec.manifest, spec.split), spec.num_images)
     grid = (spec.grid, spec.grid)
-    return compute_targets(
-        spec.store,
+    return store.compute(
         spec.fingerprint,
         num_items=len(pixels),
         batch_fn=teacher_views(pixels, spec.img_size, spec.views_per_item, augment, spec.seed),

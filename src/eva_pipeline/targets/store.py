@@ -20,7 +20,7 @@ is part of every shard's file name and stored in every shard. Hence:
   (atomically), in any order.
 * Files of another layout (a stale store, an older format) never share a name with this layout's shards; a run
   deletes them without looking inside, and can never delete a shard of its own layout that another rank of the
-  same run has just written. ``is_complete`` is exact from file names alone.
+  same run has just written. :meth:`TargetStore.is_complete` is exact from file names alone.
 * Shards and ``meta.json`` are written to a uniquely named temporary file and renamed (atomic on POSIX), so a
   killed run leaves only whole shards; re-running computes just the missing (or unreadable) ones.
 
@@ -691,45 +691,3 @@ def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Top-level fingerprint keys whose values differ (for error messages)."""
     keys = sorted(set(old) | set(new))
     return [k for k in keys if fingerprint_hash({"v": old.get(k)}) != fingerprint_hash({"v": new.get(k)})]
-
-
-def compute_targets(
-    store_root: str | os.PathLike[str],
-    fingerprint: Mapping[str, Any],
-    num_items: int,
-    batch_fn: Callable[[int, int], BatchFnResult],
-    teacher_fn: Callable[[Tensor], Tensor],
-    shard_size: int = 1024,
-    progress: bool = True,
-    batch_size: int | None = None,
-    *,
-    views_per_item: int = 1,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Path:
-    """Compute (or resume, or reuse) the targets of ``fingerprint`` in ``store_root``; see ``TargetStore.compute``."""
-    return TargetStore(store_root).compute(
-        fingerprint, num_items, batch_fn, teacher_fn, shard_size=shard_size, progress=progress, batch_size=batch_size,
-        views_per_item=views_per_item, rank=rank, world_size=world_size,
-    )
-
-
-def load_targets(
-    store_root: str | os.PathLike[str], expected_fingerprint: Mapping[str, Any] | None = None, with_crops: bool = False
-) -> Tensor | tuple[Tensor, Tensor | None]:
-    """Targets (num_rows, num_tokens, dim) fp16 from ``store_root``; see :meth:`TargetStore.load`."""
-    return TargetStore(store_root).load(expected_fingerprint, with_crops=with_crops)
-
-
-def open_targets(
-    store_root: str | os.PathLike[str],
-    expected_fingerprint: Mapping[str, Any] | None = None,
-    max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
-) -> TargetReader:
-    """A lazy :class:`TargetReader` of ``store_root``; see :meth:`TargetStore.reader`."""
-    return TargetStore(store_root).reader(expected_fingerprint, max_open_shards=max_open_shards)
-
-
-def is_complete(store_root: str | os.PathLike[str], fingerprint: Mapping[str, Any]) -> bool:
-    """True when ``store_root`` holds every shard for ``fingerprint``; see :meth:`TargetStore.is_complete`."""
-    return TargetStore(store_root).is_complete(fingerprint)

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from eva_pipeline.loader.pixels import load_images
-from eva_pipeline.targets.store import load_targets
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.manifest import manifest_digest, select_split
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.loader.transforms import resize_uint8
@@ -50,7 +50,7 @@ def test_store_on_disk_holds_one_target_per_patch(workspace, pl):
     store = Path(_receipt(workspace)["store"])
 
     assert (store / "meta.json").is_file() and sorted(store.glob("shard_*.pt"))
-    targets = load_targets(store)
+    targets = TargetStore(store).load()
     assert targets.shape == (pl.PRETRAIN_IMAGES, GRID * GRID, TARGET_DIM)
     assert targets.dtype == torch.float16 and torch.isfinite(targets).all()
     assert targets.float().std() > 0  # real features, not a constant
@@ -90,6 +90,6 @@ def test_validation_store_holds_the_teachers_targets_of_evenly_spaced_held_out_i
     inputs = to_model_input(torch.stack([resize_uint8(im, 28) for im in images]), 28)
     teacher = create_teacher("efficientnet_lite0", block_index=10)
     expected = teacher.targets(inputs, (GRID, GRID))
-    stored = load_targets(validation["store"])
+    stored = TargetStore(validation["store"]).load()
     assert stored.shape == expected.shape == (wanted, GRID * GRID, TARGET_DIM)
     torch.testing.assert_close(stored.float(), expected.float(), atol=2e-2, rtol=1e-2)  # fp16 storage

@@ -122,7 +122,7 @@ def test_val_loss_is_the_fixed_mask_loss_of_the_held_out_images(workspace, pl):
     import torch.nn.functional as F
 
     from eva_pipeline.loader.pixels import load_images
-    from eva_pipeline.targets.store import load_targets
+    from eva_pipeline.targets.store import TargetStore
     from eva_pipeline.manifest import select_split
     from eva_pipeline.loader.transforms import to_model_input
     from eva_pipeline.loader.transforms import resize_uint8
@@ -143,6 +143,6 @@ def test_val_loss_is_the_fixed_mask_loss_of_the_held_out_images(workspace, pl):
     mask[:, ::2] = True
     with torch.no_grad():
         pred = model(x, mask)
-    target = load_targets(receipt["store"]).float()[mask]
+    target = TargetStore(receipt["store"]).load().float()[mask]
     expected = -F.cosine_similarity(pred, target, dim=-1).mean().item()
     assert logged.iloc[0] == pytest.approx(expected, abs=2e-3)  # the saved weights are fp16
