@@ -171,9 +171,12 @@ class TargetStore:
         if layout is None:
             meta = self.read_meta()
             if meta is None or "layout" not in meta:
-                raise TargetStoreError(f"no target store at {self.root} ({META_FILE} missing): {_RERUN_HINT}")
+                raise self._no_store()
             layout = str(meta["layout"])
         return self.root / f"shard_{index:05d}_{layout}.pt"
+
+    def _no_store(self) -> TargetStoreError:
+        return TargetStoreError(f"no target store at {self.root} ({META_FILE} missing): {_RERUN_HINT}")
 
     @staticmethod
     def num_shards(num_rows: int, shard_size: int) -> int:
@@ -448,7 +451,7 @@ class TargetStore:
         """meta.json of a complete store of ``expected_fingerprint`` (if given), else TargetStoreError."""
         meta = self.read_meta()
         if meta is None:
-            raise TargetStoreError(f"no target store at {self.root} ({META_FILE} missing): {_RERUN_HINT}")
+            raise self._no_store()
         if not self._meta_usable(meta):
             raise TargetStoreError(
                 f"target store {self.root} has format {meta.get('format')}, this code reads format {STORE_FORMAT}: "
@@ -678,8 +681,8 @@ def _read_shard(
         problem = f"has {targets.dtype} targets of shape {tuple(targets.shape)}"
     elif reference is not None and tuple(targets.shape[1:]) != reference[0]:
         problem = f"has targets of shape {tuple(targets.shape[1:])} per row, other shards have {reference[0]}"
-    elif crops is not None and _crop_problem(crops, rows) is not None:
-        problem = f"has malformed crops ({_crop_problem(crops, rows)})"
+    elif crops is not None and (crop_problem := _crop_problem(crops, rows)) is not None:
+        problem = f"has malformed crops ({crop_problem})"
     elif reference is not None and (crops is not None) != reference[1]:
         problem = "has crops, other shards have none" if crops is not None else "has no crops, other shards have"
     if problem:
