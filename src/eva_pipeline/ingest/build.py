@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from eva_pipeline.ingest.idx import EMBEDDED_DATA_DIR, read_idx
+from eva_pipeline.ingest import sources as _builtin_readers  # noqa: F401  (registers image_folder, file_list, webdataset)
 from eva_pipeline.ingest.scan import (
     CHUNK_ROWS,
     REPORT_EXAMPLES,
@@ -480,7 +481,3 @@ def _report(
     }
     histogram = {split: {str(k): v for k, v in sorted(written.histograms[split].items())} for split in SPLITS}
     return {"dedup": dedup, "sources": sources, "totals": totals, "splits": splits, "label_histogram": histogram}
-
-
-# Built-in readers of encoded images ("image_folder", "file_list", "webdataset") register on import.
-from eva_pipeline.ingest import sources as _sources  # noqa: E402,F401
