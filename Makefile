@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install pretrain test viz mlflow-ui clean
+.PHONY: install pretrain test test-fast viz mlflow-ui clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ pretrain: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# The edit-test loop: everything but the tests marked slow (multi-process launches, SIGKILL restarts, whole
+# sessions). `make test` and .ci/run still run everything.
+test-fast: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -m "not slow" -q
 
 viz: $(STAMP)
 	$(BIN)/kedro viz build

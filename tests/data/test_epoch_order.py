@@ -120,6 +120,7 @@ def test_epochs_and_seeds_give_different_orders():
         assert (a == b).mean() < 0.01  # unrelated permutations agree at about 1/n of the positions
 
 
+@pytest.mark.slow
 def test_small_data_orders_are_uniform():
     """All 120 orders of 5 items equally likely over seeds (chi2 for 119 degrees of freedom: a uniform shuffle
     gives 119 +- 15, the order 125)."""

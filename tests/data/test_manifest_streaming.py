@@ -248,6 +248,7 @@ def _traced_peak(tmp_path: Path, n: int) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_traced_memory_is_flat_in_the_number_of_images(tmp_path, registry) -> None:
     """Peak Python memory of a 10x larger build stays well under 2x. Measured: 0.44 -> 0.50 MB; with nothing spilled
     (``chunk_rows`` above N, i.e. the previous list-based scan) 5.0 -> 51.8 MB."""

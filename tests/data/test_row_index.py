@@ -188,6 +188,7 @@ def test_builders_racing_keep_one_complete_index(tmp_path):
     assert [p.name for p in index.folder.parent.iterdir() if p.name.startswith(".building-")] == []
 
 
+@pytest.mark.slow
 def test_concurrent_processes_build_one_index(tmp_path):
     """Ranks opening the index at once (released together after their imports): one folder, the same rows."""
     manifest = _manifest([(f"img_{i}.png", i, i, "pretrain") for i in range(5000)], tmp_path / "m.parquet")

@@ -43,6 +43,7 @@ def _sources(pl, tmp_path: Path, **first) -> dict:
     return {"ingestion": {"sources": sources}}
 
 
+@pytest.mark.slow
 def test_missing_embedded_data_file_is_named_by_the_preflight(kedro_project, tmp_path, pl):
     missing = tmp_path / "nowhere" / "train-images-idx3-ubyte.gz"
     root = kedro_project(extra_params=_sources(pl, tmp_path, images=str(missing)))
@@ -56,6 +57,7 @@ def test_missing_embedded_data_file_is_named_by_the_preflight(kedro_project, tmp
     assert _run_statuses(root) == []  # the preflight runs before kedro-mlflow opens a run
 
 
+@pytest.mark.slow
 def test_corrupt_idx_file_is_named_before_anything_is_written(kedro_project, tmp_path, pl):
     corrupt = tmp_path / "corrupt" / "train-images-idx3-ubyte.gz"
     corrupt.parent.mkdir()
@@ -70,6 +72,7 @@ def test_corrupt_idx_file_is_named_before_anything_is_written(kedro_project, tmp
     assert _run_statuses(root) in ([], ["FAILED"])
 
 
+@pytest.mark.slow
 def test_idx_file_with_a_short_payload_is_named(kedro_project, tmp_path, pl):
     short = tmp_path / "short" / "train-images-idx3-ubyte.gz"
     short.parent.mkdir()

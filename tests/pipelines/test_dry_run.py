@@ -85,6 +85,7 @@ def test_demo_dry_run_builds_the_embedded_default():
     assert report.facts["steps_per_epoch"] == 10_000 // 128 and report.facts["target_dim"] == 112
 
 
+@pytest.mark.slow
 def test_eva01_dry_run_command_prints_the_plan_and_writes_nothing(pl):
     kedro = ROOT / ".venv" / "bin" / "kedro"
     command = [str(kedro)] if kedro.exists() else [sys.executable, "-m", "kedro"]

@@ -79,6 +79,7 @@ def _message(run: dict) -> str:
     return " ".join(output[start:].split())
 
 
+@pytest.mark.slow
 def test_stops_before_any_node_with_nothing_written(eva01_run):
     assert eva01_run["returncode"] != 0
     assert "Running node" not in eva01_run["output"]  # stopped in the preflight: no model, no teacher built

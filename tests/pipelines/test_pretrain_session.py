@@ -35,6 +35,7 @@ def pretrain_run(tmp_path_factory, pl) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_pretrain_session_run_end_to_end(pretrain_run, pl):
     root: Path = pretrain_run["root"]
     data = root / "data"

@@ -135,6 +135,7 @@ def test_launch_commands():
     assert "--num_gpus" not in multi_node
 
 
+@pytest.mark.slow
 def test_failed_ranks_raise_with_the_log(tmp_path):
     params = _base(2, launcher="torchrun", master_port=29632)
     with pytest.raises(Exception, match="ranks of eva_pipeline.training.worker failed"):

@@ -107,6 +107,7 @@ def test_training_node_trains_on_stored_views(stored, tmp_path):
     assert summary["steps"] == 4.0
 
 
+@pytest.mark.slow
 def test_two_extraction_ranks_launched_by_the_node_write_the_same_store(stored, tmp_path):
     rows, teacher_params, pretrain, receipt = stored
     ranks = TeacherTargetsParams.model_validate(
