@@ -2,7 +2,7 @@
 
 Everything a training step consumes is a pure function of ``(seed, step)``:
 
-* **Order.** :class:`EpochOrder` makes every epoch a uniform pseudo-random permutation of the whole data set (a
+* **Order.** :class:`~eva_pipeline.loader.order.EpochOrder` makes every epoch a uniform pseudo-random permutation of the whole data set (a
   keyed Feistel network with cycle walking): batches mix all sources and classes as a full shuffle does, the order
   holds O(1) memory (round keys), and position ``p`` of an epoch maps to its sample without the positions before it.
 * **Sharding.** Global batch ``b`` is positions ``[b*B, (b+1)*B)`` of its epoch; rank ``r`` of ``R`` takes slice
@@ -15,7 +15,7 @@ Everything a training step consumes is a pure function of ``(seed, step)``:
   For the first K epochs ``stored`` and ``augment`` draw the very same crops.
 * **Masks.** Each sample's block mask comes from ``mask_rng(seed, epoch, index)``.
 
-Rows are read through a :class:`RowSource`: an in-memory frame, or the manifest's memory-mapped row index
+Rows are read through a :class:`~eva_pipeline.loader.rows.RowSource`: an in-memory frame, or the manifest's memory-mapped row index
 (:mod:`eva_pipeline.loader.row_index`), since a uniform order scatters a batch over the whole manifest. Pixels are read
 through :class:`~eva_pipeline.loader.pixels.PixelReader`: a tar-shard member at the offset the index stores, one seek
 and one read per image, like an image file; IDX containers from a bounded cache.
@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from eva_pipeline.loader.augment import RandomResizedCropFlip, View, view_rng
+from eva_pipeline.loader.augment import RandomResizedCropFlip, View, crops_to_views, view_rng
 from eva_pipeline.loader.order import EpochOrder
-from eva_pipeline.loader.augment import crops_to_views
 from eva_pipeline.loader.transforms import resize_uint8, stack_images
 
 if TYPE_CHECKING:
