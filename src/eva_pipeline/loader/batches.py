@@ -2,9 +2,10 @@
 
 Everything a training step consumes is a pure function of ``(seed, step)``:
 
-* **Order.** :class:`~eva_pipeline.loader.order.EpochOrder` makes every epoch a uniform pseudo-random permutation of the whole data set (a
-  keyed Feistel network with cycle walking): batches mix all sources and classes as a full shuffle does, the order
-  holds O(1) memory (round keys), and position ``p`` of an epoch maps to its sample without the positions before it.
+* **Order.** :class:`~eva_pipeline.loader.order.EpochOrder` makes every epoch a uniform pseudo-random permutation
+  of the whole data set (a keyed Feistel network with cycle walking): batches mix all sources and classes as a full
+  shuffle does, the order holds O(1) memory (round keys), and position ``p`` of an epoch maps to its sample without
+  the positions before it.
 * **Sharding.** Global batch ``b`` is positions ``[b*B, (b+1)*B)`` of its epoch; rank ``r`` of ``R`` takes slice
   ``r`` of it (``B/R`` samples), and loader worker ``w`` of ``W`` builds the steps ``start + w, start + w + W, ...``
   which the DataLoader hands out in step order. Every rank knows the whole global batch, hence the number of masked
@@ -15,10 +16,10 @@ Everything a training step consumes is a pure function of ``(seed, step)``:
   For the first K epochs ``stored`` and ``augment`` draw the very same crops.
 * **Masks.** Each sample's block mask comes from ``mask_rng(seed, epoch, index)``.
 
-Rows are read through a :class:`~eva_pipeline.loader.rows.RowSource`: an in-memory frame, or the manifest's memory-mapped row index
-(:mod:`eva_pipeline.loader.row_index`), since a uniform order scatters a batch over the whole manifest. Pixels are read
-through :class:`~eva_pipeline.loader.pixels.PixelReader`: a tar-shard member at the offset the index stores, one seek
-and one read per image, like an image file; IDX containers from a bounded cache.
+Rows are read through a :class:`~eva_pipeline.loader.rows.RowSource`: an in-memory frame, or the manifest's
+memory-mapped row index (:mod:`eva_pipeline.loader.row_index`), since a uniform order scatters a batch over the whole
+manifest. Pixels are read through :class:`~eva_pipeline.loader.pixels.PixelReader`: a tar-shard member at the
+offset the index stores, one seek and one read per image, like an image file; IDX containers from a bounded cache.
 """
 
 from __future__ import annotations
