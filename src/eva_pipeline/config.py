@@ -19,7 +19,7 @@ class _Params(BaseModel):
 
 # ---------------------------------------------------------------------------------------------------- ingestion
 class SourceParams(_Params):
-    """One image source. ``kind`` selects the reader (see ``eva_pipeline.ingest.scan.source_kinds()`` for those available)."""
+    """One image source. ``kind`` selects the reader (``eva_pipeline.ingest.scan.source_kinds()`` lists them)."""
 
     name: str = Field(min_length=1)
     kind: Literal["idx", "image_folder", "file_list", "webdataset"]

@@ -182,7 +182,16 @@ def test_code_deps_cover_the_import_closure_of_the_stage(dvc, stage):
 
 def test_closures_reach_the_modules_the_issue_names():
     train = stage_closure("train_student")
-    for module in ("loader/batches.py", "loader/augment.py", "targets/store.py", "runtime/launch.py", "teachers/__init__.py", "teachers/factory.py", "config.py"):
+    modules = (
+        "loader/batches.py",
+        "loader/augment.py",
+        "targets/store.py",
+        "runtime/launch.py",
+        "teachers/__init__.py",
+        "teachers/factory.py",
+        "config.py",
+    )
+    for module in modules:
         assert Path("src/eva_pipeline", module) in train, module
     assert Path("src/eva_pipeline/training/worker.py") in train  # run by name: python -m eva_pipeline.training.worker
     assert Path("src/eva_pipeline/targets/extract.py") in stage_closure("teacher_targets")

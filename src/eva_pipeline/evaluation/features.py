@@ -47,7 +47,8 @@ def extract_features(
     Runs under ``torch.inference_mode()`` (no autograd graph, so 5,000 images fit in memory) and in batches of
     ``batch_size``; each batch is moved to ``device`` (when given) and handed to ``encode`` as is, so preprocessing
     (dtype, normalisation) belongs in ``encode``. ``encode`` returns (B, D) or (B, T, D) tokens; ``pool="mean"``
-    averages them over T, ``pool="concat"`` lays them side by side in token order. Put modules in eval mode first: dropout or drop-path would make features random.
+    averages them over T, ``pool="concat"`` lays them side by side in token order. Put modules in eval mode first:
+    dropout or drop-path would make features random.
     """
     if pool not in _POOLS:
         raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")

@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from eva_pipeline.ingest.idx import EMBEDDED_DATA_DIR, read_idx
-from eva_pipeline.ingest import sources as _builtin_readers  # noqa: F401  (registers image_folder, file_list, webdataset)
+# Imported for its side effect: the image_folder, file_list and webdataset readers register their kinds.
+from eva_pipeline.ingest import sources as _builtin_readers  # noqa: F401
 from eva_pipeline.ingest.scan import (
     CHUNK_ROWS,
     REPORT_EXAMPLES,

@@ -128,7 +128,8 @@ def make_schedule(params: PretrainParams, steps_per_epoch: int) -> WarmupCosineS
 def make_plan(
     params: PretrainParams, pixels: object, img_size: int, grid: int, rank: int, world: int, stored: object = None
 ) -> BatchPlan:
-    """What the loader needs to build any step's batch of ``rank`` (see :class:`~eva_pipeline.loader.batches.BatchPlan`)."""
+    """What the loader needs to build any step's batch of ``rank``
+    (see :class:`~eva_pipeline.loader.batches.BatchPlan`)."""
     return BatchPlan(
         pixels=pixels,
         order=epoch_order(params, len(pixels)),
