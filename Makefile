@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install pretrain test test-fast viz mlflow-ui clean
+.PHONY: install pretrain lint format test test-fast viz mlflow-ui clean
 
 install: $(STAMP)
 
@@ -27,14 +27,23 @@ $(STAMP): pyproject.toml
 pretrain: $(STAMP)
 	$(BIN)/kedro run --pipelines pretrain
 
-test: $(STAMP)
+# Layers (import-linter), lint and format (ruff): the checks `make test` runs before the tests.
+lint: $(STAMP)
 	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Apply ruff's safe fixes and formatting in place.
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest
 
 # The edit-test loop: everything but the tests marked slow (multi-process launches, SIGKILL restarts, whole
 # sessions). `make test` and .ci/run still run everything.
-test-fast: $(STAMP)
-	$(BIN)/lint-imports
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
 viz: $(STAMP)

@@ -40,8 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 SYNTHETIC_KIND = "bench_synthetic"
 #: Share of the N items in the probe source.
@@ -213,13 +214,19 @@ def _ours(rows: Any, batch: int, steps: int, workers: int) -> Any:
     from eva_pipeline.loader.augment import RandomResizedCropFlip
     from eva_pipeline.loader.batches import BatchPlan, batch_loader
     from eva_pipeline.loader.order import EpochOrder
-    from eva_pipeline.loader.rows import FrameRows
     from eva_pipeline.loader.pixels import ManifestPixels
+    from eva_pipeline.loader.rows import FrameRows
     from eva_pipeline.masking import BlockMaskGenerator
 
     plan = BatchPlan(
-        pixels=ManifestPixels(FrameRows(rows)), order=EpochOrder(len(rows), 0), global_batch=batch, rank=0,
-        world_size=1, img_size=LOADER_IMG_SIZE, seed=0, view_mode="augment",
+        pixels=ManifestPixels(FrameRows(rows)),
+        order=EpochOrder(len(rows), 0),
+        global_batch=batch,
+        rank=0,
+        world_size=1,
+        img_size=LOADER_IMG_SIZE,
+        seed=0,
+        view_mode="augment",
         masker=BlockMaskGenerator((LOADER_GRID, LOADER_GRID), LOADER_MASKED, LOADER_MIN_PATCHES),
         augment=RandomResizedCropFlip(LOADER_IMG_SIZE),
     )
@@ -258,26 +265,34 @@ def cmd_loader(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one core per process: "per core" means per decoding process
     with tempfile.TemporaryDirectory() as tmp:
         root = make_jpeg_folder(Path(args.data or tmp) / "jpegs", args.images)
-        from eva_pipeline.ingest.scan import SourceSpec
         from eva_pipeline.ingest.build import build_manifest
+        from eva_pipeline.ingest.scan import SourceSpec
 
         built, _ = build_manifest([SourceSpec("bench", "image_folder", "pretrain", root)])
         rows = built if hasattr(built, "columns") else built.split("pretrain")
         steps = min(args.steps, len(rows) // args.batch)
-        print(f"loader: {len(rows)} JPEGs, batch {args.batch}, {steps} steps per round, {args.rounds} rounds, "
-              f"{LOADER_IMG_SIZE} px views; torch {torch.__version__}, {os.cpu_count()} CPUs")
-        print(f"{'workers':>7} | {'torchvision img/s':>17} | {'ours img/s':>10} | {'per core: tv':>12} | "
-              f"{'per core: ours':>14} | ours / torchvision")
+        print(
+            f"loader: {len(rows)} JPEGs, batch {args.batch}, {steps} steps per round, {args.rounds} rounds, "
+            f"{LOADER_IMG_SIZE} px views; torch {torch.__version__}, {os.cpu_count()} CPUs"
+        )
+        print(
+            f"{'workers':>7} | {'torchvision img/s':>17} | {'ours img/s':>10} | {'per core: tv':>12} | "
+            f"{'per core: ours':>14} | ours / torchvision"
+        )
         for workers in args.workers:
             tv, ours = [], []
             for r in range(args.rounds):  # interleaved, order alternating
-                pair = [("tv", lambda: _torchvision(root, args.batch, workers)),
-                        ("ours", lambda: _ours(rows, args.batch, steps, workers))]
+                pair = [
+                    ("tv", lambda w=workers: _torchvision(root, args.batch, w)),
+                    ("ours", lambda w=workers: _ours(rows, args.batch, steps, w)),
+                ]
                 for name, make in pair if r % 2 == 0 else pair[::-1]:
                     (tv if name == "tv" else ours).append(_time_loader(make(), steps))
             tv_m, ours_m, cores = statistics.median(tv), statistics.median(ours), max(1, workers)
-            print(f"{workers:>7} | {tv_m:>17.1f} | {ours_m:>10.1f} | {tv_m / cores:>12.1f} | {ours_m / cores:>14.1f} | "
-                  f"{ours_m / tv_m:.2f}x")
+            print(
+                f"{workers:>7} | {tv_m:>17.1f} | {ours_m:>10.1f} | {tv_m / cores:>12.1f} | {ours_m / cores:>14.1f} | "
+                f"{ours_m / tv_m:.2f}x"
+            )
     return 0
 
 
@@ -287,13 +302,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
     import dataclasses
     import statistics
 
-    from eva_pipeline.ingest.scan import SourceSpec
     from eva_pipeline.ingest.build import build_manifest
+    from eva_pipeline.ingest.scan import SourceSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_jpeg_folder(Path(args.data or tmp) / "jpegs", args.images)
         spec = SourceSpec("bench", "image_folder", "pretrain", root)
-        print(f"scan: {args.images} JPEGs (256-383 x 320-447 px), no cache, {args.rounds} rounds; {os.cpu_count()} CPUs")
+        print(
+            f"scan: {args.images} JPEGs (256-383 x 320-447 px), no cache, {args.rounds} rounds; {os.cpu_count()} CPUs"
+        )
         print(f"{'decode_workers':>14} | {'images/s':>9} | vs 1 thread")
         base = None
         for workers in args.workers:

@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from eva_pipeline.loader.pixels import read_tar_span, tar_member_spans
-from eva_pipeline.manifest import ROW_GROUP_ROWS
-from eva_pipeline.loader.row_index import RowIndex
 from eva_pipeline.loader.order import EpochOrder
+from eva_pipeline.loader.pixels import read_tar_span, tar_member_spans
+from eva_pipeline.loader.row_index import RowIndex
+from eva_pipeline.manifest import ROW_GROUP_ROWS
 
 STEP = 4096  # EVA-01's global batch
 RANK_SHARE = 32  # one rank's images per step (128 GPUs)
@@ -84,12 +84,14 @@ def _synthetic_manifest(root: Path, rows: int) -> Path:
     files = max(rows - len(members), 0)
     locations = [f"imagenet21k/n{i // 1000:08d}/n{i // 1000:08d}_{i:07d}.JPEG" for i in range(files)] + members
     n = len(locations)
-    table = pa.table({
-        "location": locations,
-        "width": np.full(n, 500, np.int32),
-        "height": np.full(n, 375, np.int32),
-        "split": np.where(np.arange(n) % 50 == 0, "probe", "pretrain"),
-    })
+    table = pa.table(
+        {
+            "location": locations,
+            "width": np.full(n, 500, np.int32),
+            "height": np.full(n, 375, np.int32),
+            "split": np.where(np.arange(n) % 50 == 0, "probe", "pretrain"),
+        }
+    )
     path = root / "manifest.parquet"
     pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
     return path
@@ -104,8 +106,10 @@ def bench_rows(rows: int) -> None:
         index = RowIndex.open(manifest, "pretrain", root=root)
         build = time.perf_counter() - tick
         size = sum(p.stat().st_size for p in index.folder.iterdir())
-        print(f"rows: manifest of {rows:,} rows ({SHARDS * PER_SHARD:,} tar members), "
-              f"{pq.ParquetFile(manifest).num_row_groups} row groups")
+        print(
+            f"rows: manifest of {rows:,} rows ({SHARDS * PER_SHARD:,} tar members), "
+            f"{pq.ParquetFile(manifest).num_row_groups} row groups"
+        )
         print(f"  row index built once per manifest in {build:.2f} s, {size / 2**20:.1f} MiB on disk")
 
         pf = pq.ParquetFile(manifest)
@@ -123,8 +127,10 @@ def bench_rows(rows: int) -> None:
             lookup = (time.perf_counter() - tick) / REPEATS
             groups = int(np.unique(picks[0] // ROW_GROUP_ROWS).size)
             former = groups * per_group
-            print(f"  {batch:>5} random rows: row index {_ms(lookup)} | baseline former ParquetRows "
-                  f"{groups} row groups x {_ms(per_group)} = {_ms(former)} | {former / lookup:,.0f}x")
+            print(
+                f"  {batch:>5} random rows: row index {_ms(lookup)} | baseline former ParquetRows "
+                f"{groups} row groups x {_ms(per_group)} = {_ms(former)} | {former / lookup:,.0f}x"
+            )
 
         frame = index.rows(np.arange(len(index)))
         tar_rows = frame[frame["member_offset"] >= 0].sample(200, random_state=0)
@@ -146,8 +152,10 @@ def bench_rows(rows: int) -> None:
                 fh.seek(offset)
                 fh.read(size)
         scan = (time.perf_counter() - tick) / len(tar_rows)
-        print(f"  one tar member in uniform order (page-cached): stored offset {_ms(span)} | baseline per-shard header "
-              f"scan, LRU of {LRU_SHARDS} shards, {_ms(scan)} | {scan / span:,.0f}x")
+        print(
+            f"  one tar member in uniform order (page-cached): stored offset {_ms(span)} | baseline per-shard header "
+            f"scan, LRU of {LRU_SHARDS} shards, {_ms(scan)} | {scan / span:,.0f}x"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

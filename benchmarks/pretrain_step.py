@@ -59,11 +59,11 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 MODES: tuple[str, ...] = ("reference", "ours_online", "ours_cached")
 RATIOS: tuple[tuple[str, str], ...] = (
@@ -130,15 +130,16 @@ def size_config(size: str) -> BenchConfig:
 
     if size == "small":
         student = get_config("eva_small_patch14_224", img_size=112, depth=4)
-        teacher = TeacherShape(image_size=112, patch_size=14, width=256, layers=3, heads=4, mlp_ratio=4.0,
-                               output_dim=768)
+        teacher = TeacherShape(
+            image_size=112, patch_size=14, width=256, layers=3, heads=4, mlp_ratio=4.0, output_dim=768
+        )
         return BenchConfig("small", student, teacher, None, batch=16, num_masking_patches=26, min_num_patches=4)
     if size == "giant":
         student = get_config("eva_giant_patch14_224")
-        teacher = TeacherShape(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0,
-                               output_dim=768)
-        return BenchConfig("giant", student, teacher, "ViT-L-14", batch=32, num_masking_patches=105,
-                           min_num_patches=16)
+        teacher = TeacherShape(
+            image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0, output_dim=768
+        )
+        return BenchConfig("giant", student, teacher, "ViT-L-14", batch=32, num_masking_patches=105, min_num_patches=16)
     raise ValueError(f"unknown size {size!r}; choose small or giant")
 
 
@@ -300,10 +301,7 @@ class ReferenceMIM(nn.Module):
         x = x * (1 - w) + self.mask_token * w
         x, rope = self.eva._pos_embed(x)
         for blk in self.eva.blocks:
-            if self.grad_checkpointing:
-                x = checkpoint(blk, x, rope, use_reentrant=False)
-            else:
-                x = blk(x, rope=rope)
+            x = checkpoint(blk, x, rope, use_reentrant=False) if self.grad_checkpointing else blk(x, rope=rope)
         x = self.eva.norm(x)
         return self.lm_head(x[:, 1:])[mask]
 
@@ -311,8 +309,15 @@ class ReferenceMIM(nn.Module):
 class ReferenceStep:
     """Plain PyTorch: online open_clip teacher, AdamW, clip_grad_norm_, autocast (+GradScaler for fp16)."""
 
-    def __init__(self, cfg: BenchConfig, teacher_name: str, device: torch.device, precision: str,
-                 grad_checkpointing: bool = False, compile_student: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: BenchConfig,
+        teacher_name: str,
+        device: torch.device,
+        precision: str,
+        grad_checkpointing: bool = False,
+        compile_student: bool = False,
+    ) -> None:
         import open_clip
 
         self.device, self.dtype = device, PRECISIONS[precision]
@@ -323,8 +328,9 @@ class ReferenceStep:
         clip = open_clip.create_model(teacher_name, pretrained=None, device=device)
         self.teacher = clip.visual.eval().requires_grad_(False)
         self.teacher.output_tokens = True
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
-                                           weight_decay=WEIGHT_DECAY)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY
+        )
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def teacher_targets(self, images: torch.Tensor) -> torch.Tensor:
@@ -366,27 +372,44 @@ def pretrain_params(cfg: BenchConfig, device: torch.device, precision: str, zero
     """A PretrainParams for the engine (only precision, batch, ZeRO and clipping matter to ``deepspeed_config``)."""
     from eva_pipeline.config import PretrainParams
 
-    return PretrainParams.model_validate(dict(
-        model=dict(name="eva_small_patch14_224"),
-        masking=dict(num_masking_patches=cfg.num_masking_patches, min_num_patches=cfg.min_num_patches),
-        optimizer=dict(lr=LR, min_lr=1e-5, warmup_epochs=0, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
-                       clip_grad=CLIP_GRAD),
-        epochs=1,
-        batch_size=cfg.batch,
-        precision=precision,
-        device=device.type,
-        checkpoint=dict(dir=str(Path(tempfile.gettempdir()) / "evabench-unused")),
-        deepspeed=dict(zero_stage=zero_stage),
-    ))
+    return PretrainParams.model_validate(
+        {
+            "model": {"name": "eva_small_patch14_224"},
+            "masking": {"num_masking_patches": cfg.num_masking_patches, "min_num_patches": cfg.min_num_patches},
+            "optimizer": {
+                "lr": LR,
+                "min_lr": 1e-5,
+                "warmup_epochs": 0,
+                "weight_decay": WEIGHT_DECAY,
+                "betas": BETAS,
+                "eps": EPS,
+                "clip_grad": CLIP_GRAD,
+            },
+            "epochs": 1,
+            "batch_size": cfg.batch,
+            "precision": precision,
+            "device": device.type,
+            "checkpoint": {"dir": str(Path(tempfile.gettempdir()) / "evabench-unused")},
+            "deepspeed": {"zero_stage": zero_stage},
+        }
+    )
 
 
 class OursStep:
     """``eva_pipeline.training.loop.train_step`` (the step ``run_pretraining`` runs) over one engine, after the
     loop's host->device copy; ``target_fns[targets](index, images)`` selects online or cached targets."""
 
-    def __init__(self, cfg: BenchConfig, teacher_name: str, device: torch.device, precision: str,
-                 attn: str = "eager", grad_checkpointing: bool = False, compile_student: bool = False,
-                 zero_stage: int = 1) -> None:
+    def __init__(
+        self,
+        cfg: BenchConfig,
+        teacher_name: str,
+        device: torch.device,
+        precision: str,
+        attn: str = "eager",
+        grad_checkpointing: bool = False,
+        compile_student: bool = False,
+        zero_stage: int = 1,
+    ) -> None:
         from eva_pipeline.models import EvaMIM
         from eva_pipeline.teachers import OpenClipTeacher
         from eva_pipeline.training.engine import check_precision, initialize_engine
@@ -398,8 +421,9 @@ class OursStep:
         student = dataclasses.replace(cfg.student, attn_impl=attn, grad_checkpointing=grad_checkpointing)
         model = EvaMIM(student)
         params = pretrain_params(cfg, device, precision, zero_stage)
-        optimizer = build_adamw(param_groups(model, WEIGHT_DECAY),
-                                AdamWConfig(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY))
+        optimizer = build_adamw(
+            param_groups(model, WEIGHT_DECAY), AdamWConfig(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+        )
         if compile_student:
             model.compile()  # in place: parameter names (and so the groups above) are unchanged
         self.engine = initialize_engine(model, optimizer, params, device)
@@ -465,9 +489,16 @@ class Bench:
         }
 
 
-def build_bench(cfg: BenchConfig, device: torch.device, precision: str = "fp32", attn: str = "eager",
-                grad_checkpointing: bool = False, compile_student: bool = False, seed: int = 0,
-                zero_stage: int = 1) -> Bench:
+def build_bench(
+    cfg: BenchConfig,
+    device: torch.device,
+    precision: str = "fp32",
+    attn: str = "eager",
+    grad_checkpointing: bool = False,
+    compile_student: bool = False,
+    seed: int = 0,
+    zero_stage: int = 1,
+) -> Bench:
     from eva_pipeline.training.engine import ensure_single_process_env, import_deepspeed
 
     if device.type == "cpu":
@@ -482,8 +513,9 @@ def build_bench(cfg: BenchConfig, device: torch.device, precision: str = "fp32",
     return Bench(cfg, device, precision, reference, ours, images, masks, compiled=compile_student)
 
 
-def run_benchmark(bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2,
-                  peak: float | None = None, breakdown: bool = False) -> dict[str, Any]:
+def run_benchmark(
+    bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2, peak: float | None = None, breakdown: bool = False
+) -> dict[str, Any]:
     """Warm up every mode, then ``rounds`` interleaved rounds of ``steps`` timed steps; median images/s per mode."""
     if steps < 1 or rounds < 1 or warmup < 0:
         raise ValueError("steps and rounds must be >= 1, warmup >= 0")
@@ -494,7 +526,7 @@ def run_benchmark(bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2
             fns[mode]()
     resident = torch.cuda.memory_allocated(bench.device) / 2**30 if cuda else None
     per_round: dict[str, list[float]] = {m: [] for m in MODES}
-    peak_gib: dict[str, float] = {m: 0.0 for m in MODES}
+    peak_gib: dict[str, float] = dict.fromkeys(MODES, 0.0)
     for r in range(rounds):
         order = MODES if r % 2 == 0 else MODES[::-1]  # alternate the order: no mode always runs first
         for mode in order:
@@ -540,8 +572,11 @@ def run_benchmark(bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2
     if cuda:
         # Both steps live in one process: "resident" is both students, their optimiser states and the teacher; a
         # mode's peak adds that mode's activations (and the other step's idle state) on top.
-        result["memory_gib"] = {"resident": resident, "peak": peak_gib,
-                                "device_total": torch.cuda.get_device_properties(bench.device).total_memory / 2**30}
+        result["memory_gib"] = {
+            "resident": resident,
+            "peak": peak_gib,
+            "device_total": torch.cuda.get_device_properties(bench.device).total_memory / 2**30,
+        }
     if breakdown:
         result["breakdown_ms"] = time_breakdown(bench, max(5, steps))
     return result
@@ -627,17 +662,22 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{key:<26} {value:.3f}x")
     if result.get("breakdown_ms"):
         b = result["breakdown_ms"]
-        lines.append(f"teacher forward alone (ms/batch): reference {b['reference_teacher']:.1f}, "
-                     f"ours {b['ours_teacher']:.1f}")
+        lines.append(
+            f"teacher forward alone (ms/batch): reference {b['reference_teacher']:.1f}, ours {b['ours_teacher']:.1f}"
+        )
     if result.get("memory_gib"):
         mem = result["memory_gib"]
-        lines.append(f"memory (GiB): resident {mem['resident']:.1f} of {mem['device_total']:.1f}; peak per mode "
-                     + ", ".join(f"{m} {v:.1f}" for m, v in mem["peak"].items()))
+        lines.append(
+            f"memory (GiB): resident {mem['resident']:.1f} of {mem['device_total']:.1f}; peak per mode "
+            + ", ".join(f"{m} {v:.1f}" for m, v in mem["peak"].items())
+        )
     if result["peak_tflops"]:
         source = result.get("peak_source", "given")
         lines.append(f"peak: {result['peak_tflops']:.4f} TFLOP/s ({source})")
-        lines.append(f"equal-work bound: a step with the reference's FLOPs at 100% of that peak would be "
-                     f"{result['equal_work_bound']:.2f}x the reference")
+        lines.append(
+            f"equal-work bound: a step with the reference's FLOPs at 100% of that peak would be "
+            f"{result['equal_work_bound']:.2f}x the reference"
+        )
     return "\n".join(lines)
 
 
@@ -656,9 +696,10 @@ def profile_modes(bench: Bench, rows: int = 12) -> str:
             _sync(bench.device)
         events = prof.key_averages()
         phases = ", ".join(
-            f"{e.key[len(PHASE_PREFIX):]} {e.cpu_time_total / 1e3:.0f} ms"
+            f"{e.key[len(PHASE_PREFIX) :]} {e.cpu_time_total / 1e3:.0f} ms"
             + (f" (device {e.device_time_total / 1e3:.0f} ms)" if cuda else "")
-            for e in events if e.key.startswith(PHASE_PREFIX)
+            for e in events
+            if e.key.startswith(PHASE_PREFIX)
         )
         out.append(f"== {mode}: {phases}\n" + events.table(sort_by=key, row_limit=rows))
     return "\n".join(out)
@@ -668,8 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--size", choices=["small", "giant"], default="small")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
-                   help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default=None, help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--batch", type=int, default=None, help="default: 16 (small), 32 (giant)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
@@ -678,16 +718,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks (both students)")
     p.add_argument("--compile", action="store_true", help="torch.compile both students")
     p.add_argument("--zero-stage", type=int, choices=[0, 1], default=1, help="our engine's ZeRO stage (recipe: 1)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s for MFU (default: table for H100/H200/A100; on CPU a measured GEMM peak)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s for MFU (default: table for H100/H200/A100; on CPU a measured GEMM peak)",
+    )
     p.add_argument("--breakdown", action="store_true", help="also time the teacher forward alone")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per mode")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
-                   help="time several variants on one build, e.g. sdpa eager sdpa+ckpt sdpa+compile (compile last); "
-                        "overrides --attn/--grad-checkpointing/--compile")
-    p.add_argument("--json", type=Path, default=None,
-                   help="also write the results here (a list, one entry per variant, rewritten after each)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="VARIANT",
+        help="time several variants on one build, e.g. sdpa eager sdpa+ckpt sdpa+compile (compile last); "
+        "overrides --attn/--grad-checkpointing/--compile",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the results here (a list, one entry per variant, rewritten after each)",
+    )
     return p.parse_args(argv)
 
 
@@ -702,8 +755,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = size_config(args.size)
     if args.batch:
         cfg = dataclasses.replace(cfg, batch=args.batch)
-    variants = [parse_variant(v) for v in args.variants] if args.variants else [
-        (args.attn, args.grad_checkpointing, args.compile)]
+    variants = (
+        [parse_variant(v) for v in args.variants]
+        if args.variants
+        else [(args.attn, args.grad_checkpointing, args.compile)]
+    )
     compiles = [c for _, _, c in variants]
     if compiles != sorted(compiles):
         raise SystemExit("--variants: +compile variants must come last (compilation cannot be undone)")

@@ -22,10 +22,10 @@ from omegaconf import OmegaConf
 from threadpoolctl import threadpool_limits
 
 from eva_pipeline.config import EvaluationParams, PretrainParams, TeacherTargetsParams
-from eva_pipeline.loader.pixels import load_images
-from eva_pipeline.manifest import select_split
-from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.evaluation import ProbeConfig, linear_probe_top1, split_probe
+from eva_pipeline.loader.pixels import load_images
+from eva_pipeline.loader.transforms import to_model_input
+from eva_pipeline.manifest import select_split
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import build_teacher, student_config
 from eva_pipeline.training.loop import initial_student
@@ -36,7 +36,9 @@ def load_params(conf: str, env: str, overrides: list[str]) -> dict:
 
     configure_project("eva_pipeline")
     runtime = OmegaConf.to_container(OmegaConf.from_dotlist(overrides)) if overrides else {}
-    loader = settings.CONFIG_LOADER_CLASS(conf_source=conf, env=env, runtime_params=runtime, **settings.CONFIG_LOADER_ARGS)
+    loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=conf, env=env, runtime_params=runtime, **settings.CONFIG_LOADER_ARGS
+    )
     return loader["parameters"]
 
 
@@ -92,7 +94,9 @@ def vit_protocols(model: EvaMIM, images: torch.Tensor, batch: int, full: bool) -
         out[f"mean | last {k} blocks, each normed, concat"] = np.concatenate(
             [readout(layer_norm(b, model), "mean") for b in blocks[-k:]], axis=1
         )
-        out[f"mean | last {k} blocks, no norm, concat"] = np.concatenate([readout(b, "mean") for b in blocks[-k:]], axis=1)
+        out[f"mean | last {k} blocks, no norm, concat"] = np.concatenate(
+            [readout(b, "mean") for b in blocks[-k:]], axis=1
+        )
     if full:
         out["concat | last block, no norm"] = readout(blocks[-1], "concat")
         out["concat | block -2, normed"] = readout(layer_norm(blocks[-2], model), "concat")
@@ -108,7 +112,9 @@ def main() -> None:
     parser.add_argument("--manifest", default="data/03_primary/manifest.parquet")
     parser.add_argument("--conf", default="conf")
     parser.add_argument("--env", default="local")
-    parser.add_argument("--params", nargs="*", default=[], help="kedro-style overrides, e.g. pretrain.model.overrides.embed_dim=192")
+    parser.add_argument(
+        "--params", nargs="*", default=[], help="kedro-style overrides, e.g. pretrain.model.overrides.embed_dim=192"
+    )
     parser.add_argument("--full", action="store_true", help="also the costly concat variants")
     parser.add_argument("--no-scale", action="store_true", help="also fit every protocol without the StandardScaler")
     parser.add_argument("--no-teacher", action="store_true")
@@ -167,10 +173,20 @@ def main() -> None:
                 with threadpool_limits(args.threads):
                     top1 = linear_probe_top1(x[train_idx], labels[train_idx], x[test_idx], labels[test_idx], cfg)
                 seconds = time.perf_counter() - start
-                row = dict(encoder=encoder, protocol=protocol, scale="std" if standardize else "none",
-                           dim=x.shape[1], top1=top1, fit_s=round(seconds, 1))
+                row = {
+                    "encoder": encoder,
+                    "protocol": protocol,
+                    "scale": "std" if standardize else "none",
+                    "dim": x.shape[1],
+                    "top1": top1,
+                    "fit_s": round(seconds, 1),
+                }
                 results.append(row)
-                print(f"{encoder:12s} | {protocol:45s} | {row['scale']:4s} | {x.shape[1]:5d} | {top1:.4f} | {seconds:6.1f} s", flush=True)
+                scale, dim = row["scale"], x.shape[1]
+                print(
+                    f"{encoder:12s} | {protocol:45s} | {scale:4s} | {dim:5d} | {top1:.4f} | {seconds:6.1f} s",
+                    flush=True,
+                )
 
     table = pd.DataFrame(results)
     pix = table[(table.encoder == "raw pixels") & (table.scale == "std")].top1.iloc[0]

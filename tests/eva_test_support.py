@@ -7,21 +7,21 @@ from pathlib import Path
 
 from eva_pipeline.config import PretrainParams
 
-TINY = dict(depth=1, embed_dim=32, num_heads=2, mlp_hidden_dim=64, drop_path_rate=0.0)
+TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_hidden_dim": 64, "drop_path_rate": 0.0}
 
 
 def make_params(ckpt_dir: Path, **changes) -> PretrainParams:
     """A tiny CPU pre-training config writing checkpoints under ``ckpt_dir``; ``changes`` merge in (nested)."""
-    base = dict(
-        model=dict(name="eva_tiny_patch4_28", overrides=dict(TINY)),
-        masking=dict(num_masking_patches=20, min_num_patches=4),
-        optimizer=dict(lr=1e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.05),
-        epochs=2,
-        batch_size=8,
-        device="cpu",
-        seed=0,
-        checkpoint=dict(dir=str(ckpt_dir), every_steps=2, keep_last=2),
-    )
+    base = {
+        "model": {"name": "eva_tiny_patch4_28", "overrides": dict(TINY)},
+        "masking": {"num_masking_patches": 20, "min_num_patches": 4},
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-5, "warmup_epochs": 1, "weight_decay": 0.05},
+        "epochs": 2,
+        "batch_size": 8,
+        "device": "cpu",
+        "seed": 0,
+        "checkpoint": {"dir": str(ckpt_dir), "every_steps": 2, "keep_last": 2},
+    }
 
     return PretrainParams.model_validate(merge_nested(base, copy.deepcopy(changes)))
 

@@ -30,10 +30,17 @@ def bench_module():
 
 
 def tiny_config(bm):
-    student = EvaConfig(img_size=42, patch_size=14, embed_dim=32, depth=1, num_heads=2, mlp_hidden_dim=64,
-                        target_dim=16, drop_path_rate=0.0)
-    teacher = bm.TeacherShape(image_size=42, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0,
-                              output_dim=16)
+    student = EvaConfig(
+        img_size=42,
+        patch_size=14,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        mlp_hidden_dim=64,
+        target_dim=16,
+        drop_path_rate=0.0,
+    )
+    teacher = bm.TeacherShape(image_size=42, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=16)
     return bm.BenchConfig("tiny", student, teacher, None, batch=2, num_masking_patches=3, min_num_patches=1)
 
 
@@ -80,8 +87,24 @@ def test_benchmark_runs_and_reports(bench_module, monkeypatch, tmp_path, capsys)
     bm = bench_module
     monkeypatch.setattr(bm, "size_config", lambda size: tiny_config(bm))
     out = tmp_path / "result.json"
-    result = bm.main(["--device", "cpu", "--steps", "1", "--rounds", "2", "--warmup", "1", "--peak-tflops", "1.0",
-                      "--breakdown", "--profile", "--json", str(out)])
+    result = bm.main(
+        [
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--peak-tflops",
+            "1.0",
+            "--breakdown",
+            "--profile",
+            "--json",
+            str(out),
+        ]
+    )
 
     assert set(result["images_per_second"]) == set(bm.MODES) == {"reference", "ours_online", "ours_cached"}
     assert all(v > 0 for v in result["images_per_second"].values())
@@ -129,11 +152,32 @@ def test_variants_switch_one_build_in_place(bench_module, monkeypatch, tmp_path)
     real_build = bm.build_bench
     monkeypatch.setattr(bm, "build_bench", lambda *a, **k: built.append(1) or real_build(*a, **k))
     out = tmp_path / "variants.json"
-    results = bm.main(["--device", "cpu", "--steps", "1", "--rounds", "1", "--warmup", "0", "--peak-tflops", "1.0",
-                       "--zero-stage", "0", "--variants", "sdpa", "eager+ckpt", "--json", str(out)])
+    results = bm.main(
+        [
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--peak-tflops",
+            "1.0",
+            "--zero-stage",
+            "0",
+            "--variants",
+            "sdpa",
+            "eager+ckpt",
+            "--json",
+            str(out),
+        ]
+    )
     assert len(built) == 1
-    assert [(r["attn"], r["grad_checkpointing"], r["zero_stage"]) for r in results] == [("sdpa", False, 0),
-                                                                                         ("eager", True, 0)]
+    assert [(r["attn"], r["grad_checkpointing"], r["zero_stage"]) for r in results] == [
+        ("sdpa", False, 0),
+        ("eager", True, 0),
+    ]
     assert [r["attn"] for r in json.loads(out.read_text())] == ["sdpa", "eager"]
     assert bm.parse_variant("sdpa+ckpt+compile") == ("sdpa", True, True)
     with pytest.raises(ValueError, match="expected eager"):

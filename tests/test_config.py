@@ -90,7 +90,9 @@ def test_teacher_options_match_the_teacher_constructor(kind):
 
     cls = {"open_clip": OpenClipTeacher, "efficientnet_lite0": EfficientNetLiteTeacher}[kind]
     signature = {
-        name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name not in ("self", "device")
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "device")
     }
     fields = {name: f.default for name, f in TEACHER_OPTIONS[kind].model_fields.items()}
     assert fields == signature

@@ -29,7 +29,11 @@ def test_installed_metadata_matches_pyproject():
 def test_module_entry_point_shows_kedro_run_help():
     result = subprocess.run(
         [sys.executable, "-m", "eva_pipeline", "--help"],
-        cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+        cwd=PROJECT_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--pipelines" in result.stdout and "--env" in result.stdout

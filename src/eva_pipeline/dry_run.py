@@ -60,7 +60,9 @@ class DryRunReport:
             out.append(f"{title}:")
             out.extend(f"  {line}" for line in lines)
         if self.missing:
-            out.append(f"A real run would stop at the pre-flight check ({len(self.missing)} problem(s) on this machine):")
+            out.append(
+                f"A real run would stop at the pre-flight check ({len(self.missing)} problem(s) on this machine):"
+            )
             out.extend(f"  - {problem}" for problem in self.missing)
         else:
             out.append("Nothing missing on this machine: the run can start.")
@@ -118,8 +120,12 @@ def _teacher(report: DryRunReport, params: TeacherTargetsParams, skeleton: Any, 
         f"Teacher {params.teacher.kind} (architecture only, no weights)",
         f"{options}",
         f"{count:,} parameters; input {input_size[0]}x{input_size[1]}, {skeleton.target_dim}-d target per patch",
-        f"mode {params.mode}: " + ("run in every training step" if params.mode == "online" else
-                                   f"targets stored once ({max(params.views_per_image, 1)} view(s) per image)"),
+        f"mode {params.mode}: "
+        + (
+            "run in every training step"
+            if params.mode == "online"
+            else f"targets stored once ({max(params.views_per_image, 1)} view(s) per image)"
+        ),
     )
 
 
@@ -131,8 +137,8 @@ def _optimizer(report: DryRunReport, params: PretrainParams, student: torch.nn.M
     o = params.optimizer
     report.add(
         "Optimiser",
-        f"AdamW lr {o.lr:g} (min {o.min_lr:g}), betas {tuple(o.betas)}, eps {o.eps:g}, weight decay {o.weight_decay:g}, "
-        f"clip {o.clip_grad}",
+        f"AdamW lr {o.lr:g} (min {o.min_lr:g}), betas {tuple(o.betas)}, eps {o.eps:g}, "
+        f"weight decay {o.weight_decay:g}, clip {o.clip_grad}",
         f"{len(optimizer.param_groups)} groups: {decayed:,} parameters decayed, {total - decayed:,} not "
         "(1-D, biases, pos_embed, cls_token; mask_token is decayed)",
     )
@@ -143,15 +149,20 @@ def _schedule(report: DryRunReport, params: PretrainParams, num_images: int) -> 
     schedule = make_schedule(params, steps_per_epoch)
     last = min(schedule.total_steps, params.max_steps or schedule.total_steps)
     report.facts.update(
-        num_images=num_images, steps_per_epoch=steps_per_epoch, total_steps=schedule.total_steps,
-        warmup_steps=schedule.warmup_steps, last_step=last,
+        num_images=num_images,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=schedule.total_steps,
+        warmup_steps=schedule.warmup_steps,
+        last_step=last,
     )
     peak = schedule(schedule.warmup_steps)
     report.add(
         "Schedule",
         f"{num_images:,} images / global batch {params.batch_size} = {steps_per_epoch:,} steps per epoch "
-        f"x {params.epochs} epochs = {schedule.total_steps:,} steps" + (f" (stops at {last:,})" if last < schedule.total_steps else ""),
-        f"LR: 0 -> {peak:g} over {schedule.warmup_steps:,} warmup steps, cosine to {schedule(schedule.total_steps - 1):g}",
+        f"x {params.epochs} epochs = {schedule.total_steps:,} steps"
+        + (f" (stops at {last:,})" if last < schedule.total_steps else ""),
+        f"LR: 0 -> {peak:g} over {schedule.warmup_steps:,} warmup steps, "
+        f"cosine to {schedule(schedule.total_steps - 1):g}",
     )
     return steps_per_epoch
 

@@ -15,9 +15,9 @@ import hashlib
 import os
 import shutil
 import weakref
-from functools import lru_cache
+from collections.abc import Iterator, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -64,7 +64,7 @@ PIXEL_DIGEST_COLUMNS: tuple[str, ...] = ("id", "location", "width", "height", "s
 ROW_GROUP_ROWS: int = 65_536
 
 
-@lru_cache(maxsize=None)
+@cache
 def manifest_file_schema(columns: tuple[str, ...] = MANIFEST_COLUMNS) -> pa.Schema:
     """:data:`MANIFEST_SCHEMA` (restricted to ``columns``) plus pandas metadata, so that ``pd.read_parquet`` and
     ``Table.to_pandas`` give the manifest's dtypes (:data:`MANIFEST_DTYPES`: ``label`` Int64 even with nulls)."""
@@ -72,7 +72,6 @@ def manifest_file_schema(columns: tuple[str, ...] = MANIFEST_COLUMNS) -> pa.Sche
     empty = pd.DataFrame({c: pd.Series([], dtype=MANIFEST_DTYPES[c]) for c in columns})
     meta = pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata
     return schema.with_metadata(meta)
-
 
 
 def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:

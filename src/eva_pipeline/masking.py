@@ -62,8 +62,8 @@ class BlockMaskGenerator:
             # patches remain than min_num_patches, which BEiT relies on to finish the mask.
             target_area = self.min_num_patches + (max_mask_patches - self.min_num_patches) * rng.random()
             aspect_ratio = math.exp(log_lo + (log_hi - log_lo) * rng.random())
-            h = int(round(math.sqrt(target_area * aspect_ratio)))
-            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            h = round(math.sqrt(target_area * aspect_ratio))
+            w = round(math.sqrt(target_area / aspect_ratio))
             if w < width and h < height:
                 top = int(rng.integers(0, height - h, endpoint=True))
                 left = int(rng.integers(0, width - w, endpoint=True))
@@ -105,4 +105,3 @@ def alternating_mask(num_patches: int) -> np.ndarray:
     mask = np.zeros(num_patches, dtype=bool)
     mask[0::2] = True
     return mask
-

@@ -1,6 +1,7 @@
 """Kedro project settings."""
 
 from eva_pipeline.config_loader import KindAwareConfigLoader
+from eva_pipeline.hooks import MlflowRunHook, PreflightHook
 
 # OmegaConfigLoader whose environments replace (not merge) blocks that name a `kind` (teacher, ...): config_loader.py.
 CONFIG_LOADER_CLASS = KindAwareConfigLoader
@@ -10,7 +11,5 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     "merge_strategy": {"parameters": "soft"},
 }
-
-from eva_pipeline.hooks import MlflowRunHook, PreflightHook  # noqa: E402
 
 HOOKS = (PreflightHook(), MlflowRunHook())

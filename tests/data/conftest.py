@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.ingest.scan import SourceSpec
 
 RAW = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist"
 

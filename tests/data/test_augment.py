@@ -36,7 +36,7 @@ def _area_and_ratio(views: list[View], height: int, width: int) -> tuple[np.ndar
 
 def test_boxes_lie_inside_the_image_with_scale_and_ratio_in_range(views_224):
     for v in views_224:
-        assert 0 <= v.top and v.top + v.height <= 224 and 0 <= v.left and v.left + v.width <= 224, v
+        assert v.top >= 0 and v.top + v.height <= 224 and v.left >= 0 and v.left + v.width <= 224, v
         assert v.height > 0 and v.width > 0
     area, ratio = _area_and_ratio(views_224, 224, 224)
     # Box sides are rounded to whole pixels: allow 2% around the nominal ranges.
@@ -90,7 +90,7 @@ def test_fallback_within_ratio_is_the_whole_image():
     about 1% of 1, so most draws fall back; the image's own ratio is allowed, so the fallback is the whole image."""
     aug = RandomResizedCropFlip(8, scale=(0.99, 1.0), ratio=(0.5, 2.0), flip_prob=0.0)
     views = [aug.sample(100, 100, view_rng(0, 0, i)) for i in range(200)]
-    assert all(0 <= v.top and v.top + v.height <= 100 and 0 <= v.left and v.left + v.width <= 100 for v in views)
+    assert all(v.top >= 0 and v.top + v.height <= 100 and v.left >= 0 and v.left + v.width <= 100 for v in views)
     whole = sum(v == View(0, 0, 100, 100, False) for v in views)
     assert whole > 100, whole
 
@@ -109,7 +109,7 @@ def test_views_are_reproducible_from_seed_epoch_index(views_224):
     again = [aug.sample(224, 224, view_rng(0, 0, i)) for i in range(100)]
     assert again == views_224[:100]
     for other in ([view_rng(1, 0, i) for i in range(100)], [view_rng(0, 1, i) for i in range(100)]):
-        changed = sum(aug.sample(224, 224, rng) != v for rng, v in zip(other, views_224[:100]))
+        changed = sum(aug.sample(224, 224, rng) != v for rng, v in zip(other, views_224[:100], strict=True))
         assert changed > 95
     # The view stream is independent of the mask stream of the same (seed, epoch, index).
     assert view_rng(0, 0, 5).random(4).tolist() != mask_rng(0, 0, 5).random(4).tolist()
@@ -137,8 +137,16 @@ def test_apply_is_resized_crop_then_flip_of_the_same_box():
         resized = TF.resize(crop, [32, 32], interpolation=InterpolationMode.BICUBIC, antialias=True)
         expected = TF.horizontal_flip(resized) if view.flip else resized
         assert torch.equal(out, expected)
-        same_box = TF.resized_crop(image, view.top, view.left, view.height, view.width, [32, 32],
-                                   interpolation=InterpolationMode.BICUBIC, antialias=True)
+        same_box = TF.resized_crop(
+            image,
+            view.top,
+            view.left,
+            view.height,
+            view.width,
+            [32, 32],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        )
         assert torch.equal(out, same_box.flip(-1) if view.flip else same_box)
         unflipped = aug.apply(image, View(view.top, view.left, view.height, view.width, False))
         assert torch.equal(out, unflipped.flip(-1) if view.flip else unflipped)
@@ -168,28 +176,39 @@ def test_teacher_sees_exactly_the_students_augmented_input(tmp_path, monkeypatch
         return targets[indices]
 
     monkeypatch.setattr(loop, "EvaMIM", RecordingMIM)
-    params = PretrainParams.model_validate(dict(
-        model=dict(name="eva_tiny_patch4_28",
-                   overrides=dict(depth=1, embed_dim=32, num_heads=2, mlp_hidden_dim=64, drop_path_rate=0.0)),
-        masking=dict(num_masking_patches=20, min_num_patches=4),
-        optimizer=dict(lr=1e-3, min_lr=1e-5, warmup_epochs=1, weight_decay=0.05),
-        augmentation=dict(enabled=True),
-        epochs=2, batch_size=8, device="cpu", seed=3,
-        checkpoint=dict(dir=str(tmp_path / "ckpt"), every_steps=100),
-    ))
+    params = PretrainParams.model_validate(
+        {
+            "model": {
+                "name": "eva_tiny_patch4_28",
+                "overrides": {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_hidden_dim": 64, "drop_path_rate": 0.0},
+            },
+            "masking": {"num_masking_patches": 20, "min_num_patches": 4},
+            "optimizer": {"lr": 1e-3, "min_lr": 1e-5, "warmup_epochs": 1, "weight_decay": 0.05},
+            "augmentation": {"enabled": True},
+            "epochs": 2,
+            "batch_size": 8,
+            "device": "cpu",
+            "seed": 3,
+            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 100},
+        }
+    )
     result = loop.run_pretraining(params, images, online_teacher, dim, progress=False)
     assert len(result.history) == 4 and len(teacher_inputs) == len(student_inputs) == 4
 
     aug = RandomResizedCropFlip(28, (0.2, 1.0), (3 / 4, 4 / 3), 0.5)
     views_of_0 = []
-    for step, ((indices, seen_by_teacher), seen_by_student) in enumerate(zip(teacher_inputs, student_inputs)):
+    for step, ((indices, seen_by_teacher), seen_by_student) in enumerate(
+        zip(teacher_inputs, student_inputs, strict=True)
+    ):
         assert torch.equal(seen_by_teacher, seen_by_student)
         epoch = step // 2
         views = [aug.sample(28, 28, view_rng(3, epoch, int(i))) for i in indices]
-        expected = to_model_input(torch.stack([aug.apply(images[i], v) for i, v in zip(indices, views)]), 28)
+        expected = to_model_input(
+            torch.stack([aug.apply(images[i], v) for i, v in zip(indices, views, strict=True)]), 28
+        )
         assert torch.equal(seen_by_teacher, expected)
         assert not torch.equal(seen_by_teacher, to_model_input(images[indices], 28))  # really augmented
-        views_of_0 += [v for i, v in zip(indices, views) if int(i) == 0]
+        views_of_0 += [v for i, v in zip(indices, views, strict=True) if int(i) == 0]
     assert len(views_of_0) == 2 and views_of_0[0] != views_of_0[1]  # a new view of an image every epoch
 
 

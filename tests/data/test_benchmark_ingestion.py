@@ -40,12 +40,29 @@ def test_cli_has_the_manifest_subcommand(bench):
 
 
 def test_loader_and_scan_subcommands_run_on_a_tiny_folder(bench, tmp_path, capsys):
-    assert bench.main(["loader", "--images", "12", "--batch", "4", "--steps", "2", "--rounds", "1",
-                       "--workers", "0", "--data", str(tmp_path)]) == 0
+    assert (
+        bench.main(
+            [
+                "loader",
+                "--images",
+                "12",
+                "--batch",
+                "4",
+                "--steps",
+                "2",
+                "--rounds",
+                "1",
+                "--workers",
+                "0",
+                "--data",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "ours / torchvision" in out and out.strip().splitlines()[-1].endswith("x")
     assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 12
-    assert bench.main(["scan", "--images", "12", "--rounds", "1", "--workers", "1", "2",
-                       "--data", str(tmp_path)]) == 0
+    assert bench.main(["scan", "--images", "12", "--rounds", "1", "--workers", "1", "2", "--data", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].split("|")[0].strip() == "1" and lines[-1].split("|")[0].strip() == "2"

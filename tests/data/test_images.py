@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_pipeline.loader import pixels as images_mod
-from eva_pipeline.ingest.idx import read_idx, write_idx
-from eva_pipeline.loader.pixels import load_images, split_location
-from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.ingest.idx import read_idx, write_idx
+from eva_pipeline.ingest.scan import SourceSpec
+from eva_pipeline.loader import pixels as images_mod
+from eva_pipeline.loader.pixels import load_images, split_location
 
 
 def test_whole_embedded_manifest_matches_idx(embedded, fmnist) -> None:

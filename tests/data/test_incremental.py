@@ -17,9 +17,9 @@ from PIL import Image
 
 from eva_pipeline.ingest import build as build_module
 from eva_pipeline.ingest import sources
+from eva_pipeline.ingest.build import build_manifest
 from eva_pipeline.ingest.idx import write_idx
 from eva_pipeline.ingest.scan import SourceSpec
-from eva_pipeline.ingest.build import build_manifest
 
 CACHE_KEYS = ("read", "from_cache", "removed_since_cache", "cache_invalidated")
 OLD = time.time_ns() - 600 * 10**9  # well outside the "racy" window
@@ -73,8 +73,13 @@ def tree(tmp_path: Path) -> Path:
 def _specs(root: Path, **changes) -> list[SourceSpec]:
     folder = {"name": "folder", "kind": "image_folder", "split": "pretrain", "images": root / "folder"}
     wds = {"name": "wds", "kind": "webdataset", "split": "pretrain", "images": root / "wds"}
-    idx = {"name": "idx", "kind": "idx", "split": "probe", "images": root / "idx" / "images.idx",
-           "labels": root / "idx" / "labels.idx"}
+    idx = {
+        "name": "idx",
+        "kind": "idx",
+        "split": "probe",
+        "images": root / "idx" / "images.idx",
+        "labels": root / "idx" / "labels.idx",
+    }
     out = []
     for spec in (folder, wds, idx):
         out.append(SourceSpec(**{**spec, **changes.get(spec["name"], {})}))
@@ -117,7 +122,10 @@ def _check_same_as_fresh(specs, manifest, report) -> None:
     fresh, fresh_report = build_manifest(specs)
     pd.testing.assert_frame_equal(manifest, fresh)
     # PIL names the BytesIO object (its address) in some rejection details: not reproducible even uncached
-    same = lambda r: re.sub(r" at 0x[0-9a-f]+", "", json.dumps(r, sort_keys=True))  # noqa: E731
+
+    def same(report):
+        return re.sub(r" at 0x[0-9a-f]+", "", json.dumps(report, sort_keys=True))
+
     assert same(_strip(report)) == same(fresh_report)
 
 

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from eva_pipeline.ingest import scan as scan_mod
-from eva_pipeline.ingest.idx import read_idx, write_idx
-from eva_pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_digest, select_split, validate_manifest
-from eva_pipeline.ingest.scan import SourceScan, SourceSpec, register_source_kind
 from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.ingest.idx import read_idx, write_idx
+from eva_pipeline.ingest.scan import SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_digest, select_split, validate_manifest
 
 
 def test_embedded_manifest_rows_schema_and_labels(embedded, fmnist) -> None:

@@ -20,11 +20,17 @@ import pytest
 from eva_pipeline import manifest as manifest_mod
 from eva_pipeline.ingest import build as build_mod
 from eva_pipeline.ingest import scan as scan_mod
-from eva_pipeline.ingest.idx import write_idx
-from eva_pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_DTYPES, manifest_digest, select_split
-from eva_pipeline.ingest.scan import DiskSet, SourceScan, SourceSpec, register_source_kind
 from eva_pipeline.ingest.build import build_manifest, write_manifest
-from eva_pipeline.manifest import Manifest, write_frame
+from eva_pipeline.ingest.idx import write_idx
+from eva_pipeline.ingest.scan import DiskSet, SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_DTYPES,
+    Manifest,
+    manifest_digest,
+    select_split,
+    write_frame,
+)
 
 #: Computed with the previous (in-memory, pandas) build on the embedded data, locations relative to RAW.
 GOLDEN_ALL_COLUMNS = "b77c8293b99f1c165a8c16d60bfe91884174a4e133ba10280eacb6950f838a74"
@@ -311,7 +317,7 @@ def test_digest_sees_changes(handle_and_frame, tmp_path) -> None:
 
 
 def test_write_frame_and_save(handle_and_frame, tmp_path) -> None:
-    handle, frame = handle_and_frame
+    _handle, frame = handle_and_frame
     written = write_frame(frame, tmp_path / "w.parquet", row_group_rows=50)
     pd.testing.assert_frame_equal(written.to_pandas(), frame)
     copy = written.save(tmp_path / "sub" / "copy.parquet")  # not owned: copied

@@ -25,8 +25,8 @@ from PIL import Image
 
 from eva_pipeline.loader import pixels as images_mod
 from eva_pipeline.loader import row_index as row_index_mod
-from eva_pipeline.loader.row_index import INDEX_DIRNAME, RowIndex, manifest_identity
 from eva_pipeline.loader.pixels import ManifestPixels
+from eva_pipeline.loader.row_index import INDEX_DIRNAME, RowIndex, manifest_identity
 from eva_pipeline.loader.rows import ParquetRows
 
 #: Rows per row group of the test manifests: many groups, splits interleaved across them.
@@ -85,7 +85,7 @@ def shards(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 # ------------------------------------------------------------------------------------------------------- rows
 def test_the_index_holds_the_manifest_rows(shards, tmp_path):
-    manifest, pixels = shards
+    manifest, _pixels = shards
     frame = pd.read_parquet(manifest)
     for split in ("pretrain", "probe"):
         want = frame[frame["split"] == split].reset_index(drop=True)
@@ -95,8 +95,9 @@ def test_the_index_holds_the_manifest_rows(shards, tmp_path):
         for picks in (rng.integers(0, len(want), size=40), np.arange(len(want))[::-1], np.array([], dtype=int)):
             got = index.rows(picks)
             pd.testing.assert_frame_equal(
-                got[["location", "width", "height"]], want.iloc[picks][["location", "width", "height"]].reset_index(
-                    drop=True), check_dtype=False,
+                got[["location", "width", "height"]],
+                want.iloc[picks][["location", "width", "height"]].reset_index(drop=True),
+                check_dtype=False,
             )
             is_tar = got["location"].str.contains(".tar#", regex=False).to_numpy()
             assert (got["member_offset"].to_numpy()[is_tar] > 0).all()
@@ -124,7 +125,7 @@ def test_tar_members_are_one_read_at_their_stored_span(shards, tmp_path, monkeyp
     monkeypatch.setattr(images_mod, "tar_member_spans", _forbidden)
     tar_rows = np.flatnonzero(frame["member_offset"].to_numpy() >= 0)
     got = ManifestPixels(rows, root=tmp_path)(tar_rows[::-1])
-    for k, image in zip(tar_rows[::-1], got):
+    for k, image in zip(tar_rows[::-1], got, strict=True):
         np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pixels[frame["location"][k]])
 
 
@@ -142,7 +143,7 @@ def test_a_rewritten_shard_is_read_by_name(shards, tmp_path, caplog):
     picks = np.flatnonzero(frame["location"].str.startswith("shards/00000.tar#").to_numpy())
     with caplog.at_level(logging.WARNING, logger="eva_pipeline.loader.pixels"):
         got = ManifestPixels(rows, root=tmp_path)(picks)
-    for k, image in zip(picks, got):
+    for k, image in zip(picks, got, strict=True):
         np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pixels[frame["location"][k]])
     assert sum("changed since the manifest row index was built" in r.message for r in caplog.records) == 1
 
@@ -199,8 +200,10 @@ def test_concurrent_processes_build_one_index(tmp_path):
         "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.005)\n"
         "i = RowIndex.open(sys.argv[1], 'pretrain'); print(i.folder, len(i), i.rows([4321])['location'][0])"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(manifest), str(go)], stdout=subprocess.PIPE, text=True)
-             for _ in range(processes)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(manifest), str(go)], stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
     deadline = time.monotonic() + 120
     while len(list(tmp_path.glob("go.ready*"))) < processes and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -217,9 +220,14 @@ def _traced_build(tmp_path: Path, n: int, monkeypatch) -> tuple[int, int, list[i
     """(Python peak, Arrow peak above the start, rows per read) of building the index of an n-row manifest."""
     manifest = tmp_path / f"m{n}.parquet"
     locations = pa.array([f"some/folder/n{i % 997:08d}/image_{i:09d}.JPEG" for i in range(n)])
-    table = pa.table({"location": locations, "width": pa.array(np.full(n, 500, np.int32)),
-                      "height": pa.array(np.full(n, 375, np.int32)),
-                      "split": pa.array(np.where(np.arange(n) % 10 == 0, "probe", "pretrain"))})
+    table = pa.table(
+        {
+            "location": locations,
+            "width": pa.array(np.full(n, 500, np.int32)),
+            "height": pa.array(np.full(n, 375, np.int32)),
+            "split": pa.array(np.where(np.arange(n) % 10 == 0, "probe", "pretrain")),
+        }
+    )
     pq.write_table(table, manifest, row_group_size=4096)
     del table, locations
     reads: list[int] = []
@@ -262,26 +270,31 @@ def test_loader_workers_read_through_the_index(shards, tmp_path):
     maps itself), every image the one its row names."""
     from eva_pipeline.loader.batches import BatchPlan, batch_loader
     from eva_pipeline.loader.order import EpochOrder
+    from eva_pipeline.loader.transforms import resize_uint8
     from eva_pipeline.masking import BlockMaskGenerator
 
-    from eva_pipeline.loader.transforms import resize_uint8
-
     _, pixels = shards
-    only_tar = _manifest([(loc, a.shape[1], a.shape[0], "pretrain") for loc, a in pixels.items()],
-                         tmp_path / "tar_only.parquet")
+    only_tar = _manifest(
+        [(loc, a.shape[1], a.shape[0], "pretrain") for loc, a in pixels.items()], tmp_path / "tar_only.parquet"
+    )
     rows = ParquetRows(only_tar, "pretrain", root=tmp_path)
     locations = rows.rows(np.arange(len(rows)))["location"].tolist()
     plan = BatchPlan(
-        pixels=ManifestPixels(rows, root=tmp_path), order=EpochOrder(len(rows), 1), global_batch=4, rank=0,
-        world_size=1, img_size=8, seed=1, masker=BlockMaskGenerator(grid=(2, 2), num_masking_patches=1,
-                                                                     min_num_patches=1),
+        pixels=ManifestPixels(rows, root=tmp_path),
+        order=EpochOrder(len(rows), 1),
+        global_batch=4,
+        rank=0,
+        world_size=1,
+        img_size=8,
+        seed=1,
+        masker=BlockMaskGenerator(grid=(2, 2), num_masking_patches=1, min_num_patches=1),
     )
     inline = list(batch_loader(plan, 0, 6, num_workers=0))
     workers = list(batch_loader(plan, 0, 6, num_workers=2))
     assert [b.step for b in workers] == list(range(6))
-    for a, b in zip(inline, workers):
+    for a, b in zip(inline, workers, strict=True):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
-        for i, image in zip(a.indices.tolist(), a.images):
+        for i, image in zip(a.indices.tolist(), a.images, strict=True):
             assert torch.equal(image, resize_uint8(torch.from_numpy(pixels[locations[i]]).permute(2, 0, 1), 8))
     seen = np.concatenate([b.indices.numpy() for b in inline[: plan.steps_per_epoch]])
     assert len(np.unique(seen)) == len(seen)

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from eva_pipeline.ingest import decode
-from eva_pipeline.loader.pixels import load_images
-from eva_pipeline.ingest.scan import SourceSpec, source_kinds
 from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.ingest.scan import SourceSpec, source_kinds
 from eva_pipeline.ingest.sources import detect_folder_layout, parse_list_line
+from eva_pipeline.loader.pixels import load_images
 
 BOMB_LIMIT = 5000  # Image.MAX_IMAGE_PIXELS during ingestion: the 100x100 "bomb" exceeds it, 32x32 images do not
 
@@ -211,7 +211,7 @@ def test_image_folder_class_folders_labels_and_rejections(ingested) -> None:
 def test_convertible_cases_load_as_correct_rgb(ingested) -> None:
     _, manifest, _ = ingested
     rows = manifest[manifest["source"] == "tree"]
-    by_name = {Path(loc).name: i for i, loc in zip(rows.index, rows["location"])}
+    by_name = {Path(loc).name: i for i, loc in zip(rows.index, rows["location"], strict=True)}
     for case, rgb in EXPECTED_PIXEL.items():
         pixels = load_images(manifest.loc[[by_name[FILE_NAMES[case]]]])
         assert pixels.shape == (1, 3, 32, 32), case
@@ -254,7 +254,7 @@ def test_file_list_resolves_paths_labels_missing_and_duplicates(ingested) -> Non
 
 
 def test_webdataset_shards(ingested) -> None:
-    root, manifest, report = ingested
+    _root, manifest, report = ingested
     src = report["sources"]["wds"]
     assert src["shards"] == 2 and src["available"] == 7 and not src["available_is_lower_bound"]
     assert {k.split("#")[-1]: v for k, v in ((r["location"], r["reason"]) for r in src["rejected_examples"])} == {
@@ -334,7 +334,7 @@ def test_damaged_shard_and_misuse(tmp_path) -> None:
     assert src["found"] == src["kept"] + src["rejected"] + src["duplicates"]
     with pytest.raises(ValueError, match="takes no labels file"):
         build_manifest([SourceSpec("w", "webdataset", "pretrain", tmp_path, labels=tmp_path / "00000.tar")])
-    with pytest.raises(ValueError, match="no .tar shards"):
+    with pytest.raises(ValueError, match=r"no .tar shards"):
         (tmp_path / "empty").mkdir()
         build_manifest([SourceSpec("w", "webdataset", "pretrain", tmp_path / "empty")])
 
@@ -358,7 +358,10 @@ def test_small_chunks_give_the_same_manifest_and_rejections(ingested, tmp_path) 
             _specs(layout), rejections_path=tmp_path / "rejections.jsonl", chunk_rows=2, row_group_rows=3
         )
     pd.testing.assert_frame_equal(small, manifest)
-    same = lambda text: re.sub(r" at 0x[0-9a-f]+", "", text)  # noqa: E731 - PIL names a BytesIO by its address
+
+    def same(text):  # PIL names a BytesIO by its address
+        return re.sub(r" at 0x[0-9a-f]+", "", text)
+
     small_report["rejections_file"] = report["rejections_file"]
     assert same(json.dumps(small_report, sort_keys=True)) == same(json.dumps(report, sort_keys=True))
     rejections = (layout / "report" / "rejections.jsonl").read_text()

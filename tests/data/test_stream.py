@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 import tarfile
 
@@ -15,11 +16,10 @@ import torch
 from PIL import Image
 
 from eva_pipeline.loader.augment import RandomResizedCropFlip, View, view_rng
-from eva_pipeline.loader.pixels import PixelReader, load_images
 from eva_pipeline.loader.batches import BatchPlan, PretrainBatches, batch_loader, batch_masks
 from eva_pipeline.loader.order import EpochOrder
+from eva_pipeline.loader.pixels import ManifestPixels, PixelReader, TensorPixels, load_images
 from eva_pipeline.loader.rows import FrameRows, ParquetRows
-from eva_pipeline.loader.pixels import ManifestPixels, TensorPixels
 from eva_pipeline.masking import BlockMaskGenerator
 
 
@@ -31,7 +31,7 @@ def test_every_epoch_is_a_permutation_and_positions_agree(n):
         full = order.epoch(epoch)
         assert sorted(full.tolist()) == list(range(n))
         cuts = sorted({0, n, *np.random.default_rng(epoch).integers(0, n + 1, size=4).tolist()})
-        pieces = [EpochOrder(n, 3).indices(epoch, a, b) for a, b in zip(cuts, cuts[1:])]
+        pieces = [EpochOrder(n, 3).indices(epoch, a, b) for a, b in itertools.pairwise(cuts)]
         np.testing.assert_array_equal(np.concatenate(pieces), full)  # random access == the sequential order
     assert n < 3 or not np.array_equal(order.epoch(0), order.epoch(1))
 
@@ -85,8 +85,9 @@ def test_parquet_rows_equal_frame_rows_in_any_order(tmp_path):
     for _ in range(10):
         idx = rng.integers(0, len(rows), size=25)
         got, want = rows.rows(idx), frame.rows(idx)
-        pd.testing.assert_frame_equal(got[columns].reset_index(drop=True), want.reset_index(drop=True),
-                                      check_dtype=False)
+        pd.testing.assert_frame_equal(
+            got[columns].reset_index(drop=True), want.reset_index(drop=True), check_dtype=False
+        )
         assert (got["member_offset"] == -1).all()  # plain files: no tar member span
     clone = pickle.loads(pickle.dumps(rows))  # what a DataLoader worker gets: a path, maps opened there
     assert clone.index._maps is None
@@ -115,7 +116,7 @@ def test_pixel_reader_reads_tar_members_by_index_and_files(tmp_path):
     (tmp_path / "loose.png").write_bytes(_png(arrays[0]))
     reader = PixelReader(tmp_path)
     got = reader.read(["00000.tar#0003.png", "loose.png", "00000.tar#0005.png", "00000.tar#0000.png"])
-    for item, k in zip(got, [3, 0, 5, 0]):
+    for item, k in zip(got, [3, 0, 5, 0], strict=True):
         np.testing.assert_array_equal(item, arrays[k])
     with pytest.raises(ValueError, match="not found"):
         reader.read(["00000.tar#9999.png"])
@@ -137,8 +138,15 @@ def test_pixel_reader_caches_idx_and_equals_load_images(embedded):
 def _plan(images, rank=0, world=1, batch=8, **kw):
     masker = BlockMaskGenerator(grid=(4, 4), num_masking_patches=6, min_num_patches=2)
     return BatchPlan(
-        pixels=TensorPixels(images), order=EpochOrder(len(images), 5),
-        global_batch=batch, rank=rank, world_size=world, img_size=16, seed=5, masker=masker, **kw,
+        pixels=TensorPixels(images),
+        order=EpochOrder(len(images), 5),
+        global_batch=batch,
+        rank=rank,
+        world_size=world,
+        img_size=16,
+        seed=5,
+        masker=masker,
+        **kw,
     )
 
 
@@ -166,7 +174,7 @@ def test_workers_deliver_the_same_batches_in_step_order(images):
     inline = list(batch_loader(plan, 3, 11, num_workers=0))
     workers = list(batch_loader(plan, 3, 11, num_workers=2))
     assert [b.step for b in workers] == list(range(3, 11))
-    for a, b in zip(inline, workers):
+    for a, b in zip(inline, workers, strict=True):
         torch.testing.assert_close(a.images, b.images)
         torch.testing.assert_close(a.mask, b.mask)
 
@@ -192,8 +200,10 @@ class _FakeStore:
         self.num_items = n
         gen = torch.Generator().manual_seed(1)
         self.crops = torch.stack(
-            [torch.tensor([[1 + v, 2 + v, 10 + i % 5, 12, (i + v) % 2] for v in range(2)], dtype=torch.int32)
-             for i in range(n)]
+            [
+                torch.tensor([[1 + v, 2 + v, 10 + i % 5, 12, (i + v) % 2] for v in range(2)], dtype=torch.int32)
+                for i in range(n)
+            ]
         )
         self.targets = torch.randn(n, 2, 16, 4, generator=gen).half()
 

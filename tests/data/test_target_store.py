@@ -8,13 +8,13 @@ import logging
 import pytest
 import torch
 
+from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.targets.store import (
     STORE_FORMAT,
     TargetStore,
     TargetStoreError,
     fingerprint_hash,
 )
-from eva_pipeline.loader.transforms import to_model_input
 
 NUM_ITEMS, SHARD, PATCH, DIM = 50, 16, 7, 12  # 4 shards, the last one partial (2 rows)
 FINGERPRINT = {"manifest": "abc123", "teacher": "fake-projection-v1", "input_size": 28, "grid": [4, 4]}
@@ -82,7 +82,8 @@ def test_round_trip_equals_direct_computation(tmp_path) -> None:
     assert layout == (STORE_FORMAT, 50, 1, 50, 16) and meta["dtype"] == "torch.float16"
     tag = meta["layout"]
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
-        "meta.json", *(f"shard_0000{i}_{tag}.pt" for i in range(4))
+        "meta.json",
+        *(f"shard_0000{i}_{tag}.pt" for i in range(4)),
     ]
     store = TargetStore(tmp_path / "store")
     assert store.is_complete(FINGERPRINT) and store.fingerprint == FINGERPRINT
@@ -171,7 +172,7 @@ def test_missing_store_and_bad_teacher_output(tmp_path) -> None:
     assert not TargetStore(tmp_path / "nothing").is_complete(FINGERPRINT)
     with pytest.raises(ValueError, match=r"must return \(16, num_tokens, dim\) targets \(shard 0\), got \(16, 12\)"):
         TargetStore(tmp_path).compute(FINGERPRINT, NUM_ITEMS, Batches(), lambda x: torch.zeros(16, 12), SHARD, False)
-    with pytest.raises(ValueError, match="not finite in torch.float16"):
+    with pytest.raises(ValueError, match=r"not finite in torch.float16"):
         TargetStore(tmp_path).compute(FINGERPRINT, NUM_ITEMS, Batches(), lambda x: FakeTeacher()(x) * 1e6, SHARD, False)
     assert not list(tmp_path.glob("shard_*.pt"))
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from eva_pipeline.ingest.idx import read_idx
-from eva_pipeline.loader.augment import RandomResizedCropFlip, view_rng
+from eva_pipeline.loader.augment import RandomResizedCropFlip, crops_to_views, view_rng, views_to_crops
+from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.targets.store import (
     STORE_FORMAT,
     TargetReader,
@@ -27,15 +28,18 @@ from eva_pipeline.targets.store import (
     TargetStoreError,
     items_and_views,
 )
-from eva_pipeline.loader.augment import crops_to_views, views_to_crops
-from eva_pipeline.loader.transforms import to_model_input
 
 RAW = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
 NUM_ITEMS, K, SIZE, SEED = 8, 3, 28, 7  # 24 rows
 SHARD, BATCH = 5, 3  # 5 shards (the last holds 4 rows), 2 teacher calls per shard
 GRID = (7, 7)
-FINGERPRINT = {"manifest": "fmnist-8", "teacher": "efficientnet_lite0/10", "img_size": SIZE, "grid": list(GRID),
-               "views": {"seed": SEED, "scale": [0.2, 1.0]}}
+FINGERPRINT = {
+    "manifest": "fmnist-8",
+    "teacher": "efficientnet_lite0/10",
+    "img_size": SIZE,
+    "grid": list(GRID),
+    "views": {"seed": SEED, "scale": [0.2, 1.0]},
+}
 AUG = RandomResizedCropFlip(SIZE)
 
 
@@ -59,8 +63,8 @@ class ViewBatches:
     def __call__(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.ranges.append((start, stop))
         items, views = items_and_views(start, stop, K)
-        crops = [_view(int(i), int(v)) for i, v in zip(items, views)]
-        pixels = torch.stack([AUG.apply(self.images[int(i)], c) for i, c in zip(items, crops)])
+        crops = [_view(int(i), int(v)) for i, v in zip(items, views, strict=True)]
+        pixels = torch.stack([AUG.apply(self.images[int(i)], c) for i, c in zip(items, crops, strict=True)])
         return to_model_input(pixels, SIZE), views_to_crops(crops)
 
 
@@ -102,11 +106,13 @@ def test_stored_targets_equal_online_teacher_for_the_stored_crops(tmp_path, imag
     assert targets.dtype == torch.float16 and targets.shape == (NUM_ITEMS * K, 49, 112)
     assert crops.dtype == torch.int32 and crops.shape == (NUM_ITEMS * K, 5)
     stored_views = crops_to_views(crops)
-    assert stored_views == [_view(int(i), int(v)) for i, v in zip(items, views)]  # exactly the sampled views
+    assert stored_views == [
+        _view(int(i), int(v)) for i, v in zip(items, views, strict=True)
+    ]  # exactly the sampled views
     assert len(set(stored_views)) == len(stored_views)  # the views really differ
 
     # Online: re-apply the *stored* crop to the image, one batch of all rows (other batching than the store's).
-    pixels = torch.stack([AUG.apply(images[int(i)], v) for i, v in zip(items, stored_views)])
+    pixels = torch.stack([AUG.apply(images[int(i)], v) for i, v in zip(items, stored_views, strict=True)])
     online = teacher.targets(to_model_input(pixels, SIZE), GRID)
     torch.testing.assert_close(targets.float(), online, rtol=1e-3, atol=1e-3)
     assert (targets.float() - online).abs().max() > 0  # stored in fp16, not a copy of fp32
@@ -133,16 +139,23 @@ def test_layout_on_disk(tmp_path, images) -> None:
     assert crops_to_views(payload["crops"][:1]) == [_view(6, 2)]
     # A view count is part of the layout: a different K recomputes everything.
     teacher = PatchTeacher()
-    TargetStore(tmp_path).compute(FINGERPRINT, NUM_ITEMS, lambda a, b: _k2_batch(images, a, b), teacher,
-                                  shard_size=SHARD, progress=False, views_per_item=2)
+    TargetStore(tmp_path).compute(
+        FINGERPRINT,
+        NUM_ITEMS,
+        lambda a, b: _k2_batch(images, a, b),
+        teacher,
+        shard_size=SHARD,
+        progress=False,
+        views_per_item=2,
+    )
     assert sum(teacher.calls) == 16 and len(list(tmp_path.glob("shard_*.pt"))) == 4
     assert TargetStore(tmp_path).reader().views_per_item == 2
 
 
 def _k2_batch(images, start, stop):
     items, views = items_and_views(start, stop, 2)
-    crops = [AUG.sample(SIZE, SIZE, view_rng(SEED, int(v), int(i))) for i, v in zip(items, views)]
-    pixels = torch.stack([AUG.apply(images[int(i)], c) for i, c in zip(items, crops)])
+    crops = [AUG.sample(SIZE, SIZE, view_rng(SEED, int(v), int(i))) for i, v in zip(items, views, strict=True)]
+    pixels = torch.stack([AUG.apply(images[int(i)], c) for i, c in zip(items, crops, strict=True)])
     return to_model_input(pixels, SIZE), views_to_crops(crops)
 
 
@@ -159,7 +172,7 @@ def test_crash_then_resume_computes_only_missing_shards(tmp_path, images) -> Non
     assert TargetStore(tmp_path).is_complete(FINGERPRINT)
     fresh = tmp_path / "fresh"
     _compute(fresh, images)
-    for a, b in zip(TargetStore(tmp_path).load(with_crops=True), TargetStore(fresh).load(with_crops=True)):
+    for a, b in zip(TargetStore(tmp_path).load(with_crops=True), TargetStore(fresh).load(with_crops=True), strict=True):
         assert torch.equal(a, b)
 
 
@@ -221,8 +234,15 @@ def worker(tmp_path) -> tuple[Path, dict]:
 
 def _stale_store(root: Path, worker_ns: dict) -> None:
     """A complete store of another fingerprint and layout (shard size 3), plus an old-format file and temporary."""
-    TargetStore(root).compute({"teacher": "old"}, worker_ns["N"], worker_ns["batch_fn"], worker_ns["teacher_fn"], 3,
-                              progress=False, views_per_item=worker_ns["K"])
+    TargetStore(root).compute(
+        {"teacher": "old"},
+        worker_ns["N"],
+        worker_ns["batch_fn"],
+        worker_ns["teacher_fn"],
+        3,
+        progress=False,
+        views_per_item=worker_ns["K"],
+    )
     (root / "shard_00000.pt").write_bytes(b"format 1")
     (root / ".shard_00001.pt.tmp4242").write_bytes(b"half")
 
@@ -242,8 +262,13 @@ def test_two_concurrent_rank_processes_over_a_stale_store(tmp_path, worker) -> N
     _stale_store(shared, ns)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(shared), str(r), "2", str(go)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(shared), str(r), "2", str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in (0, 1)
     ]
     deadline = time.monotonic() + 120
@@ -274,8 +299,17 @@ def test_rank_that_still_sees_the_stale_meta_keeps_the_other_ranks_shards(tmp_pa
     # A later run with a different world size resumes the same store: nothing to compute.
     calls = []
     ns["run"](shared, 0, 3)
-    TargetStore(shared).compute(ns["FINGERPRINT"], ns["N"], ns["batch_fn"], lambda x: calls.append(x) or x, 4,
-                                progress=False, views_per_item=ns["K"], rank=2, world_size=3)
+    TargetStore(shared).compute(
+        ns["FINGERPRINT"],
+        ns["N"],
+        ns["batch_fn"],
+        lambda x: calls.append(x) or x,
+        4,
+        progress=False,
+        views_per_item=ns["K"],
+        rank=2,
+        world_size=3,
+    )
     assert calls == []
     _assert_same_store(shared, single)
 
@@ -292,15 +326,35 @@ def test_resume_of_one_crashed_rank(tmp_path, worker) -> None:
         return ns["teacher_fn"](x)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        TargetStore(tmp_path).compute(ns["FINGERPRINT"], ns["N"], ns["batch_fn"], crashing, 4, progress=False,
-                                      batch_size=3, views_per_item=ns["K"], rank=1, world_size=2)
+        TargetStore(tmp_path).compute(
+            ns["FINGERPRINT"],
+            ns["N"],
+            ns["batch_fn"],
+            crashing,
+            4,
+            progress=False,
+            batch_size=3,
+            views_per_item=ns["K"],
+            rank=1,
+            world_size=2,
+        )
     store = TargetStore(tmp_path)
     assert store.missing_shards(store.read_meta()) == [3, 5, 7]  # rank 1 finished shard 1 only
     with pytest.raises(TargetStoreError, match=r"incomplete: 3 of 8 shard\(s\) missing \(shard_00003_\w+\.pt, "):
         store.reader()
     calls.clear()
-    store.compute(ns["FINGERPRINT"], ns["N"], ns["batch_fn"], lambda x: calls.append(x.shape[0]) or ns["teacher_fn"](x),
-                  4, progress=False, batch_size=3, views_per_item=ns["K"], rank=1, world_size=2)
+    store.compute(
+        ns["FINGERPRINT"],
+        ns["N"],
+        ns["batch_fn"],
+        lambda x: calls.append(x.shape[0]) or ns["teacher_fn"](x),
+        4,
+        progress=False,
+        batch_size=3,
+        views_per_item=ns["K"],
+        rank=1,
+        world_size=2,
+    )
     assert calls == [3, 1, 3, 1, 2]  # shards 3, 5 (4 rows each, batches of 3) and 7 (2 rows)
     assert store.is_complete(ns["FINGERPRINT"])
 
@@ -342,7 +396,7 @@ def test_reader_pickles_without_shards_and_works_in_worker_processes(store) -> N
     assert len(data) < 4096  # folder and layout only, no mapped tensors
     copy = pickle.loads(data)
     assert isinstance(copy, TargetReader) and copy.open_shards == ()
-    for a, b in zip(copy.get([1, 7], [2, 0]), reader.get([1, 7], [2, 0])):
+    for a, b in zip(copy.get([1, 7], [2, 0]), reader.get([1, 7], [2, 0]), strict=True):
         assert torch.equal(a, b)
 
     class Rows(torch.utils.data.Dataset):
@@ -359,7 +413,7 @@ def test_reader_pickles_without_shards_and_works_in_worker_processes(store) -> N
 
 
 def test_reader_names_a_corrupt_shard(store) -> None:
-    root, ns = store
+    root, _ns = store
     reader = TargetStore(root).reader()
     path = TargetStore(root).shard_path(3)
     path.write_bytes(path.read_bytes()[:-100])
@@ -446,7 +500,7 @@ def test_other_bad_inputs(tmp_path, store) -> None:
         with pytest.raises(ValueError, match=message):
             _run_with(tmp_path, lambda a, b: torch.ones(b - a, 2), **kwargs)
 
-    root, ns = store
+    root, _ns = store
     reader = TargetStore(root).reader()
     with pytest.raises(IndexError, match=r"view 3 out of range: the store at .* has 3 views"):
         reader.get([0, 1], [0, 3])
@@ -456,7 +510,7 @@ def test_other_bad_inputs(tmp_path, store) -> None:
         reader.get(-1)
     with pytest.raises(TypeError, match="items must hold integers, got float64"):
         reader.get(np.array([1.0]))
-    with pytest.raises(TypeError, match="views must hold integers, got a torch.float32 tensor"):
+    with pytest.raises(TypeError, match=r"views must hold integers, got a torch.float32 tensor"):
         reader.get([1], torch.tensor([0.0]))
     with pytest.raises(ValueError, match="items and views must have the same length"):
         reader.get([1, 2, 3], [0, 1])

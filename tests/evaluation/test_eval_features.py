@@ -38,8 +38,12 @@ def test_batching_matches_one_batch(images: torch.Tensor) -> None:
 
 def test_concat_readout_keeps_every_token_in_order(images: torch.Tensor) -> None:
     tokens = torch.randn(images.shape[0], 5, 3)
-    out = extract_features(lambda x: tokens[: x.shape[0]] if x.shape[0] == images.shape[0] else None, images,
-                           batch_size=images.shape[0], pool="concat")
+    out = extract_features(
+        lambda x: tokens[: x.shape[0]] if x.shape[0] == images.shape[0] else None,
+        images,
+        batch_size=images.shape[0],
+        pool="concat",
+    )
     assert out.shape == (images.shape[0], 15)
     np.testing.assert_array_equal(out[:, 3:6], tokens[:, 1].numpy())  # token 1 sits in columns 3..5
     flat = extract_features(lambda x: x.flatten(1), images, batch_size=8, pool="concat")

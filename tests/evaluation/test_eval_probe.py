@@ -80,9 +80,9 @@ def test_nan_in_train_features_is_named() -> None:
 
 def test_length_mismatch_is_named() -> None:
     x, y = _blobs(5, seed=0)
-    with pytest.raises(ValueError, match="length mismatch.*train"):
+    with pytest.raises(ValueError, match=r"length mismatch.*train"):
         linear_probe_top1(x, y[:-1], x, y)
-    with pytest.raises(ValueError, match="length mismatch.*test"):
+    with pytest.raises(ValueError, match=r"length mismatch.*test"):
         linear_probe_top1(x, y, x[:-1], y)
 
 

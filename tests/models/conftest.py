@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 # A 2-block model on 28x28 images (7x7 grid) with drop path off, so eval and train agree.
-SMALL = dict(img_size=28, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_hidden_dim=256, drop_path_rate=0.0)
+SMALL = {
+    "img_size": 28,
+    "patch_size": 4,
+    "embed_dim": 64,
+    "depth": 2,
+    "num_heads": 4,
+    "mlp_hidden_dim": 256,
+    "drop_path_rate": 0.0,
+}
 
 
 @pytest.fixture

@@ -96,21 +96,25 @@ def test_missing_and_unexpected_keys_listed(small: dict, trained: EvaMIM) -> Non
     state.pop("mask_token")
     state["blocks.0.attn.k_bias"] = torch.zeros(64)
     fresh = create_model("eva_tiny_patch4_28", **small)
-    with pytest.raises(CheckpointError, match=r"(?s)missing.*mask_token: expected \(1, 1, 64\).*"
-                                              r"unexpected.*blocks\.0\.attn\.k_bias: got \(64,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)missing.*mask_token: expected \(1, 1, 64\).*"
+        r"unexpected.*blocks\.0\.attn\.k_bias: got \(64,\)",
+    ):
         load_official_checkpoint(fresh, state)
-    report = load_official_checkpoint(fresh, state, strict=False)
+    report = load_official_checkpoint(fresh, state, strict=True)
     assert report.missing_keys == ["mask_token"] and report.unexpected_keys == ["blocks.0.attn.k_bias"]
 
 
 def test_mim_into_larger_classifier_resamples_pos_embed(small: dict, trained: EvaMIM) -> None:
-    clf = create_classifier("eva_tiny_patch4_28", 10, img_size=40, **{k: v for k, v in small.items()
-                                                                      if k != "img_size"})
+    clf = create_classifier(
+        "eva_tiny_patch4_28", 10, img_size=40, **{k: v for k, v in small.items() if k != "img_size"}
+    )
     assert clf.pos_embed.shape == (1, 1 + 100, 64)
     with pytest.raises(CheckpointError, match=r"pos_embed: expected \(1, 101, 64\), got \(1, 50, 64\)"):
-        load_official_checkpoint(clf, trained.state_dict(), strict=False)
+        load_official_checkpoint(clf, trained.state_dict(), strict=True)
 
-    report = load_official_checkpoint(clf, {"model": trained.state_dict()}, strict=False, resample_pos_embed=True)
+    report = load_official_checkpoint(clf, {"model": trained.state_dict()}, strict=True, resample_pos_embed=True)
     assert report.resampled_keys == ["pos_embed"]
     assert report.missing_keys == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert report.unexpected_keys == ["lm_head.bias", "lm_head.weight", "mask_token", "norm.bias", "norm.weight"]

@@ -30,12 +30,12 @@ def test_invalid_configs(small: dict, overrides: dict, message: str) -> None:
 
 
 def test_unknown_override_field() -> None:
-    with pytest.raises(TypeError, match="unknown EvaConfig field.*'width'"):
+    with pytest.raises(TypeError, match=r"unknown EvaConfig field.*'width'"):
         create_model("eva_tiny_patch4_28", width=3)
 
 
 def test_unknown_model_lists_known_names() -> None:
-    with pytest.raises(KeyError, match="unknown EVA model 'eva_huge'; known models: .*eva_giant_patch14_224"):
+    with pytest.raises(KeyError, match=r"unknown EVA model 'eva_huge'; known models: .*eva_giant_patch14_224"):
         create_model("eva_huge")
     with pytest.raises(ValueError, match="eva_tiny_patch4_28"):
         create_classifier("eva_huge", 10)
@@ -57,9 +57,9 @@ def test_wrong_image_size(small: dict) -> None:
 def test_bad_masks(small: dict) -> None:
     model = create_model("eva_tiny_patch4_28", **small)
     images = torch.zeros(2, 3, 28, 28)
-    with pytest.raises(TypeError, match="mask must be a torch.bool tensor, got torch.float32"):
+    with pytest.raises(TypeError, match=r"mask must be a torch.bool tensor, got torch.float32"):
         model(images, torch.ones(2, 49))
-    with pytest.raises(TypeError, match="torch.uint8"):
+    with pytest.raises(TypeError, match=r"torch.uint8"):
         model(images, torch.ones(2, 49, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"mask must have shape \(batch, num_patches\) = \(2, 49\), got \(2, 7, 7\)"):
         model(images, torch.ones(2, 7, 7, dtype=torch.bool))

@@ -152,10 +152,19 @@ def test_classifier_patch_embedding_is_frozen(small: dict, perturb: Callable, im
 def test_layer_ids() -> None:
     depth = 40
     expected = {
-        "patch_embed.proj.weight": 0, "cls_token": 0, "pos_embed": 0, "mask_token": 0,
-        "blocks.0.attn.qkv.weight": 1, "blocks.9.norm1.weight": 10, "blocks.39.mlp.fc2.bias": 40,
-        "norm.weight": 41, "fc_norm.bias": 41, "head.weight": 41, "lm_head.bias": 41,
-        "module.blocks.3.attn.q_bias": 4, "_orig_mod.cls_token": 0,
+        "patch_embed.proj.weight": 0,
+        "cls_token": 0,
+        "pos_embed": 0,
+        "mask_token": 0,
+        "blocks.0.attn.qkv.weight": 1,
+        "blocks.9.norm1.weight": 10,
+        "blocks.39.mlp.fc2.bias": 40,
+        "norm.weight": 41,
+        "fc_norm.bias": 41,
+        "head.weight": 41,
+        "lm_head.bias": 41,
+        "module.blocks.3.attn.q_bias": 4,
+        "_orig_mod.cls_token": 0,
     }
     assert {name: get_layer_id(name, depth) for name in expected} == expected
     with torch.device("meta"):

@@ -15,7 +15,7 @@ STD = 0.015
 # Std of N(0, STD^2) truncated at +-1 sigma: STD * sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) = 0.008093.
 _PHI1 = math.exp(-0.5) / math.sqrt(2 * math.pi)
 TRUNC_STD = STD * math.sqrt(1 - 2 * _PHI1 / math.erf(1 / math.sqrt(2)))
-WIDE = dict(img_size=28, patch_size=4, embed_dim=512, depth=4, num_heads=8, mlp_hidden_dim=2048)
+WIDE = {"img_size": 28, "patch_size": 4, "embed_dim": 512, "depth": 4, "num_heads": 8, "mlp_hidden_dim": 2048}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_depth_rescale_of_output_projections(model: nn.Module) -> None:
 
 def test_biases_and_norms(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        if name.endswith(".bias") or name.endswith("q_bias") or name.endswith("v_bias"):
+        if name.endswith((".bias", "q_bias", "v_bias")):
             if ".norm" in name or name.startswith("norm"):
                 continue
             assert torch.count_nonzero(p) == 0, name

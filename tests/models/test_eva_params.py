@@ -65,12 +65,22 @@ def _official_mim_keys(depth: int) -> list[str]:
         keys += [
             f"blocks.{i}.{name}"
             for name in (
-                "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight",
-                "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-                "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+                "norm1.weight",
+                "norm1.bias",
+                "attn.q_bias",
+                "attn.v_bias",
+                "attn.qkv.weight",
+                "attn.proj.weight",
+                "attn.proj.bias",
+                "norm2.weight",
+                "norm2.bias",
+                "mlp.fc1.weight",
+                "mlp.fc1.bias",
+                "mlp.fc2.weight",
+                "mlp.fc2.bias",
             )
         ]
-    return keys + ["norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"]
+    return [*keys, "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"]
 
 
 def test_official_key_set_and_shapes(small: dict) -> None:
@@ -88,10 +98,18 @@ def test_official_key_set_and_shapes(small: dict) -> None:
 
 
 def test_registry_sizes() -> None:
-    assert {"eva_giant_patch14_224", "eva_large_patch14_224", "eva_base_patch14_224", "eva_small_patch14_224",
-            "eva_tiny_patch4_28"} <= set(list_models())
-    shapes = {name: (c.embed_dim, c.depth, c.num_heads, c.mlp_hidden_dim, c.patch_size, c.img_size)
-              for name in list_models() for c in [get_config(name)]}
+    assert {
+        "eva_giant_patch14_224",
+        "eva_large_patch14_224",
+        "eva_base_patch14_224",
+        "eva_small_patch14_224",
+        "eva_tiny_patch4_28",
+    } <= set(list_models())
+    shapes = {
+        name: (c.embed_dim, c.depth, c.num_heads, c.mlp_hidden_dim, c.patch_size, c.img_size)
+        for name in list_models()
+        for c in [get_config(name)]
+    }
     assert shapes["eva_giant_patch14_224"] == (1408, 40, 16, 6144, 14, 224)
     assert shapes["eva_large_patch14_224"] == (1024, 24, 16, 4096, 14, 224)
     assert shapes["eva_base_patch14_224"] == (768, 12, 12, 3072, 14, 224)

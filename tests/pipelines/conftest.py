@@ -44,7 +44,7 @@ def base_params() -> dict[str, dict]:
 def tiny_params(workdir: Path) -> dict[str, dict]:
     """conf/base scaled down for tests; raw paths absolute, every output folder under ``workdir``."""
     params = base_params()
-    for source, limit in zip(params["ingestion"]["sources"], (PRETRAIN_IMAGES, PROBE_IMAGES)):
+    for source, limit in zip(params["ingestion"]["sources"], (PRETRAIN_IMAGES, PROBE_IMAGES), strict=True):
         source["limit"] = limit
         for key in ("images", "labels"):
             source[key] = str(PROJECT_ROOT / source[key])

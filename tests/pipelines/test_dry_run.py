@@ -93,7 +93,11 @@ def test_eva01_dry_run_command_prints_the_plan_and_writes_nothing(pl):
     data_before = pl.file_listing(ROOT / "data")
     result = subprocess.run(
         [*command, "dry-run", "--env", "eva01", "--num-images", str(MERGED_30M)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]

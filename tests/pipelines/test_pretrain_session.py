@@ -23,10 +23,12 @@ def pretrain_run(tmp_path_factory, pl) -> dict:
     repo_data_before = pl.file_listing(pl.PROJECT_ROOT / "data")
     repo_mlflow = [pl.PROJECT_ROOT / name for name in ("mlflow.db", "mlruns")]
     repo_mlflow_before = [p.exists() and p.stat().st_mtime_ns for p in repo_mlflow]
-    with pl.project_context(tmp_path_factory.mktemp("session") / "project") as root:
-        with KedroSession.create(project_path=root, env="test") as session:
-            session.run(pipeline_names=["pretrain"])
-            left_open = mlflow.active_run()
+    with (
+        pl.project_context(tmp_path_factory.mktemp("session") / "project") as root,
+        KedroSession.create(project_path=root, env="test") as session,
+    ):
+        session.run(pipeline_names=["pretrain"])
+        left_open = mlflow.active_run()
     return {
         "root": root,
         "left_open": left_open,

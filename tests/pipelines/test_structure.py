@@ -38,7 +38,7 @@ def _param_annotations(pipeline: Pipeline) -> dict[str, set[type]]:
     for node in pipeline.nodes:
         hints = typing.get_type_hints(node.func)
         arguments = list(inspect.signature(node.func).parameters)
-        for argument, dataset in zip(arguments, node.inputs):
+        for argument, dataset in zip(arguments, node.inputs, strict=True):
             if dataset.startswith("params:"):
                 found.setdefault(dataset.removeprefix("params:"), set()).add(hints.get(argument, Any))
     return found
@@ -145,8 +145,12 @@ def test_env_files_validate_against_the_models(pl):
     from eva_pipeline.settings import CONFIG_LOADER_ARGS
     from eva_pipeline.settings import CONFIG_LOADER_CLASS as OmegaConfigLoader
 
-    models = {"ingestion": IngestionParams, "teacher_targets": TeacherTargetsParams, "pretrain": PretrainParams,
-              "evaluation": EvaluationParams}
+    models = {
+        "ingestion": IngestionParams,
+        "teacher_targets": TeacherTargetsParams,
+        "pretrain": PretrainParams,
+        "evaluation": EvaluationParams,
+    }
     for env in ("local", "eva01"):
         loader = OmegaConfigLoader(str(pl.PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
         params = loader["parameters"]
@@ -202,4 +206,3 @@ def test_registry_has_each_stage_pretrain_and_default(registry):
         written |= registry[stage].outputs()
     assert "teacher_targets_receipt" in registry["train_student"].inputs()
     assert "eva_student" in registry["evaluation"].inputs()
-

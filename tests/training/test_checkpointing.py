@@ -1,5 +1,6 @@
-"""Crash safety: a run killed with SIGKILL at arbitrary points and restarted with the same command ends bit-identical
-to an uninterrupted run; torn, corrupt or unwritable checkpoints give clear errors and never cost the last good state."""
+"""Crash safety: a run killed with SIGKILL at arbitrary points and restarted with the same command ends
+bit-identical to an uninterrupted run; torn, corrupt or unwritable checkpoints give clear errors and never cost the
+last good state."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import eva_pipeline.models.checkpoint as model_checkpoint
 from eva_pipeline.ingest.build import build_manifest
 from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.loader.pixels import load_images
-import eva_pipeline.models.checkpoint as model_checkpoint
 from eva_pipeline.models import CheckpointError, create_model, extract_state_dict, load_official_checkpoint
 from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.training import checkpointing
@@ -43,7 +44,7 @@ def workspace(tmp_path_factory):
 
 def _spec(workspace, out: Path, every_steps: int = 1) -> RunSpec:
     root, _, store = workspace
-    params = make_params(out / "ckpt", epochs=3, checkpoint=dict(every_steps=every_steps, keep_last=2))
+    params = make_params(out / "ckpt", epochs=3, checkpoint={"every_steps": every_steps, "keep_last": 2})
     return RunSpec(
         params=params.model_dump(mode="json"),
         images=str(root / "manifest.parquet"),
@@ -97,11 +98,13 @@ def test_sigkill_at_arbitrary_points_then_restart_is_bit_identical(workspace, tm
     for key in clean:
         assert torch.equal(clean[key], crashed[key]), key
     (folder,) = list((crash_dir / "ckpt").iterdir())
-    assert len(checkpointing.tags(folder)) == 2 and checkpointing.tags(folder, complete_only=False) == checkpointing.tags(folder)
+    assert len(checkpointing.tags(folder)) == 2 and checkpointing.tags(
+        folder, complete_only=False
+    ) == checkpointing.tags(folder)
 
 
 def _params(tmp_path: Path, **changes):
-    return make_params(tmp_path / "ckpt", epochs=1, checkpoint=dict(every_steps=2, keep_last=3), **changes)
+    return make_params(tmp_path / "ckpt", epochs=1, checkpoint={"every_steps": 2, "keep_last": 3}, **changes)
 
 
 def _train(params, workspace, **kwargs):
@@ -133,7 +136,7 @@ def test_no_readable_checkpoint_is_a_clear_error_and_deletes_nothing(workspace, 
     for tag in checkpointing.tags(folder):
         (folder / tag / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
     listing = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    with pytest.raises(CheckpointError, match="no checkpoint .* could be loaded.*Nothing was deleted"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint .* could be loaded.*Nothing was deleted"):
         _train(_params(tmp_path), workspace)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == listing
 
@@ -144,7 +147,9 @@ def test_incomplete_checkpoint_is_ignored_and_cleaned(workspace, tmp_path):
     (folder / "step_4" / COMPLETE_MARKER).unlink()  # as if killed before every rank finished step 4
     result = _train(_params(tmp_path, max_steps=6), workspace)
     assert result.resumed_from_step == 2
-    assert checkpointing.tags(folder, complete_only=False) == checkpointing.tags(folder) == ["step_2", "step_4", "step_6"]
+    assert (
+        checkpointing.tags(folder, complete_only=False) == checkpointing.tags(folder) == ["step_2", "step_4", "step_6"]
+    )
 
 
 def test_disk_full_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
@@ -193,7 +198,7 @@ def test_one_checkpoint_error_for_training_state_and_official_files(tmp_path):
 
     (tmp_path / "step_2").mkdir()
     (tmp_path / "step_2" / COMPLETE_MARKER).write_text("")
-    with pytest.raises(CheckpointError, match="no checkpoint .* could be loaded.*EOFError"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint .* could be loaded.*EOFError"):
         checkpointing.resume(_UnreadableEngine(), tmp_path, fingerprint="f")
 
     model = create_model("eva_tiny_patch4_28", embed_dim=32, depth=2, num_heads=2, mlp_hidden_dim=64, target_dim=8)

@@ -13,12 +13,12 @@ import torch
 
 from eva_pipeline.config import PretrainParams
 from eva_pipeline.ingest.build import build_manifest
-from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.ingest.scan import SourceSpec
+from eva_pipeline.loader.rows import ParquetRows
 from eva_pipeline.models import EvaMIM, get_config, load_official_checkpoint
 from eva_pipeline.runtime.launch import WORKER_MODULE, launch, launch_command
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.training.loop import cached_targets, run_pretraining
-from eva_pipeline.loader.rows import ParquetRows
 from eva_pipeline.training.validation import open_validation_set
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 from eva_test_support import make_params
@@ -57,9 +57,9 @@ def _params(ckpt: Path, world_size: int, launcher: str = "torchrun", port: int =
         world_size=world_size,
         batch_size=16,
         max_steps=STEPS,
-        checkpoint=dict(every_steps=STEPS, keep_last=1),
-        distributed=dict(launcher=launcher, master_port=port),
-        validation=dict(every_steps=2, batch_size=4),  # after steps 2 and 3
+        checkpoint={"every_steps": STEPS, "keep_last": 1},
+        distributed={"launcher": launcher, "master_port": port},
+        validation={"every_steps": 2, "batch_size": 4},  # after steps 2 and 3
     )
 
 
@@ -71,8 +71,11 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
 
     params_one = _params(tmp_path / "one", 1)
     validation = open_validation_set(
-        ParquetRows(root / "manifest.parquet", "probe"), str(root / "val"), 28,
-        params_one.validation.every_steps, params_one.validation.batch_size,
+        ParquetRows(root / "manifest.parquet", "probe"),
+        str(root / "val"),
+        28,
+        params_one.validation.every_steps,
+        params_one.validation.batch_size,
     )
     images = load_images(manifest[manifest["split"] == "pretrain"])
     single = run_pretraining(
@@ -128,7 +131,14 @@ def test_launch_commands():
     single_node = launch_command(_base(8), spec)
     assert Path(single_node[0]).name == "deepspeed"
     assert single_node[1:] == [
-        "--num_gpus", "8", "--master_port", "29500", "--no_local_rank", "--module", WORKER_MODULE, "run.json"
+        "--num_gpus",
+        "8",
+        "--master_port",
+        "29500",
+        "--no_local_rank",
+        "--module",
+        WORKER_MODULE,
+        "run.json",
     ]
     multi_node = launch_command(_base(16, hostfile="/etc/hosts.ds", master_addr="10.0.0.1"), spec)
     assert multi_node[1:5] == ["--hostfile", "/etc/hosts.ds", "--master_addr", "10.0.0.1"]
@@ -138,7 +148,7 @@ def test_launch_commands():
 @pytest.mark.slow
 def test_failed_ranks_raise_with_the_log(tmp_path):
     params = _base(2, launcher="torchrun", master_port=29632)
-    with pytest.raises(Exception, match="ranks of eva_pipeline.training.worker failed"):
+    with pytest.raises(Exception, match=r"ranks of eva_pipeline.training.worker failed"):
         launch(params, tmp_path / "missing.json", tmp_path / "ranks.log")
     assert (tmp_path / "ranks.log").read_text()
 
@@ -152,9 +162,16 @@ def test_training_node_launches_ranks_into_one_mlflow_run(workspace, tmp_path):
     from eva_pipeline.config import TeacherTargetsParams
     from eva_pipeline.pipelines.train_student.nodes import pretrain_student
 
-    root, manifest, store = workspace
-    receipt = {"mode": "cached", "store": str(store), "num_items": N, "target_dim": D, "grid": [7, 7], "manifest_digest": "x",
-               "teacher": {"kind": "efficientnet_lite0"}}  # fmt: skip
+    _root, manifest, store = workspace
+    receipt = {
+        "mode": "cached",
+        "store": str(store),
+        "num_items": N,
+        "target_dim": D,
+        "grid": [7, 7],
+        "manifest_digest": "x",
+        "teacher": {"kind": "efficientnet_lite0"},
+    }
     teacher = TeacherTargetsParams(teacher={"kind": "efficientnet_lite0"}, output_dir=tmp_path / "unused")
     params = _params(tmp_path / "node", 2).model_copy(update={"log_every_steps": 1})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -162,7 +179,7 @@ def test_training_node_launches_ranks_into_one_mlflow_run(workspace, tmp_path):
     try:
         experiment_id = MlflowClient(uri).create_experiment("node-test")  # not another test's active experiment
         with mlflow.start_run(experiment_id=experiment_id) as run:
-            model, history, summary, figure = pretrain_student(manifest, receipt, params, teacher)
+            model, history, summary, _figure = pretrain_student(manifest, receipt, params, teacher)
         client = MlflowClient(uri)
         runs = client.search_runs([run.info.experiment_id])
         assert len(runs) == 1  # the workers opened no runs of their own

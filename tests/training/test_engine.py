@@ -8,7 +8,6 @@ optimiser must keep our AdamW groups (weight decay and ``lr_scale``) so the sche
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -16,14 +15,15 @@ from mlflow.tracking import MlflowClient
 
 from eva_pipeline.config import PretrainParams
 from eva_pipeline.models import EvaMIM, get_config, get_layer_id
+from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.tracking import MlflowStepLogger
 from eva_pipeline.training import loop
 from eva_pipeline.training.engine import check_precision, deepspeed_config, initialize_engine
-from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
-from eva_test_support import make_params as make_tiny_params
 from eva_test_support import TINY, merge_nested
+from eva_test_support import make_params as make_tiny_params
+
 
 def make_params(tmp_path, **changes) -> PretrainParams:
     """The shared tiny CPU config with a 2-block student, checkpoints under ``tmp_path``; ``changes`` merge in."""
@@ -61,9 +61,11 @@ def test_deepspeed_config_follows_the_params(tmp_path):
         precision="fp16",
         batch_size=64,
         world_size=4,
-        optimizer=dict(clip_grad=1.5),
-        deepspeed=dict(reduce_bucket_size=1234, loss_scale=dict(initial_scale_power=8, loss_scale_window=7,
-                                                                  hysteresis=3, min_loss_scale=0.5)),
+        optimizer={"clip_grad": 1.5},
+        deepspeed={
+            "reduce_bucket_size": 1234,
+            "loss_scale": {"initial_scale_power": 8, "loss_scale_window": 7, "hysteresis": 3, "min_loss_scale": 0.5},
+        },
     )
     cfg = deepspeed_config(params, world_size=4)
     # DeepSpeed's invariant: global batch = micro batch x accumulation x world size.
@@ -71,9 +73,13 @@ def test_deepspeed_config_follows_the_params(tmp_path):
     assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 4 == cfg["train_batch_size"]
     assert cfg["gradient_clipping"] == 1.5
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 1234
-    assert (cfg["fp16"]["initial_scale_power"], cfg["fp16"]["loss_scale_window"], cfg["fp16"]["hysteresis"],
-            cfg["fp16"]["min_loss_scale"]) == (8, 7, 3, 0.5)
-    no_clip = deepspeed_config(make_params(tmp_path, optimizer=dict(clip_grad=None)), world_size=1)
+    assert (
+        cfg["fp16"]["initial_scale_power"],
+        cfg["fp16"]["loss_scale_window"],
+        cfg["fp16"]["hysteresis"],
+        cfg["fp16"]["min_loss_scale"],
+    ) == (8, 7, 3, 0.5)
+    no_clip = deepspeed_config(make_params(tmp_path, optimizer={"clip_grad": None}), world_size=1)
     assert no_clip.get("gradient_clipping", 0) == 0  # 0 is DeepSpeed's "off"
 
 
@@ -88,7 +94,7 @@ def test_default_params_are_the_papers(tmp_path):
 
 # ------------------------------------------------------------------------------------------- precision / device
 def test_fp16_on_cpu_is_refused_before_any_work(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="fp16.*CUDA"):
+    with pytest.raises(ValueError, match=r"fp16.*CUDA"):
         check_precision("fp16", torch.device("cpu"))
     check_precision("fp32", torch.device("cpu"))
     check_precision("bf16", torch.device("cpu"))
@@ -119,8 +125,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "initialize_engine", must_not_run)
     images = torch.zeros((16, 1, 28, 28), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="cuda"):
-        loop.run_pretraining(make_params(tmp_path, device="cuda"), images,
-                             loop.cached_targets(torch.zeros(16, 49, 8)), 8, progress=False)
+        loop.run_pretraining(
+            make_params(tmp_path, device="cuda"), images, loop.cached_targets(torch.zeros(16, 49, 8)), 8, progress=False
+        )
 
 
 # ------------------------------------------------------------------------------------------- the ZeRO optimiser
@@ -142,8 +149,9 @@ def test_engine_optimizer_is_zero1_and_keeps_our_groups(tmp_path):
     model, groups = _layer_decayed_model_and_groups(seed=3)
     reference, ref_groups = _layer_decayed_model_and_groups(seed=3)
     assert len({g["lr_scale"] for g in groups}) >= 3  # the test is only meaningful with distinct scales
-    engine = initialize_engine(model, build_adamw(groups, AdamWConfig(lr=params.optimizer.lr)), params,
-                               torch.device("cpu"))
+    engine = initialize_engine(
+        model, build_adamw(groups, AdamWConfig(lr=params.optimizer.lr)), params, torch.device("cpu")
+    )
     assert isinstance(engine.optimizer, DeepSpeedZeroOptimizer)
     assert engine.zero_optimization_stage() == 1
     assert engine.gradient_clipping() == 3.0
@@ -156,7 +164,9 @@ def test_engine_optimizer_is_zero1_and_keeps_our_groups(tmp_path):
 
     ref_opt = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "param_names"} for g in ref_groups],
-        lr=1.0, betas=(0.9, 0.98), eps=1e-6,
+        lr=1.0,
+        betas=(0.9, 0.98),
+        eps=1e-6,
     )
     for g in ref_opt.param_groups:
         g["lr"] = 4e-3 * g["lr_scale"]
@@ -177,11 +187,14 @@ def test_engine_optimizer_is_zero1_and_keeps_our_groups(tmp_path):
     ref_opt.step()
 
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-7)
-    for (name, p), q in zip(engine.module.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(engine.module.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6, msg=name)
     # Each group moved by about its own LR (Adam's first step is ~lr * sign(grad)): the scales were applied.
     for group in ref_groups:
-        step = max((p.detach() - before[n]).abs().max().item() for n, p in zip(group["param_names"], group["params"]))
+        step = max(
+            (p.detach() - before[n]).abs().max().item()
+            for n, p in zip(group["param_names"], group["params"], strict=True)
+        )
         assert step == pytest.approx(4e-3 * group["lr_scale"], rel=0.05), group["param_names"][0]
 
 
@@ -195,11 +208,12 @@ def test_loop_lr_is_the_schedule_and_reaches_the_zero_groups(tmp_path, monkeypat
         return engine
 
     monkeypatch.setattr(loop, "initialize_engine", capture)
-    params = make_params(tmp_path, epochs=3, optimizer=dict(lr=2e-3, min_lr=1e-4, warmup_epochs=1))
+    params = make_params(tmp_path, epochs=3, optimizer={"lr": 2e-3, "min_lr": 1e-4, "warmup_epochs": 1})
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8, generator=gen)
-    result = loop.run_pretraining(params, images, loop.cached_targets(torch.randn(24, 49, 8, generator=gen)), 8,
-                                  progress=False)
+    result = loop.run_pretraining(
+        params, images, loop.cached_targets(torch.randn(24, 49, 8, generator=gen)), 8, progress=False
+    )
     schedule = loop.WarmupCosineSchedule.from_epochs(2e-3, 1e-4, epochs=3, steps_per_epoch=3, warmup_epochs=1)
     lrs = [h["lr"] for h in result.history]
     assert len(lrs) == 9
@@ -245,8 +259,14 @@ def test_run_pretraining_logs_every_n_steps_and_the_last(tmp_path):
     params = make_params(tmp_path, log_every_steps=2, max_steps=5, epochs=3)
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=gen)
-    result = loop.run_pretraining(params, images, loop.cached_targets(torch.randn(16, 49, 8, generator=gen)), 8,
-                                  metrics_fn=MlflowStepLogger(run_id, uri, prefix="pretrain/"), progress=False)
+    result = loop.run_pretraining(
+        params,
+        images,
+        loop.cached_targets(torch.randn(16, 49, 8, generator=gen)),
+        8,
+        metrics_fn=MlflowStepLogger(run_id, uri, prefix="pretrain/"),
+        progress=False,
+    )
     losses = sorted(client.get_metric_history(run_id, "pretrain/loss"), key=lambda m: m.step)
     assert [m.step for m in losses] == [2, 4, 5]
     assert [m.value for m in losses] == pytest.approx([result.history[i]["loss"] for i in (1, 3, 4)], rel=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ pytestmark = [
 STEPS, KILL_AT, EVERY = 12, 7, 2  # killed after step 7: step 7 is discarded work, the resume starts after step 6
 INITIAL_SCALE_POWER = 12  # doubles every 2 steps to 2**15 by the checkpoint; overflows come later
 
-WORKER = r"""
+WORKER = string.Template(r"""
 import json, os, signal, sys
 import torch
 from eva_pipeline.training.loop import cached_targets, run_pretraining
@@ -38,8 +39,8 @@ images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=gen
 targets = torch.randn(32, 49, 16, generator=gen)
 params = make_params(
     root, device="cuda", precision="fp16", epochs=3, log_every_steps=1,
-    checkpoint=dict(every_steps=%(every)d, keep_last=2),
-    deepspeed=dict(loss_scale=dict(initial_scale_power=%(power)d, loss_scale_window=2, hysteresis=2)),
+    checkpoint=dict(every_steps=$every, keep_last=2),
+    deepspeed=dict(loss_scale=dict(initial_scale_power=$power, loss_scale_window=2, hysteresis=2)),
 )
 
 def metrics(step, record):
@@ -48,7 +49,7 @@ def metrics(step, record):
 
 result = run_pretraining(params, images, cached_targets(targets), 16, metrics_fn=metrics, progress=False)
 json.dump({"resumed_from_step": result.resumed_from_step, "history": result.history}, open(out, "w"))
-""" % {"every": EVERY, "power": INITIAL_SCALE_POWER}
+""").substitute(every=EVERY, power=INITIAL_SCALE_POWER)
 
 
 def _worker(tmp_path: Path, root: Path, kill_at: int, name: str) -> subprocess.CompletedProcess:
@@ -57,7 +58,10 @@ def _worker(tmp_path: Path, root: Path, kill_at: int, name: str) -> subprocess.C
     env["PYTHONPATH"] = os.pathsep.join([str(src / "src"), str(src / "tests"), env.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, "-c", WORKER, str(root), str(kill_at), str(tmp_path / f"{name}.json")],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

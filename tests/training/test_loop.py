@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from eva_pipeline.config import PretrainParams
 from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.loader.batches import batch_masks
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import mask_rng
 from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.training import loop
-from eva_pipeline.loader.batches import batch_masks
 from eva_pipeline.training.loop import (
     cached_targets,
     epoch_permutation,
@@ -104,7 +104,7 @@ def _reference_loop(params: PretrainParams, images: torch.Tensor, targets: torch
 
 def test_deepspeed_run_equals_a_plain_pytorch_loop(tmp_path, data):
     """Five steps (warmup, the first cosine step and an epoch boundary) reach the same weights as plain PyTorch."""
-    params = make_params(tmp_path / "ckpt", max_steps=5, model=dict(overrides=dict(depth=2)))
+    params = make_params(tmp_path / "ckpt", max_steps=5, model={"overrides": {"depth": 2}})
     result = _run(params, data)
     reference, losses, norms = _reference_loop(params, *data, steps=5)
     assert result.steps == 5 and len(result.history) == 5
@@ -113,7 +113,7 @@ def test_deepspeed_run_equals_a_plain_pytorch_loop(tmp_path, data):
     assert max(norms) > 3.0  # clipping at 3.0 was exercised, so it is part of what agrees
     initial = EvaMIM(get_config(params.model.name, **{**params.model.overrides, "target_dim": D}))
     moved = 0
-    for (name, got), want in zip(result.model.state_dict().items(), reference.state_dict().values()):
+    for (name, got), want in zip(result.model.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)  # measured: 6e-8
         moved += int((want - initial.state_dict()[name]).abs().max() > 1e-4)
     assert moved > 10  # the weights really trained (not two copies of the initial state)
@@ -126,8 +126,13 @@ def test_loss_decreases_on_a_learnable_target(tmp_path):
     x = to_model_input(images, 28)
     patches = x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(64, 49, 48)
     targets = patches @ torch.randn(48, D, generator=torch.Generator().manual_seed(0))
-    params = make_params(tmp_path / "ckpt", epochs=8, batch_size=16, model=dict(overrides=dict(depth=2)),
-                         checkpoint=dict(every_steps=1000))
+    params = make_params(
+        tmp_path / "ckpt",
+        epochs=8,
+        batch_size=16,
+        model={"overrides": {"depth": 2}},
+        checkpoint={"every_steps": 1000},
+    )
     result = run_pretraining(params, images, cached_targets(targets), D, progress=False)
     losses = np.array([h["loss"] for h in result.history])
     assert len(losses) == 32 and np.isfinite(losses).all()
@@ -147,9 +152,9 @@ def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
 
     b2 = _run(make_params(tmp_path / "b"), data)
     assert b2.resumed_from_step == steps // 2 and b2.steps == steps and len(b2.history) == steps // 2
-    for (name, got), want in zip(b2.model.state_dict().items(), a.model.state_dict().values()):
+    for (name, got), want in zip(b2.model.state_dict().items(), a.model.state_dict().values(), strict=True):
         assert torch.equal(got, want), name  # CPU fp32 is deterministic: bit for bit
-    for got, want in zip(b2.history, a.history[steps // 2 :]):
+    for got, want in zip(b2.history, a.history[steps // 2 :], strict=True):
         assert {k: got[k] for k in ("loss", "lr", "grad_norm", "epoch")} == {
             k: want[k] for k in ("loss", "lr", "grad_norm", "epoch")
         }
@@ -169,7 +174,7 @@ def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
         again = _run(make_params(tmp_path / "a", **extra), data)
         assert (again.resumed_from_step, again.steps, again.history) == (steps, steps, [])
         assert [h["loss"] for h in again.run_history] == [h["loss"] for h in a.history]  # the plot stays whole
-        for got, want in zip(again.model.state_dict().values(), a.model.state_dict().values()):
+        for got, want in zip(again.model.state_dict().values(), a.model.state_dict().values(), strict=True):
             assert torch.equal(got, want)
 
 
@@ -184,12 +189,12 @@ def test_initial_student_is_where_training_starts(tmp_path, data):
 
 
 def test_keep_last_and_every_steps(tmp_path, data):
-    _run(make_params(tmp_path / "c", epochs=3, checkpoint=dict(every_steps=3, keep_last=3)), data)
+    _run(make_params(tmp_path / "c", epochs=3, checkpoint={"every_steps": 3, "keep_last": 3}), data)
     folder = _only_fingerprint_dir(tmp_path / "c")
     # 12 steps, saved at 3, 6, 9, 12 (12 is also the last step); the newest three stay.
     assert _step_tags(folder) == ["step_6", "step_9", "step_12"]
     assert (folder / "latest").read_text().strip() == "step_12"
-    _run(make_params(tmp_path / "d", max_steps=5, checkpoint=dict(every_steps=3, keep_last=1)), data)
+    _run(make_params(tmp_path / "d", max_steps=5, checkpoint={"every_steps": 3, "keep_last": 1}), data)
     # The cut-off step is always saved, even off the every_steps grid.
     assert _step_tags(_only_fingerprint_dir(tmp_path / "d")) == ["step_5"]
 
@@ -197,7 +202,7 @@ def test_keep_last_and_every_steps(tmp_path, data):
 def test_changed_settings_use_another_folder_and_do_not_resume(tmp_path, data):
     root = tmp_path / "ckpt"
     first = _run(make_params(root, max_steps=4), data)
-    other = _run(make_params(root, max_steps=4, optimizer=dict(lr=2e-3)), data)
+    other = _run(make_params(root, max_steps=4, optimizer={"lr": 2e-3}), data)
     assert other.resumed_from_step == 0 and len(other.history) == 4
     assert other.history[1]["lr"] == pytest.approx(2 * first.history[1]["lr"])
     folders = sorted(p for p in root.iterdir() if p.is_dir())
@@ -211,18 +216,18 @@ def test_fingerprint_covers_what_shapes_the_trajectory(tmp_path):
     base = make_params(tmp_path / "x")
     fp = training_fingerprint(base, N, D)
     same = [
-        make_params(tmp_path / "elsewhere", checkpoint=dict(every_steps=7, keep_last=5, resume="never")),
+        make_params(tmp_path / "elsewhere", checkpoint={"every_steps": 7, "keep_last": 5, "resume": "never"}),
         make_params(tmp_path / "x", max_steps=3, log_every_steps=1, mask_examples=2),
     ]
     assert all(training_fingerprint(p, N, D) == fp for p in same)
     different = [
-        make_params(tmp_path / "x", optimizer=dict(lr=2e-3)),
+        make_params(tmp_path / "x", optimizer={"lr": 2e-3}),
         make_params(tmp_path / "x", seed=1),
         make_params(tmp_path / "x", epochs=3),
         make_params(tmp_path / "x", batch_size=16),
-        make_params(tmp_path / "x", masking=dict(num_masking_patches=10)),
-        make_params(tmp_path / "x", model=dict(overrides=dict(depth=2))),
-        make_params(tmp_path / "x", augmentation=dict(enabled=True)),
+        make_params(tmp_path / "x", masking={"num_masking_patches": 10}),
+        make_params(tmp_path / "x", model={"overrides": {"depth": 2}}),
+        make_params(tmp_path / "x", augmentation={"enabled": True}),
     ]
     fps = {training_fingerprint(p, N, D) for p in different}
     assert fp not in fps and len(fps) == len(different)
@@ -234,14 +239,14 @@ def test_resume_never_restarts_and_leaves_a_resumable_folder(tmp_path, data):
     """A restart over a finished run's folder must not delete its own new checkpoint in favour of stale ones."""
     root = tmp_path / "ckpt"
     full = _run(make_params(root), data)  # steps 1..8 -> step_6, step_8
-    restart = _run(make_params(root, max_steps=3, checkpoint=dict(every_steps=3, resume="never")), data)
+    restart = _run(make_params(root, max_steps=3, checkpoint={"every_steps": 3, "resume": "never"}), data)
     assert restart.resumed_from_step == 0 and len(restart.history) == 3
     folder = _only_fingerprint_dir(root)
     latest = (folder / "latest").read_text().strip()
     assert latest == "step_3" and _step_tags(folder) == ["step_3"]
     resumed = _run(make_params(root), data)
     assert resumed.resumed_from_step == 3 and len(resumed.history) == 5
-    for got, want in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+    for got, want in zip(resumed.model.state_dict().values(), full.model.state_dict().values(), strict=True):
         assert torch.equal(got, want)
 
 
@@ -271,11 +276,11 @@ def _recorded_run(params: PretrainParams, data, monkeypatch):
 
 
 def test_batches_and_masks_are_pure_functions_of_the_seed(tmp_path, data, monkeypatch):
-    params = make_params(tmp_path / "s0", checkpoint=dict(resume="never"))
+    params = make_params(tmp_path / "s0", checkpoint={"resume": "never"})
     indices, masks = _recorded_run(params, data, monkeypatch)
     assert len(indices) == len(masks) == 8
     masker = make_mask_generator(params, grid=7)
-    for step, (idx, mask) in enumerate(zip(indices, masks)):
+    for step, (idx, mask) in enumerate(zip(indices, masks, strict=True)):
         epoch, within = divmod(step, 4)
         np.testing.assert_array_equal(idx, epoch_permutation(params, epoch, N)[within * 8 : (within + 1) * 8])
         assert mask.dtype == torch.bool and mask.shape == (8, 49)
@@ -287,20 +292,26 @@ def test_batches_and_masks_are_pure_functions_of_the_seed(tmp_path, data, monkey
         assert sorted(np.concatenate(indices[epoch * 4 : epoch * 4 + 4]).tolist()) == list(range(N))
     assert not np.array_equal(np.concatenate(indices[:4]), np.concatenate(indices[4:]))
     # An image's mask changes from epoch to epoch (seeded by epoch and index).
-    first = {int(i): m for idx, ms in zip(indices[:4], masks[:4]) for i, m in zip(idx, ms)}
-    second = {int(i): m for idx, ms in zip(indices[4:], masks[4:]) for i, m in zip(idx, ms)}
+    first = {int(i): m for idx, ms in zip(indices[:4], masks[:4], strict=True) for i, m in zip(idx, ms, strict=True)}
+    second = {int(i): m for idx, ms in zip(indices[4:], masks[4:], strict=True) for i, m in zip(idx, ms, strict=True)}
     assert sum(not torch.equal(first[i], second[i]) for i in range(N)) > N // 2
 
-    indices_again, masks_again = _recorded_run(make_params(tmp_path / "s0b", checkpoint=dict(resume="never")),
-                                               data, monkeypatch)
-    assert all(np.array_equal(a, b) for a, b in zip(indices, indices_again))
-    assert all(torch.equal(a, b) for a, b in zip(masks, masks_again))
+    indices_again, masks_again = _recorded_run(
+        make_params(tmp_path / "s0b", checkpoint={"resume": "never"}), data, monkeypatch
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(indices, indices_again, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(masks, masks_again, strict=True))
 
-    indices_1, masks_1 = _recorded_run(make_params(tmp_path / "s1", seed=1, checkpoint=dict(resume="never")),
-                                       data, monkeypatch)
-    assert not all(np.array_equal(a, b) for a, b in zip(indices, indices_1))
-    by_index_0 = {int(i): m for idx, ms in zip(indices[:4], masks[:4]) for i, m in zip(idx, ms)}
-    by_index_1 = {int(i): m for idx, ms in zip(indices_1[:4], masks_1[:4]) for i, m in zip(idx, ms)}
+    indices_1, masks_1 = _recorded_run(
+        make_params(tmp_path / "s1", seed=1, checkpoint={"resume": "never"}), data, monkeypatch
+    )
+    assert not all(np.array_equal(a, b) for a, b in zip(indices, indices_1, strict=True))
+    by_index_0 = {
+        int(i): m for idx, ms in zip(indices[:4], masks[:4], strict=True) for i, m in zip(idx, ms, strict=True)
+    }
+    by_index_1 = {
+        int(i): m for idx, ms in zip(indices_1[:4], masks_1[:4], strict=True) for i, m in zip(idx, ms, strict=True)
+    }
     assert sum(not torch.equal(by_index_0[i], by_index_1[i]) for i in range(N)) > N // 2
 
 
@@ -315,7 +326,7 @@ def test_schedule_helper_matches_the_reference_formula():
 
 def test_compiled_student_trains_like_the_eager_one(tmp_path, data):
     """``pretrain.compile: true`` really runs through torch.compile (inductor on CPU) and follows the eager run."""
-    params = dict(epochs=1, checkpoint=dict(resume="never"), max_steps=3)
+    params = {"epochs": 1, "checkpoint": {"resume": "never"}, "max_steps": 3}
     from torch._dynamo.utils import counters
 
     eager = _run(make_params(tmp_path / "eager", **params), data)
@@ -326,12 +337,12 @@ def test_compiled_student_trains_like_the_eager_one(tmp_path, data):
     np.testing.assert_allclose(
         [r["loss"] for r in compiled.history], [r["loss"] for r in eager.history], rtol=1e-4, atol=1e-5
     )
-    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
 
 
 # ------------------------------------------------------------------------------------------- stochastic layers
-DROP_PATH = dict(model=dict(overrides=dict(depth=2, drop_path_rate=0.5)))  # rates linspace(0, 0.5, depth)
+DROP_PATH = {"model": {"overrides": {"depth": 2, "drop_path_rate": 0.5}}}  # rates linspace(0, 0.5, depth)
 
 
 def test_ranks_and_steps_draw_different_drop_path_masks():
@@ -353,7 +364,9 @@ def test_ranks_and_steps_draw_different_drop_path_masks():
 def test_every_step_is_seeded_from_seed_rank_and_step(tmp_path, data, monkeypatch):
     seen = []
     real = loop.step_seed
-    monkeypatch.setattr(loop, "step_seed", lambda seed, rank, step: seen.append((seed, rank, step)) or real(seed, rank, step))
+    monkeypatch.setattr(
+        loop, "step_seed", lambda seed, rank, step: seen.append((seed, rank, step)) or real(seed, rank, step)
+    )
     _run(make_params(tmp_path / "a", seed=3, max_steps=5, **DROP_PATH), data)
     assert seen == [(3, 0, step) for step in range(5)]
 
@@ -364,11 +377,11 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path, data):
     _run(make_params(tmp_path / "b", max_steps=4, **DROP_PATH), data)
     b = _run(make_params(tmp_path / "b", **DROP_PATH), data)
     assert b.resumed_from_step == 4 and b.steps == a.steps == 8
-    for (name, got), want in zip(b.model.state_dict().items(), a.model.state_dict().values()):
+    for (name, got), want in zip(b.model.state_dict().items(), a.model.state_dict().values(), strict=True):
         assert torch.equal(got, want), name
     assert [h["loss"] for h in b.run_history] == [h["loss"] for h in a.history]
     # drop path really acts: the same run without it ends elsewhere
-    c = _run(make_params(tmp_path / "c", model=dict(overrides=dict(depth=2))), data)
+    c = _run(make_params(tmp_path / "c", model={"overrides": {"depth": 2}}), data)
     assert not torch.equal(c.model.state_dict()["lm_head.weight"], a.model.state_dict()["lm_head.weight"])
 
 
@@ -402,7 +415,7 @@ def test_train_step_records_and_is_a_function_of_its_inputs(tmp_path, data):
     records: list[list[dict[str, float]]] = [[], []]
     for step, lr in enumerate([1e-3, 5e-4, 1e-3]):
         x, mask, target, num_masked = _step_inputs(params, data, step)
-        for engine, out in zip(engines, records):
+        for engine, out in zip(engines, records, strict=True):
             out.append(loop.train_step(engine, x, mask, target, lr, num_masked=num_masked, step=step, seed=3, epoch=0))
             torch.rand(7)  # whatever else draws from the generator in between must not matter
     for record in records[0]:
@@ -413,7 +426,9 @@ def test_train_step_records_and_is_a_function_of_its_inputs(tmp_path, data):
     timeless = [[{k: v for k, v in r.items() if k != "images_per_second"} for r in out] for out in records]
     assert timeless[0] == timeless[1]  # bit for bit (CPU fp32)
     initial = loop.initial_student(params, D).state_dict()
-    for (name, a), b in zip(engines[0].module.state_dict().items(), engines[1].module.state_dict().values()):
+    for (name, a), b in zip(
+        engines[0].module.state_dict().items(), engines[1].module.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert not torch.equal(engines[0].module.state_dict()["lm_head.weight"], initial["lm_head.weight"])  # it trained
 
@@ -424,5 +439,5 @@ def test_the_loop_records_what_train_step_returns(tmp_path, data, monkeypatch):
     real = loop.train_step
     monkeypatch.setattr(loop, "train_step", lambda *a, **k: returned.append(real(*a, **k)) or returned[-1])
     result = _run(make_params(tmp_path / "t", max_steps=3), data)
-    assert len(returned) == 3 and all(a is b for a, b in zip(result.history, returned))
+    assert len(returned) == 3 and all(a is b for a, b in zip(result.history, returned, strict=True))
     assert all(set(r) == STEP_KEYS for r in result.history)

@@ -35,8 +35,8 @@ class NaNTargets:
 def _params(tmp_path, name, **changes):
     return make_params(
         tmp_path / name,
-        checkpoint=dict(every_steps=4, keep_last=2),
-        nonfinite=dict(max_consecutive_skips=3, max_rollbacks=2),
+        checkpoint={"every_steps": 4, "keep_last": 2},
+        nonfinite={"max_consecutive_skips": 3, "max_rollbacks": 2},
         **changes,
     )
 

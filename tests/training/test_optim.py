@@ -19,8 +19,17 @@ def _names(groups, decayed: bool) -> set[str]:
 def test_decay_exclusions(model):
     groups = param_groups(model, weight_decay=0.05)
     no_decay, decay = _names(groups, False), _names(groups, True)
-    assert {"pos_embed", "cls_token", "blocks.0.attn.q_bias", "blocks.0.attn.v_bias", "norm.weight", "norm.bias",
-            "blocks.1.norm1.weight", "patch_embed.proj.bias", "lm_head.bias"} <= no_decay
+    assert {
+        "pos_embed",
+        "cls_token",
+        "blocks.0.attn.q_bias",
+        "blocks.0.attn.v_bias",
+        "norm.weight",
+        "norm.bias",
+        "blocks.1.norm1.weight",
+        "patch_embed.proj.bias",
+        "lm_head.bias",
+    } <= no_decay
     assert "mask_token" in decay  # EVA decays the mask token
     assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "lm_head.weight"} <= decay
     every = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from eva_pipeline.ingest.idx import read_idx
-from eva_pipeline.loader.transforms import to_model_input
+from eva_pipeline.loader.heldout import validation_rows
 from eva_pipeline.loader.pixels import TensorPixels
+from eva_pipeline.loader.transforms import to_model_input
+from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.targets.extract import teacher_views
 from eva_pipeline.targets.store import TargetStore
-from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.training.loop import cached_targets, run_pretraining
 from eva_pipeline.training.validation import ValidationSet, validation_loss, validation_mask
-from eva_pipeline.loader.heldout import validation_rows
 from eva_test_support import TINY, make_params
 
 FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
@@ -76,17 +76,22 @@ def test_a_set_of_another_size_than_its_targets_is_refused(held_out):
 
 def test_evaluating_changes_nothing_and_is_recorded_when_due(tmp_path, held_out):
     """Validation draws nothing and updates nothing: the run is bit-identical with and without it (drop path on)."""
-    images, _, valset = held_out
+    _images, _, valset = held_out
     train = torch.from_numpy(read_idx(FMNIST)[100:132].copy()).unsqueeze(1)
     targets = torch.randn(32, 49, D, generator=torch.Generator().manual_seed(4))
-    changes = dict(model=dict(overrides=dict(depth=2, drop_path_rate=0.5)), max_steps=5)
+    changes = {"model": {"overrides": {"depth": 2, "drop_path_rate": 0.5}}, "max_steps": 5}
     plain = run_pretraining(make_params(tmp_path / "a", **changes), train, cached_targets(targets), D, progress=False)
     logged = []
     validated = run_pretraining(
-        make_params(tmp_path / "b", **changes), train, cached_targets(targets), D, progress=False,
-        validation=valset, metrics_fn=lambda step, metrics: logged.append((step, metrics)),
+        make_params(tmp_path / "b", **changes),
+        train,
+        cached_targets(targets),
+        D,
+        progress=False,
+        validation=valset,
+        metrics_fn=lambda step, metrics: logged.append((step, metrics)),
     )
-    for got, want in zip(validated.model.state_dict().values(), plain.model.state_dict().values()):
+    for got, want in zip(validated.model.state_dict().values(), plain.model.state_dict().values(), strict=True):
         assert torch.equal(got, want)
     assert [h["step"] for h in validated.history if "val_loss" in h] == [2.0, 4.0, 5.0]  # every 2, and the last
     assert all("val_loss" not in h for h in plain.history)

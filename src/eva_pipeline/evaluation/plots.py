@@ -215,8 +215,13 @@ def loss_curve(
     ax.plot(x, y, color=style.curve_color, label=label)
     for k, (name, (extra_x, extra_y)) in enumerate((extra or {}).items()):
         color = f"C{k + 1}"  # matplotlib's cycle after the first colour: each extra curve stands apart
-        ax.plot(np.asarray(extra_x, dtype=np.float64), np.asarray(extra_y, dtype=np.float64), marker="o", label=name,
-                color=color)
+        ax.plot(
+            np.asarray(extra_x, dtype=np.float64),
+            np.asarray(extra_y, dtype=np.float64),
+            marker="o",
+            label=name,
+            color=color,
+        )
     if extra:
         ax.legend()
     if log_y:

@@ -17,9 +17,10 @@ import json
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from eva_pipeline.ingest.idx import EMBEDDED_DATA_DIR, read_idx
 # Imported for its side effect: the image_folder, file_list and webdataset readers register their kinds.
 from eva_pipeline.ingest import sources as _builtin_readers  # noqa: F401
+from eva_pipeline.ingest.idx import EMBEDDED_DATA_DIR, read_idx
 from eva_pipeline.ingest.scan import (
     CHUNK_ROWS,
     REPORT_EXAMPLES,
@@ -82,9 +83,7 @@ def _scan_idx(spec: SourceSpec, scan: Any) -> int:
         if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer):
             raise ValueError(f"IDX labels {spec.labels}: expected a 1-D integer array, got {raw.dtype} {raw.shape}")
         if raw.shape[0] != available:
-            raise ValueError(
-                f"IDX labels {spec.labels}: {raw.shape[0]} labels for {available} images in {spec.images}"
-            )
+            raise ValueError(f"IDX labels {spec.labels}: {raw.shape[0]} labels for {available} images in {spec.images}")
         labels = raw[:n].tolist()
     height, width = int(images.shape[1]), int(images.shape[2])
     channels = 1 if images.ndim == 3 else int(images.shape[3])
@@ -364,7 +363,7 @@ def _write_pass(
     rows = 0  # manifest rows written
     writer = _RowGroupWriter(out, schema, group)
     try:
-        for k, (spec, scan) in enumerate(zip(specs, scans)):
+        for k, (spec, scan) in enumerate(zip(specs, scans, strict=True)):
             name, split = pa.scalar(spec.name, pa.string()), pa.scalar(spec.split, pa.string())
             pos = 0
             with masks[k].open("rb") as fh:
@@ -437,7 +436,7 @@ def _write_rejections(path: Path, specs: Sequence[SourceSpec], scans: Sequence[S
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
-        for spec, scan in zip(specs, scans):
+        for spec, scan in zip(specs, scans, strict=True):
             for rejection in scan.iter_rejections():
                 fh.write(json.dumps({"source": spec.name, **rejection}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
@@ -453,7 +452,7 @@ def _report(
 ) -> dict[str, Any]:
     """Per source counts, totals, per-split counts and per-split label histograms (string keys: saved as JSON)."""
     sources: dict[str, Any] = {}
-    for k, (spec, scan) in enumerate(zip(specs, scans)):
+    for k, (spec, scan) in enumerate(zip(specs, scans, strict=True)):
         sources[spec.name] = {
             "kind": spec.kind,
             "split": spec.split,

@@ -69,14 +69,14 @@ def decode_image(
         return None, Rejection(BOMB, f"{name}: {exc}")
     except UnidentifiedImageError as exc:
         return None, Rejection(NOT_AN_IMAGE, f"{name}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+    except Exception as exc:
         return None, Rejection(CORRUPT, f"{name}: {type(exc).__name__}: {exc}")
     try:
         img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img)
     except _Unsupported as exc:
         return None, Rejection(UNSUPPORTED, f"{name}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - bad EXIF or a decoder failing late
+    except Exception as exc:
         return None, Rejection(CORRUPT, f"{name}: {type(exc).__name__}: {exc}")
     if min(rgb.width, rgb.height) < min_side:
         return None, Rejection(TOO_SMALL, f"{name}: {rgb.width}x{rgb.height}, under {min_side} px on a side")

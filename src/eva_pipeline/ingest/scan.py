@@ -15,13 +15,13 @@ import sqlite3
 import tempfile
 import weakref
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
 
 from eva_pipeline.manifest import SPLITS
 
@@ -64,14 +64,19 @@ class SourceSpec:
             raise ValueError(f"source {self.name!r}: limit must be a positive integer or None, got {self.limit!r}")
         if self.layout not in FOLDER_LAYOUTS:
             raise ValueError(f"source {self.name!r}: layout must be one of {FOLDER_LAYOUTS}, got {self.layout!r}")
-        if isinstance(self.decode_workers, bool) or int(self.decode_workers) != self.decode_workers or \
-                self.decode_workers < 1:
-            raise ValueError(f"source {self.name!r}: decode_workers must be a positive integer, got {self.decode_workers!r}")
+        if (
+            isinstance(self.decode_workers, bool)
+            or int(self.decode_workers) != self.decode_workers
+            or self.decode_workers < 1
+        ):
+            raise ValueError(
+                f"source {self.name!r}: decode_workers must be a positive integer, got {self.decode_workers!r}"
+            )
 
     @classmethod
-    def from_mapping(cls, params: Mapping[str, Any]) -> "SourceSpec":
+    def from_mapping(cls, params: Mapping[str, Any]) -> SourceSpec:
         """Build from a parameters mapping (e.g. one entry of ``ingestion.sources``); unknown keys are an error."""
-        allowed = {f for f in cls.__dataclass_fields__}
+        allowed = set(cls.__dataclass_fields__)
         unknown = set(params) - allowed
         if unknown:
             raise ValueError(f"source spec has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -85,7 +90,8 @@ class _BuildContext:
     chunk_rows: int | None = None
 
 
-_CONTEXT: contextvars.ContextVar[_BuildContext] = contextvars.ContextVar("eva_manifest_build", default=_BuildContext())
+_NO_BUILD = _BuildContext()  # frozen: a shared default that no one can mutate
+_CONTEXT: contextvars.ContextVar[_BuildContext] = contextvars.ContextVar("eva_manifest_build")
 
 
 @contextlib.contextmanager
@@ -99,12 +105,12 @@ def build_settings(spill_dir: Path, chunk_rows: int) -> Iterator[None]:
 
 
 def _chunk_rows() -> int:
-    return int(_CONTEXT.get().chunk_rows or CHUNK_ROWS)
+    return int(_CONTEXT.get(_NO_BUILD).chunk_rows or CHUNK_ROWS)
 
 
 def _spill_path(prefix: str, suffix: str) -> Path:
     """A new empty file in the build's work folder (the system temp folder outside a build)."""
-    spill_dir = _CONTEXT.get().spill_dir
+    spill_dir = _CONTEXT.get(_NO_BUILD).spill_dir
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=None if spill_dir is None else str(spill_dir))
     os.close(fd)
     return Path(name)
@@ -112,10 +118,8 @@ def _spill_path(prefix: str, suffix: str) -> Path:
 
 def _unlink_all(paths: list[Path]) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
 
 
 class DiskSet:
@@ -141,9 +145,7 @@ class DiskSet:
         self.size += new
         return new
 
-    def claim(
-        self, keys: Sequence[str | None], codes: Iterable[int], *, expect_duplicates: bool = True
-    ) -> np.ndarray:
+    def claim(self, keys: Sequence[str | None], codes: Iterable[int], *, expect_duplicates: bool = True) -> np.ndarray:
         """Add ``keys`` in order, key ``i`` owned by ``codes[i]`` (codes must differ from those of earlier calls);
         returns a bool array, True where the key was already there (added by an earlier call or earlier in
         ``keys``). ``None`` keys are skipped (False).
@@ -153,7 +155,7 @@ class DiskSet:
         """
         seen = np.zeros(len(keys), dtype=bool)
         first: dict[str, tuple[int, int]] = {}  # key -> (code, position) of its first occurrence here
-        for i, (key, code) in enumerate(zip(keys, codes)):
+        for i, (key, code) in enumerate(zip(keys, codes, strict=True)):
             if key is None:
                 continue
             if key in first:
@@ -466,5 +468,3 @@ def source_reader(kind: str) -> SourceReader:
 def source_kinds() -> tuple[str, ...]:
     """Registered source kinds."""
     return tuple(sorted(_SOURCE_READERS))
-
-

@@ -22,14 +22,16 @@ a later rewrite within the same mtime tick and with the same size would otherwis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 #: Bump when the cache layout or what a reader produces for a unit changes: older caches are then ignored.
 CACHE_VERSION = 2
@@ -180,10 +182,8 @@ class UnitCache:
 
     def _detach(self) -> None:
         assert self._db is not None
-        try:
+        with contextlib.suppress(sqlite3.DatabaseError):
             self._db.execute("DETACH DATABASE old")
-        except sqlite3.DatabaseError:
-            pass
 
     # ------------------------------------------------------------------ scanning
     def run(
@@ -239,7 +239,10 @@ class UnitCache:
         return meta
 
     def is_cached(
-        self, unit: str, paths: Sequence[str | os.PathLike[str]], reusable: Callable[[dict[str, Any]], bool] | None = None
+        self,
+        unit: str,
+        paths: Sequence[str | os.PathLike[str]],
+        reusable: Callable[[dict[str, Any]], bool] | None = None,
     ) -> bool:
         """Whether :meth:`run` would take ``unit`` from the cache now (no side effects): lets a caller skip reading
         ahead what the cache already holds."""
@@ -260,9 +263,7 @@ class UnitCache:
 
     def _replay(self, scan: Any, old_id: int, label: Any) -> None:
         assert self._db is not None
-        rows = self._db.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM old.entries WHERE unit_id = ? ORDER BY pos", (old_id,)
-        )
+        rows = self._db.execute(f"SELECT {_ENTRY_COLUMNS} FROM old.entries WHERE unit_id = ? ORDER BY pos", (old_id,))
         for kind, location, item_label, width, height, size_bytes, digest, reason, detail in rows:
             if kind == _ITEM:
                 scan.add(location, item_label if label is KEEP_LABEL else label, width, height, size_bytes, digest)

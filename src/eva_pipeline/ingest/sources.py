@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from eva_pipeline.ingest.decode import IMAGE_EXTENSIONS, decode_image, is_image_name
 from eva_pipeline.ingest.scan import SourceScan, SourceSpec, StringSet, register_source_kind
@@ -263,9 +264,11 @@ def read_image_folder(spec: SourceSpec, units: UnitCache | None = None) -> Sourc
             if layout == "class_folders":
                 top, sep, _ = location[prefix:].partition("/")
                 if not sep:
-                    runner.direct(lambda scan, location=location: scan.reject(
-                        location, OUTSIDE_CLASSES, "an image directly under the root of a class-folder tree"
-                    ))
+                    runner.direct(
+                        lambda scan, location=location: scan.reject(
+                            location, OUTSIDE_CLASSES, "an image directly under the root of a class-folder tree"
+                        )
+                    )
                     continue
                 label = classes[top]
             _file_unit(runner, location, label)
@@ -312,9 +315,10 @@ def read_file_list(spec: SourceSpec, units: UnitCache | None = None) -> SourceSc
     seen = StringSet()  # in memory up to one chunk of lines, then on disk
     candidates = 0
     try:
-        with list_path.open(encoding="utf-8", errors="replace") as fh, UnitRunner(
-            scan, units, spec.decode_workers
-        ) as runner:
+        with (
+            list_path.open(encoding="utf-8", errors="replace") as fh,
+            UnitRunner(scan, units, spec.decode_workers) as runner,
+        ):
             for lineno, raw in enumerate(fh, 1):
                 line = raw.strip()
                 if not line or line.startswith("#"):
@@ -325,16 +329,16 @@ def read_file_list(spec: SourceSpec, units: UnitCache | None = None) -> SourceSc
                 try:
                     path, label = parse_list_line(line)
                 except ValueError as exc:
-                    detail = f"{exc}: {line!r}"
-                    runner.direct(lambda scan, at=f"{list_path.as_posix()}:{lineno}", d=detail: scan.reject(
-                        at, BAD_LINE, d
-                    ))
+                    at, detail = f"{list_path.as_posix()}:{lineno}", f"{exc}: {line!r}"
+                    runner.direct(lambda scan, at=at, d=detail: scan.reject(at, BAD_LINE, d))
                     continue
                 location = path if os.path.isabs(path) else (base / path).as_posix()
                 if not seen.add(location):
-                    runner.direct(lambda scan, loc=location, n=lineno: scan.reject(
-                        loc, REPEATED, f"line {n} repeats an earlier line of {list_path}"
-                    ))
+                    runner.direct(
+                        lambda scan, loc=location, n=lineno: scan.reject(
+                            loc, REPEATED, f"line {n} repeats an earlier line of {list_path}"
+                        )
+                    )
                     continue
                 _file_unit(runner, location, label)
     finally:
@@ -365,7 +369,7 @@ def iter_tar_files(shard: Path, select: Any = None, errors: list[Exception] | No
             for item in tar_file_iterator(fh, select_files=select):
                 item["__url__"] = shard.as_posix()
                 yield item
-        except Exception as exc:  # noqa: BLE001 - tarfile/webdataset errors on a damaged shard
+        except Exception as exc:
             if errors is None:
                 raise
             errors.append(exc)
@@ -438,7 +442,7 @@ def _read_shard(scan: SourceScan, shard: Path, remaining: int | None) -> dict[st
                 break
             samples += 1
             _ingest_sample(scan, shard_loc, sample)
-    except Exception as exc:  # noqa: BLE001 - e.g. webdataset's "duplicate file name" in a sample
+    except Exception as exc:
         errors.append(exc)
     for exc in errors:
         scan.reject(shard_loc, CORRUPT_SHARD, f"{type(exc).__name__}: {exc}")

@@ -51,17 +51,17 @@ class RandomResizedCropFlip:
         for _ in range(_TRIES):
             target_area = area * rng.uniform(self.scale[0], self.scale[1])
             aspect = math.exp(rng.uniform(*log_ratio))
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
             if 0 < w <= width and 0 < h <= height:
                 top = int(rng.integers(0, height - h, endpoint=True))
                 left = int(rng.integers(0, width - w, endpoint=True))
                 return View(top, left, h, w, flip)
         in_ratio = width / height  # fallback: the whole image, cropped centrally to the allowed ratio range
         if in_ratio < self.ratio[0]:
-            w, h = width, int(round(width / self.ratio[0]))
+            w, h = width, round(width / self.ratio[0])
         elif in_ratio > self.ratio[1]:
-            h, w = height, int(round(height * self.ratio[1]))
+            h, w = height, round(height * self.ratio[1])
         else:
             w, h = width, height
         return View((height - h) // 2, (width - w) // 2, h, w, flip)
@@ -103,4 +103,4 @@ def views_to_crops(views: Sequence[View]) -> Tensor:
 
 def crops_to_views(crops: Tensor) -> list[View]:
     """The :class:`~eva_pipeline.loader.augment.View` of each stored crop row (inverse of :func:`views_to_crops`)."""
-    return [View(int(t), int(l), int(h), int(w), bool(f)) for t, l, h, w, f in crops.tolist()]
+    return [View(int(top), int(left), int(h), int(w), bool(f)) for top, left, h, w, f in crops.tolist()]

@@ -123,7 +123,9 @@ class PretrainBatches(torch.utils.data.IterableDataset):
         if p.targets is not None:
             targets, crops = p.targets.get(local, epoch % p.targets.views_per_item)
         stored = crops_to_views(crops) if p.view_mode == "stored" else [None] * len(local)
-        views = [self._view(image, int(i), epoch, v) for i, image, v in zip(local, p.pixels(local), stored)]
+        views = [
+            self._view(image, int(i), epoch, v) for i, image, v in zip(local, p.pixels(local), stored, strict=True)
+        ]
         images = stack_images(views)
         mask = masks[p.rank * p.micro : (p.rank + 1) * p.micro]
         return Batch(step, torch.from_numpy(local), images, mask, int(masks.sum()), targets)

@@ -7,10 +7,7 @@ rank or loader worker computes its own share).
 
 from __future__ import annotations
 
-
 import numpy as np
-
-
 
 #: Rounds of the Feistel network behind :class:`EpochOrder`. Luby-Rackoff: 4 rounds of random functions make a
 #: strong pseudo-random permutation of large halves; on tiny domains 8 rounds leave a measurable bias (the 120
@@ -92,5 +89,3 @@ class EpochOrder:
     def epoch(self, epoch: int) -> np.ndarray:
         """The whole order of one epoch (tests and small data only: memory grows with the data set)."""
         return self.indices(epoch, 0, self.num_items)
-
-

@@ -17,8 +17,9 @@ import logging
 import os
 import tarfile
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -159,7 +160,9 @@ class PixelReader:
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise FileNotFoundError(f"container not found: {path} (stale manifest or wrong working directory?)") from None
+            raise FileNotFoundError(
+                f"container not found: {path} (stale manifest or wrong working directory?)"
+            ) from None
         key = (str(path), st.st_size, st.st_mtime_ns)  # a rewritten file is re-read, never served stale
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -170,9 +173,7 @@ class PixelReader:
             self._cache.popitem(last=False)
         return value
 
-    def read(
-        self, locations: Sequence[str], spans: Sequence[tuple[int, int]] | None = None
-    ) -> list[np.ndarray]:
+    def read(self, locations: Sequence[str], spans: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
         """The (H, W, C) uint8 pixels of each location, in order (C = 1 for grayscale IDX items, else 3).
 
         ``spans``: per location, the ``(data offset, size)`` of a tar member, or a negative offset when unknown.
@@ -183,8 +184,10 @@ class PixelReader:
             path, member = split_location(location)
             if member is None:
                 out[k] = _read_file(self._resolve(path))
-            elif spans is not None and spans[k][0] >= 0 and (
-                (item := self._read_span(path, member, *spans[k])) is not None
+            elif (
+                spans is not None
+                and spans[k][0] >= 0
+                and ((item := self._read_span(path, member, *spans[k])) is not None)
             ):
                 out[k] = item
             else:
@@ -202,7 +205,7 @@ class PixelReader:
                 items = _read_indexed_tar(container, index, members)
             else:  # a registered container without a random-access path: its batch reader
                 items = reader(container, members)
-            for k, item in zip(rows, items):
+            for k, item in zip(rows, items, strict=True):
                 out[k] = item if item.ndim == 3 else item[..., None]
         return out  # type: ignore[return-value]
 
@@ -283,7 +286,9 @@ def load_images(
     n = len(manifest)
     locations = manifest["location"].tolist()
     base = Path(root) if root is not None else None
-    resolve = lambda p: (base / p) if base is not None and not Path(p).is_absolute() else Path(p)  # noqa: E731
+
+    def resolve(location: str) -> Path:
+        return (base / location) if base is not None and not Path(location).is_absolute() else Path(location)
 
     groups: dict[str, tuple[list[int], list[str]]] = {}
     files: list[tuple[int, str]] = []
@@ -321,8 +326,8 @@ def load_images(
         if verify:
             _check_hashes(ids, locations, hashes, rows, pixels, unhashed)
         # (n, H, W, C) -> (n, C, H, W); a grayscale item broadcasts over 3 channels when the batch is mixed.
-        out[torch.from_numpy(rows)] = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).expand(
-            -1, channels, -1, -1
+        out[torch.from_numpy(rows)] = (
+            torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).expand(-1, channels, -1, -1)
         )
     return out
 
@@ -342,7 +347,7 @@ def _check_hashes(
 ) -> None:
     """Only items of pixel-hashed containers are checked here (a file's or a shard member's hash is of its
     encoding, not of the decoded pixels)."""
-    for row, item in zip(rows.tolist(), pixels):
+    for row, item in zip(rows.tolist(), pixels, strict=True):
         expected = hashes[row]
         if expected is None or pd.isna(expected) or split_location(locations[row])[1] is None or row in unhashed:
             continue
@@ -367,7 +372,7 @@ class ManifestPixels:
         frame = self.rows.rows(indices)
         spans = None
         if "member_offset" in frame.columns:  # tar members located by the row index: one seek each
-            spans = list(zip(frame["member_offset"].tolist(), frame["member_size"].tolist()))
+            spans = list(zip(frame["member_offset"].tolist(), frame["member_size"].tolist(), strict=True))
         pixels = self.reader.read(frame["location"].tolist(), spans)
         return [torch.from_numpy(a).permute(2, 0, 1) for a in pixels]
 
@@ -385,5 +390,3 @@ class TensorPixels:
 
     def __call__(self, indices: np.ndarray) -> list[torch.Tensor]:
         return list(self.images[torch.as_tensor(np.asarray(indices))])
-
-

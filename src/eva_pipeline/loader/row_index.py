@@ -2,9 +2,9 @@
 
 Every epoch visits the rows in a uniform random order (:class:`~eva_pipeline.loader.order.EpochOrder`), so a batch's
 rows are scattered over the whole manifest: reading them from the Parquet file would decode nearly every 65k-row
-group at every step, and finding a tar member by name would scan its shard's headers for every image. The index is built once per manifest
-file and split, streamed over the row groups (memory: one row group and one shard's member table), and holds per
-row, in one fixed-size record of ``rows.bin``:
+group at every step, and finding a tar member by name would scan its shard's headers for every image. The index is
+built once per manifest file and split, streamed over the row groups (memory: one row group and one shard's member
+table), and holds per row, in one fixed-size record of ``rows.bin``:
 
 * the ``location`` string, as a span of one uint8 blob (``locations.bin``), and ``width``, ``height``;
 * for a member of a webdataset ``.tar`` shard, the data offset and size of the member, read from the shard's headers
@@ -33,7 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +131,13 @@ class RowIndex:
                         shutil.rmtree(folder, ignore_errors=True)
                     started = time.perf_counter()
                     _build(manifest, split, Path(expected["root"]), folder, expected)
-                    log.info("built the row index of %s (%s) in %.1f s: %s", manifest, split,
-                             time.perf_counter() - started, folder)
+                    log.info(
+                        "built the row index of %s (%s) in %.1f s: %s",
+                        manifest,
+                        split,
+                        time.perf_counter() - started,
+                        folder,
+                    )
             _prune(parent, f"{manifest.name}.{split}.", keep=folder.name, identity=expected["manifest"])
         return cls(folder)
 
@@ -165,7 +170,9 @@ class RowIndex:
         starts, lengths = picked["location_start"].tolist(), picked["location_length"].tolist()
         return pd.DataFrame(
             {
-                "location": pd.Series([blob[a : a + n].decode() for a, n in zip(starts, lengths)], dtype="str"),
+                "location": pd.Series(
+                    [blob[a : a + n].decode() for a, n in zip(starts, lengths, strict=True)], dtype="str"
+                ),
                 "width": picked["width"],
                 "height": picked["height"],
                 "member_offset": picked["member_offset"],
@@ -201,7 +208,7 @@ class _ShardSpans:
         out = np.full((len(locations), 2), -1, dtype=np.int64)
         in_container = pc.match_substring(locations, "#").to_numpy(zero_copy_only=False)
         picks = np.flatnonzero(in_container)
-        for k, location in zip(picks.tolist(), locations.take(pa.array(picks)).to_pylist()):
+        for k, location in zip(picks.tolist(), locations.take(pa.array(picks)).to_pylist(), strict=True):
             path, member = split_location(location)
             table = None if member is None else self._members(path)
             if table is not None and (span := table.get(member)) is not None:
@@ -237,8 +244,12 @@ def _build(manifest: Path, split: str, root: Path, folder: Path, meta: dict[str,
                 tar_members += int((spans[:, 0] >= 0).sum())
                 location_bytes += int(offsets[-1] - offsets[0])
         if shards.unreadable:
-            log.warning("row index of %s: %d shard(s) could not be read, their members are read by name later, "
-                        "e.g. %s", manifest, len(shards.unreadable), shards.unreadable[:3])
+            log.warning(
+                "row index of %s: %d shard(s) could not be read, their members are read by name later, e.g. %s",
+                manifest,
+                len(shards.unreadable),
+                shards.unreadable[:3],
+            )
         counts = {"rows": rows, "location_bytes": location_bytes, "tar_members": tar_members}
         (tmp / _META_FILE).write_text(json.dumps({**meta, **counts}, indent=1, sort_keys=True))
         try:
@@ -295,10 +306,8 @@ def _build_lock(path: Path) -> Iterator[None]:
         yield
         return
     with handle:
-        try:
+        with suppress(OSError):
             fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            pass
         yield
 
 

@@ -14,7 +14,6 @@ import pandas as pd
 
 from eva_pipeline.loader.row_index import RowIndex
 
-
 ROW_COLUMNS: tuple[str, ...] = ("location", "width", "height")
 
 
@@ -71,5 +70,3 @@ class ParquetRows:
             return self.index.rows(indices)
         except IndexError:
             raise IndexError(f"row index out of range for the {len(self)} '{self.split}' rows of {self.path}") from None
-
-

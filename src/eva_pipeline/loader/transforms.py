@@ -38,7 +38,7 @@ def to_model_input(images: torch.Tensor, size: int, *, chunk_size: int = 256) ->
     # (x / 255 - mean) / std == x * scale - shift, with Python scalars per channel: broadcasting a (1, 3, 1, 1)
     # tensor or mixing uint8 and float in one op hits slow TensorIterator paths on CPU (about 400x slower).
     scales = [1.0 / (255.0 * s) for s in CLIP_STD]
-    shifts = [m / s for m, s in zip(CLIP_MEAN, CLIP_STD)]
+    shifts = [m / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)]
     resize = (height, width) != (size, size)
     for start in range(0, n, chunk_size):
         x = images[start : start + chunk_size].float()

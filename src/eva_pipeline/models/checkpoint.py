@@ -80,7 +80,7 @@ def extract_state_dict(checkpoint: Mapping[str, object], key: str | None = None)
     out = dict(state)
     for prefix in _WRAPPER_PREFIXES:
         if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix):]: v for k, v in out.items()}
+            out = {k[len(prefix) :]: v for k, v in out.items()}
     return out
 
 

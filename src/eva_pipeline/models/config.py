@@ -48,8 +48,16 @@ class EvaConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_hidden_dim", "target_dim",
-                     "in_chans"):
+        for name in (
+            "img_size",
+            "patch_size",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "mlp_hidden_dim",
+            "target_dim",
+            "in_chans",
+        ):
             _positive_int(name, getattr(self, name))
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")

@@ -282,7 +282,7 @@ def get_layer_id(param_name: str, num_layers: int) -> int:
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
+                name, stripped = name[len(prefix) :], True
     if name.startswith(_EMBED_PARAMS):
         return 0
     match = _BLOCK_RE.match(name)

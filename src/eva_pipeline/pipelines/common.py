@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 
 from eva_pipeline.config import ModelParams, TeacherParams
-from eva_pipeline.manifest import Manifest, manifest_digest, select_split
 from eva_pipeline.loader.rows import FrameRows, ParquetRows
+from eva_pipeline.manifest import Manifest, manifest_digest, select_split
 from eva_pipeline.models import EvaConfig, get_config
-from eva_pipeline.teachers import Teacher, create_teacher
 from eva_pipeline.runtime.device import resolve_device
+from eva_pipeline.teachers import Teacher, create_teacher
 
 
 def split_rows(manifest: Manifest | pd.DataFrame, split: str) -> pd.DataFrame:

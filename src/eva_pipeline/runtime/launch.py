@@ -14,7 +14,6 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
-
 from typing import Protocol, Self
 
 from eva_pipeline.config import DistributedParams

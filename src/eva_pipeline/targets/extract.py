@@ -20,14 +20,14 @@ import torch
 
 from eva_pipeline.config import AugmentationParams, TeacherParams
 from eva_pipeline.loader.augment import RandomResizedCropFlip, view_rng
+from eva_pipeline.loader.heldout import SubsetPixels, validation_pixels
 from eva_pipeline.loader.pixels import ManifestPixels
 from eva_pipeline.loader.rows import ParquetRows
 from eva_pipeline.loader.transforms import resize_uint8, stack_images
-from eva_pipeline.targets.store import TargetStore
-from eva_pipeline.teachers import create_teacher
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.runtime.launch import RunFile
-from eva_pipeline.loader.heldout import SubsetPixels, validation_pixels
+from eva_pipeline.targets.store import TargetStore
+from eva_pipeline.teachers import create_teacher
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,9 @@ def teacher_views(
     view ``k`` of image ``i``, drawn from ``view_rng(seed, k, i)``, the view the ``augment`` loader mode draws in
     epoch ``k``; its crop is returned with the input so that training reads exactly what the teacher saw.
     """
-    from eva_pipeline.targets.store import items_and_views
     from eva_pipeline.loader.augment import views_to_crops
     from eva_pipeline.loader.transforms import to_model_input
+    from eva_pipeline.targets.store import items_and_views
 
     if views_per_item < 0 or (views_per_item and augment is None):
         raise ValueError(f"views_per_item must be 0, or >= 1 with an augmentation; got {views_per_item}")
@@ -120,9 +120,9 @@ def teacher_views(
         decoded = pixels(unique)
         chosen = [
             augment.sample(decoded[j].shape[-2], decoded[j].shape[-1], view_rng(seed, int(k), int(i)))
-            for j, i, k in zip(inverse, items, views)
+            for j, i, k in zip(inverse, items, views, strict=True)
         ]
-        crops = [augment.apply(decoded[j], v) for j, v in zip(inverse, chosen)]
+        crops = [augment.apply(decoded[j], v) for j, v in zip(inverse, chosen, strict=True)]
         return to_model_input(stack_images(crops), img_size), views_to_crops(chosen)
 
     return batch_fn

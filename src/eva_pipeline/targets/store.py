@@ -47,8 +47,9 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,8 +73,8 @@ _STALE_META_TMP_S = 60.0  # a meta.json temporary older than this is a leftover 
 _RERUN_HINT = "re-run the teacher_targets pipeline (it recomputes missing and unreadable shards)"
 
 #: What ``batch_fn`` returns: model-input images, or (images, int32 crops (n, 5)).
-BatchFnResult = Union[Tensor, "tuple[Tensor, Tensor]"]
-IndexLike = Union[np.ndarray, Tensor, Sequence[int], int]
+BatchFnResult = Tensor | tuple[Tensor, Tensor]
+IndexLike = np.ndarray | Tensor | Sequence[int] | int
 _Reference = tuple[tuple[int, ...], bool]  # (per-row target shape, has crops): what all shards of a store share
 
 
@@ -86,8 +87,9 @@ def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
     try:
         text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"a target fingerprint must be JSON-serialisable (str/int/float/bool/list/dict): {exc}") \
-            from exc
+        raise TypeError(
+            f"a target fingerprint must be JSON-serialisable (str/int/float/bool/list/dict): {exc}"
+        ) from exc
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -332,8 +334,12 @@ class TargetStore:
         Returns the store folder; with several ranks the store is complete once every rank has returned
         (:meth:`is_complete`).
         """
-        for name, value in (("num_items", num_items), ("shard_size", shard_size), ("views_per_item", views_per_item),
-                            ("world_size", world_size)):
+        for name, value in (
+            ("num_items", num_items),
+            ("shard_size", shard_size),
+            ("views_per_item", views_per_item),
+            ("world_size", world_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if batch_size is not None and batch_size < 1:
@@ -375,11 +381,15 @@ class TargetStore:
         if reference is None:  # e.g. a fresh rank: agree with what other ranks already wrote
             reference = self._reference(meta, [i for i in range(count) if i % world_size != rank])
         from_disk = reference is not None
-        rows_of = lambda i: min(shard_size, num_rows - i * shard_size)  # noqa: E731
+
+        def rows_of(index: int) -> int:
+            return min(shard_size, num_rows - index * shard_size)
+
         total = sum(rows_of(i) for i in mine)
         if not todo:
-            logger.info("target store %s: all %d shard(s) of rank %d present, nothing to compute", self.root,
-                        len(mine), rank)
+            logger.info(
+                "target store %s: all %d shard(s) of rank %d present, nothing to compute", self.root, len(mine), rank
+            )
         desc = "teacher targets" if world_size == 1 else f"teacher targets (rank {rank}/{world_size})"
         with tqdm(
             total=total, initial=total - sum(rows_of(i) for i in todo), disable=not progress, desc=desc, unit="row"
@@ -411,11 +421,16 @@ class TargetStore:
                 }
                 if crop_parts:
                     payload["crops"] = crop_parts[0] if len(crop_parts) == 1 else torch.cat(crop_parts)
-                _atomic_write_bytes(self.shard_path(index, layout), lambda tmp: torch.save(payload, tmp))
+                _atomic_write_bytes(self.shard_path(index, layout), lambda tmp, p=payload: torch.save(p, tmp))
         return self.root
 
     def _check_targets(
-        self, targets: Tensor, index: int, rows: int, reference: _Reference | None, has_crops: bool,
+        self,
+        targets: Tensor,
+        index: int,
+        rows: int,
+        reference: _Reference | None,
+        has_crops: bool,
         from_disk: bool = False,
     ) -> Tensor:
         if not isinstance(targets, Tensor) or targets.ndim != 3 or targets.shape[0] != rows:
@@ -425,7 +440,8 @@ class TargetStore:
         hint = (
             f"; the shards already in {self.root} were made differently under the same fingerprint: put what "
             "changed into the fingerprint (or delete the store)"
-            if from_disk else ""
+            if from_disk
+            else ""
         )
         if reference is not None and tuple(targets.shape[1:]) != reference[0]:
             raise ValueError(
@@ -498,7 +514,7 @@ class TargetStore:
 
     def reader(
         self, expected_fingerprint: Mapping[str, Any] | None = None, max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS
-    ) -> "TargetReader":
+    ) -> TargetReader:
         """A lazy reader of this store (see :class:`TargetReader`); TargetStoreError as for :meth:`load`."""
         return TargetReader(self.root, self._checked_meta(expected_fingerprint), max_open_shards)
 
@@ -530,8 +546,12 @@ class TargetReader:
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "meta": self._meta, "max_open_shards": self.max_open_shards,
-                "reference": self._reference}
+        return {
+            "root": self.root,
+            "meta": self._meta,
+            "max_open_shards": self.max_open_shards,
+            "reference": self._reference,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.root, self._meta = state["root"], state["meta"]

@@ -24,15 +24,15 @@ if TYPE_CHECKING:
     from eva_pipeline.teachers.open_clip_teacher import OpenClipTeacher
 
 __all__ = [
+    "TEACHER_KINDS",
     "EfficientNetLiteTeacher",
     "OpenClipTeacher",
-    "TEACHER_KINDS",
     "Teacher",
     "TeacherWeightsUnavailable",
     "check_teacher_weights",
-    "teacher_target_dim",
     "create_teacher",
     "create_teacher_skeleton",
+    "teacher_target_dim",
 ]
 
 _LAZY: dict[str, str] = {

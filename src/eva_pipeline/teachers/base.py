@@ -8,7 +8,7 @@ that target ``i`` belongs to student patch ``i``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,10 @@ def renormalise(
     if tuple(src_mean) == tuple(dst_mean) and tuple(src_std) == tuple(dst_std):
         return images
     shape = (1, -1, 1, 1)
-    as_t = lambda v: torch.as_tensor(v, dtype=images.dtype, device=images.device).view(shape)  # noqa: E731
+
+    def as_t(values: Sequence[float]) -> Tensor:
+        return torch.as_tensor(values, dtype=images.dtype, device=images.device).view(shape)
+
     return (images * as_t(src_std) + as_t(src_mean) - as_t(dst_mean)) / as_t(dst_std)
 
 
@@ -94,7 +97,7 @@ class Teacher(nn.Module, ABC):
         """Dtype the network's first layer expects."""
         return next(self.parameters()).dtype
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         """Stay in eval mode even when a parent module calls ``.train()``: BN/dropout must not change targets."""
         return super().train(False)
 

@@ -18,17 +18,17 @@ import os
 # Fail fast offline: huggingface_hub reads this at import time (environment.md: 46 s of retries otherwise).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import zipfile  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
 
-import open_clip  # noqa: E402
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME  # noqa: E402
-from open_clip.transformer import VisionTransformer  # noqa: E402
-from torch import Tensor  # noqa: E402
+import open_clip
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.transformer import VisionTransformer
+from torch import Tensor
 
-from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
-from eva_pipeline.teachers.base import Teacher, TeacherWeightsUnavailable, freeze  # noqa: E402
+from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD
+from eva_pipeline.teachers.base import Teacher, TeacherWeightsUnavailable, freeze
 
 DEFAULT_MODEL_NAME: str = "ViT-L-14"
 DEFAULT_PRETRAINED: str = "openai"
@@ -78,7 +78,7 @@ def _instructions(model_name: str, tag: str, cfg: dict, cache_dir: str | None) -
     """How to supply the checkpoint on an offline machine (goes into the error message)."""
     lines = [
         f"How to supply `{model_name}` / `{tag}` weights offline:",
-        f"  1. On a machine with internet: python -c \"import open_clip; "
+        f'  1. On a machine with internet: python -c "import open_clip; '
         f"open_clip.create_model('{model_name}', pretrained='{tag}')\"",
     ]
     if cfg.get("hf_hub"):
@@ -88,14 +88,20 @@ def _instructions(model_name: str, tag: str, cfg: dict, cache_dir: str | None) -
             f"$HF_HOME/hub (default ~/.cache/huggingface/hub/models--{repo_id.replace('/', '--')}/snapshots/*/)."
         )
     if cfg.get("url"):
-        lines.append(f"     (or download {cfg['url']} directly; open_clip caches it as "
-                     f"{OPEN_CLIP_URL_CACHE / os.path.basename(cfg['url'])}).")
-    lines.append("  2. Then EITHER copy that file here and set in conf `pretrained: /path/to/<file>` "
-                 "(.safetensors, .bin or .pt all load)")
+        lines.append(
+            f"     (or download {cfg['url']} directly; open_clip caches it as "
+            f"{OPEN_CLIP_URL_CACHE / os.path.basename(cfg['url'])})."
+        )
+    lines.append(
+        "  2. Then EITHER copy that file here and set in conf `pretrained: /path/to/<file>` "
+        "(.safetensors, .bin or .pt all load)"
+    )
     if cfg.get("quick_gelu"):
         lines.append("     together with `quick_gelu: true` (these weights were trained with QuickGELU),")
-    lines.append(f"     OR copy the whole ~/.cache/huggingface folder here and set HF_HOME to it (or its hub/ "
-                 f"subfolder and set HF_HUB_CACHE) before Python starts (looked in: {_hf_cache_dir(cache_dir)}).")
+    lines.append(
+        f"     OR copy the whole ~/.cache/huggingface folder here and set HF_HOME to it (or its hub/ "
+        f"subfolder and set HF_HUB_CACHE) before Python starts (looked in: {_hf_cache_dir(cache_dir)})."
+    )
     return "\n".join(lines)
 
 

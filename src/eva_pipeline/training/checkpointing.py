@@ -110,7 +110,7 @@ def resume(engine: Any, root: Path, fingerprint: str) -> int:
     for tag in order:
         try:
             path, client_state = engine.load_checkpoint(str(root), tag=tag)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file: try the previous checkpoint
+        except Exception as exc:
             failures.append(f"{tag}: {type(exc).__name__}: {exc}")
             log.warning("checkpoint %s could not be loaded (%s); trying an older one", root / tag, exc)
             continue

@@ -20,7 +20,9 @@ _SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTE
 def check_precision(precision: str, device: torch.device) -> None:
     """fp16 needs a GPU (DeepSpeed refuses it on CPU); say so before any work starts."""
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs a CUDA GPU (DeepSpeed: fp16 is not supported on CPU); use fp32 or bf16")
+        raise ValueError(
+            "precision 'fp16' needs a CUDA GPU (DeepSpeed: fp16 is not supported on CPU); use fp32 or bf16"
+        )
 
 
 def import_deepspeed(device: torch.device) -> Any:

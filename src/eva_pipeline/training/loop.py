@@ -33,9 +33,9 @@ from eva_pipeline.loader.pixels import TensorPixels
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import BlockMaskGenerator
 from eva_pipeline.models import EvaConfig, EvaMIM, get_config
+from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine
-from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
 from eva_pipeline.training.schedule import WarmupCosineSchedule
@@ -295,8 +295,9 @@ def run_pretraining(
     history: list[dict[str, float]] = []
     trajectory = RunHistory(run.ckpt_dir / RUN_HISTORY_FILE, enabled=run.rank == 0)
     trajectory.truncate(run.start_step)  # what a crashed run logged after its last checkpoint did not happen
-    bar = tqdm(total=run.last_step, initial=run.start_step, desc="pretrain", unit="step",
-               disable=not progress or run.rank != 0)
+    bar = tqdm(
+        total=run.last_step, initial=run.start_step, desc="pretrain", unit="step", disable=not progress or run.rank != 0
+    )
     run.engine.train()
     guard = NonFiniteGuard(params.nonfinite.max_consecutive_skips, params.nonfinite.max_rollbacks)
     step = run.start_step
@@ -306,8 +307,18 @@ def run_pretraining(
         batch = next(batches)
         assert batch.step == step, f"loader out of step: got {batch.step}, expected {step}"
         x, mask, target = step_inputs(batch, targets, run.config.img_size, run.device, run.dtype)
-        record = train_step(run.engine, x, mask, target, run.schedule(step), num_masked=batch.num_masked, step=step,
-                            seed=params.seed, epoch=step // run.steps_per_epoch, started=tick)
+        record = train_step(
+            run.engine,
+            x,
+            mask,
+            target,
+            run.schedule(step),
+            num_masked=batch.num_masked,
+            step=step,
+            seed=params.seed,
+            epoch=step // run.steps_per_epoch,
+            started=tick,
+        )
         applied = not record["step_skipped"]
         if validation is not None and applied and validation.due(step + 1, run.last_step):
             record["val_loss"] = _validation_loss(run, validation)
@@ -337,9 +348,7 @@ def run_pretraining(
     )
 
 
-def _setup(
-    params: PretrainParams, pixels: object, stored: object, target_dim: int, data_fingerprint: str
-) -> _Run:
+def _setup(params: PretrainParams, pixels: object, stored: object, target_dim: int, data_fingerprint: str) -> _Run:
     """Check the settings, build the engine over the initial student and resume it from its latest checkpoint."""
     device = resolve_device(params.device)
     check_precision(params.precision, device)
@@ -372,9 +381,18 @@ def _setup(
     plan = make_plan(params, pixels, config.img_size, config.grid_size, rank, world, stored)
     start_step = checkpointing.resume(engine, ckpt_dir, fingerprint) if params.checkpoint.resume == "auto" else 0
     return _Run(
-        params=params, engine=engine, config=config, device=device, dtype=_DTYPES[params.precision],
-        schedule=schedule, plan=plan, ckpt_dir=ckpt_dir, fingerprint=fingerprint, steps_per_epoch=steps_per_epoch,
-        last_step=last_step, start_step=start_step,
+        params=params,
+        engine=engine,
+        config=config,
+        device=device,
+        dtype=_DTYPES[params.precision],
+        schedule=schedule,
+        plan=plan,
+        ckpt_dir=ckpt_dir,
+        fingerprint=fingerprint,
+        steps_per_epoch=steps_per_epoch,
+        last_step=last_step,
+        start_step=start_step,
     )
 
 
@@ -397,7 +415,11 @@ def _roll_back(run: _Run, guard: NonFiniteGuard, step: int) -> int:
     restored = checkpointing.resume(run.engine, run.ckpt_dir, run.fingerprint)
     log.warning(
         "%d consecutive non-finite steps at step %d: rolled back to the checkpoint of step %d (rollback %d/%d)",
-        guard.max_consecutive_skips, step + 1, restored, guard.rollbacks, guard.max_rollbacks,
+        guard.max_consecutive_skips,
+        step + 1,
+        restored,
+        guard.rollbacks,
+        guard.max_rollbacks,
     )
     return restored
 
@@ -524,7 +546,13 @@ def training_fingerprint(params: PretrainParams, num_items: int, target_dim: int
     shaping = params.model_dump(
         mode="json",
         exclude={
-            "checkpoint", "max_steps", "log_every_steps", "mask_examples", "device", "distributed", "compile",
+            "checkpoint",
+            "max_steps",
+            "log_every_steps",
+            "mask_examples",
+            "device",
+            "distributed",
+            "compile",
             "validation",  # evaluating draws nothing and updates nothing
         },
     )

@@ -14,8 +14,9 @@ No random draw is made: evaluating does not move any generator, so a run evaluat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -19,11 +19,11 @@ import torch
 from eva_pipeline.config import PretrainParams, TeacherParams
 from eva_pipeline.loader.pixels import ManifestPixels
 from eva_pipeline.loader.rows import ParquetRows
-from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.models import save_official_checkpoint
+from eva_pipeline.runtime.launch import RunFile
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.teachers import create_teacher
 from eva_pipeline.tracking import MlflowStepLogger
-from eva_pipeline.runtime.launch import RunFile
 from eva_pipeline.training.loop import TargetFn, run_pretraining
 from eva_pipeline.training.validation import ValidationSet, open_validation_set
 

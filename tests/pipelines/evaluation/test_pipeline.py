@@ -74,8 +74,9 @@ def test_readout_and_standardisation_reach_the_probe(workspace, monkeypatch):
     manifest, state, evaluation, pretrain, teacher = _probe_inputs(workspace)
     for readout in widths:
         probe = evaluation.probe.model_copy(update={"readout": readout})
-        monkeypatch.setattr(nodes, "linear_probe_top1",
-                            lambda tx, *a, _w=widths[readout]: _w.append(tx.shape[1]) or real(tx, *a))
+        monkeypatch.setattr(
+            nodes, "linear_probe_top1", lambda tx, *a, _w=widths[readout]: _w.append(tx.shape[1]) or real(tx, *a)
+        )
         nodes.linear_probe(manifest, state, evaluation.model_copy(update={"probe": probe}), pretrain, teacher)
     config = get_config(pretrain.model.name, **pretrain.model.overrides)
     pixels = 28 * 28  # the stored grayscale Fashion-MNIST pixels, once each (the model input has 3 copies)

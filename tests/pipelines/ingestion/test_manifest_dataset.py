@@ -9,8 +9,8 @@ import pytest
 from kedro.io import DatasetError
 
 from eva_pipeline.config import IngestionParams
-from eva_pipeline.manifest import Manifest, manifest_digest, select_split
 from eva_pipeline.datasets import ManifestDataset
+from eva_pipeline.manifest import Manifest, manifest_digest, select_split
 from eva_pipeline.pipelines.common import split_rows
 from eva_pipeline.pipelines.ingestion.nodes import build_manifest as build_manifest_node
 
@@ -20,7 +20,7 @@ def node_output(tmp_path_factory, pl):
     """The ingestion node on 40 + 30 embedded images, cache and rejections under tmp."""
     root = tmp_path_factory.mktemp("manifest_dataset")
     params = pl.base_params()["ingestion"]
-    for source, limit in zip(params["sources"], (40, 30)):
+    for source, limit in zip(params["sources"], (40, 30), strict=True):
         source["limit"] = limit
         for key in ("images", "labels"):
             source[key] = str(pl.PROJECT_ROOT / source[key])

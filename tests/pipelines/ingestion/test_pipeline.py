@@ -37,8 +37,11 @@ def test_report_counts_found_kept_rejected(workspace, pl):
         assert source["found"] == source["kept"] + source["rejected"] + source["duplicates"]
     assert report["totals"]["kept"] == pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
     assert report["splits"]["pretrain"]["items"] == pl.PRETRAIN_IMAGES
-    assert report["splits"]["probe"] == {"items": pl.PROBE_IMAGES, "labelled": pl.PROBE_IMAGES,
-                                          "sources": ["fashion_mnist_test"]}
+    assert report["splits"]["probe"] == {
+        "items": pl.PROBE_IMAGES,
+        "labelled": pl.PROBE_IMAGES,
+        "sources": ["fashion_mnist_test"],
+    }
     assert sum(report["label_histogram"]["probe"].values()) == pl.PROBE_IMAGES
 
 
@@ -78,8 +81,20 @@ def test_source_table_is_the_composition_with_a_total(workspace, pl):
 def test_source_metrics_are_named_per_source_and_count():
     from eva_pipeline.pipelines.ingestion.nodes import source_metrics, source_table
 
-    report = {"sources": {"cc 3m/v1!": {"kind": "webdataset", "split": "pretrain", "images": "x", "available": 5,
-                                          "found": 5, "kept": 3, "duplicates": 1, "rejected": 1}}}
+    report = {
+        "sources": {
+            "cc 3m/v1!": {
+                "kind": "webdataset",
+                "split": "pretrain",
+                "images": "x",
+                "available": 5,
+                "found": 5,
+                "kept": 3,
+                "duplicates": 1,
+                "rejected": 1,
+            }
+        }
+    }
     metrics = source_metrics(source_table(report))
     assert metrics["cc 3m/v1_.kept"] == {"value": 3.0, "step": 0}
     assert metrics["total.rejected"] == {"value": 1.0, "step": 0} and len(metrics) == 8

@@ -8,14 +8,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from eva_pipeline.loader.pixels import load_images
-from eva_pipeline.targets.store import TargetStore
-from eva_pipeline.manifest import manifest_digest, select_split
-from eva_pipeline.loader.transforms import to_model_input
-from eva_pipeline.loader.transforms import resize_uint8
-from eva_pipeline.teachers import create_teacher
-from eva_pipeline.targets import extract as extract_mod
 from eva_pipeline.loader.heldout import validation_rows
+from eva_pipeline.loader.pixels import load_images
+from eva_pipeline.loader.transforms import resize_uint8, to_model_input
+from eva_pipeline.manifest import manifest_digest, select_split
+from eva_pipeline.targets import extract as extract_mod
+from eva_pipeline.targets.store import TargetStore
+from eva_pipeline.teachers import create_teacher
 
 GRID, TARGET_DIM = 7, 112  # eva_tiny_patch4_28: 28 px / patch 4; EfficientNet-Lite0 block 10: 112 channels
 
@@ -36,7 +35,8 @@ def test_receipt_describes_the_stored_targets(workspace, pl):
     assert receipt["mode"] == "cached"
     # every option recorded, defaults included: the store's fingerprint describes the teacher completely
     assert receipt["teacher"] == {
-        "kind": "efficientnet_lite0", "options": {"block_index": 10, "weights_path": None, "precision": "fp32"}
+        "kind": "efficientnet_lite0",
+        "options": {"block_index": 10, "weights_path": None, "precision": "fp32"},
     }
     assert receipt["num_items"] == pl.PRETRAIN_IMAGES
     assert receipt["grid"] == [GRID, GRID] and receipt["img_size"] == 28

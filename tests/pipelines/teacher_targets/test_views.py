@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.manifest import select_split
 from eva_pipeline.loader.batches import BatchPlan, PretrainBatches
-from eva_pipeline.loader.rows import FrameRows
 from eva_pipeline.loader.pixels import ManifestPixels
-from eva_pipeline.targets.store import TargetStore
+from eva_pipeline.loader.rows import FrameRows
 from eva_pipeline.loader.transforms import to_model_input
+from eva_pipeline.manifest import select_split
 from eva_pipeline.pipelines.common import build_teacher
 from eva_pipeline.pipelines.teacher_targets.nodes import compute_teacher_targets
 from eva_pipeline.preflight import PreflightError, check_augmentation, raise_if_problems
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator
 
 K, IMAGES = 2, 48
@@ -32,8 +32,13 @@ def stored(workspace, tmp_path_factory):
     rows = select_split(manifest, "pretrain").head(IMAGES)
     params = dict(workspace.params)
     teacher = TeacherTargetsParams.model_validate(
-        {**params["teacher_targets"], "views_per_image": K, "shard_size": 20,
-         "output_dir": str(tmp_path_factory.mktemp("views")), "validation": {"num_images": 0}}  # no probe rows here
+        {
+            **params["teacher_targets"],
+            "views_per_image": K,
+            "shard_size": 20,
+            "output_dir": str(tmp_path_factory.mktemp("views")),
+            "validation": {"num_images": 0},
+        }  # no probe rows here
     )
     pretrain = PretrainParams.model_validate(
         {**params["pretrain"], "augmentation": {"enabled": True, "scale": [0.3, 1.0]}, "batch_size": 16}
@@ -48,9 +53,17 @@ def test_training_batches_carry_the_crop_and_target_the_teacher_made(stored):
     reader = TargetStore(receipt["store"]).reader()
     assert reader.num_items == IMAGES and reader.views_per_item == K and reader.has_crops
     plan = BatchPlan(
-        pixels=ManifestPixels(FrameRows(rows)), order=epoch_order(pretrain, IMAGES), global_batch=16, rank=0,
-        world_size=1, img_size=28, seed=pretrain.seed, masker=make_mask_generator(pretrain, 7),
-        view_mode="stored", augment=make_augmentation(pretrain, 28), targets=reader,
+        pixels=ManifestPixels(FrameRows(rows)),
+        order=epoch_order(pretrain, IMAGES),
+        global_batch=16,
+        rank=0,
+        world_size=1,
+        img_size=28,
+        seed=pretrain.seed,
+        masker=make_mask_generator(pretrain, 7),
+        view_mode="stored",
+        augment=make_augmentation(pretrain, 28),
+        targets=reader,
     )
     augmented = BatchPlan(**{**plan.__dict__, "view_mode": "augment", "targets": None})
     teacher = build_teacher(teacher_params.teacher, "cpu")
@@ -64,7 +77,10 @@ def test_training_batches_carry_the_crop_and_target_the_teacher_made(stored):
         torch.testing.assert_close(batch.images, PretrainBatches(augmented, 0, 6).batch(step).images)
     first, second = steps.batch(0), steps.batch(3)  # the same images in two epochs: different stored views
     common = np.intersect1d(first.indices.numpy(), second.indices.numpy())
-    at = lambda batch, i: int(np.flatnonzero(batch.indices.numpy() == i)[0])  # noqa: E731
+
+    def at(batch, i):
+        return int(np.flatnonzero(batch.indices.numpy() == i)[0])
+
     assert len(common) and not torch.equal(first.images[at(first, common[0])], second.images[at(second, common[0])])
 
 
@@ -91,7 +107,7 @@ def test_preflight_ties_views_to_augmentation(stored):
     with pytest.raises(PreflightError, match="views_per_image is 2"):
         raise_if_problems(check_augmentation(plain, teacher_params))
     whole = TeacherTargetsParams.model_validate({**teacher_params.model_dump(mode="json"), "views_per_image": 0})
-    with pytest.raises(PreflightError, match="needs teacher_targets.views_per_image"):
+    with pytest.raises(PreflightError, match=r"needs teacher_targets.views_per_image"):
         raise_if_problems(check_augmentation(pretrain, whole))
 
 
@@ -102,7 +118,7 @@ def test_training_node_trains_on_stored_views(stored, tmp_path):
     params = PretrainParams.model_validate(
         {**pretrain.model_dump(mode="json"), "max_steps": 4, "checkpoint": {"dir": str(tmp_path / "ckpt")}}
     )
-    model, history, summary, _ = pretrain_student(rows, receipt, params, teacher_params)
+    _model, history, summary, _ = pretrain_student(rows, receipt, params, teacher_params)
     assert list(history["step"]) == [1, 2, 3, 4] and np.isfinite(history["loss"]).all()
     assert summary["steps"] == 4.0
 
@@ -111,8 +127,13 @@ def test_training_node_trains_on_stored_views(stored, tmp_path):
 def test_two_extraction_ranks_launched_by_the_node_write_the_same_store(stored, tmp_path):
     rows, teacher_params, pretrain, receipt = stored
     ranks = TeacherTargetsParams.model_validate(
-        {**teacher_params.model_dump(mode="json"), "output_dir": str(tmp_path / "two"), "world_size": 2,
-         "device": "cpu", "distributed": {"launcher": "torchrun", "master_port": 29611}}
+        {
+            **teacher_params.model_dump(mode="json"),
+            "output_dir": str(tmp_path / "two"),
+            "world_size": 2,
+            "device": "cpu",
+            "distributed": {"launcher": "torchrun", "master_port": 29611},
+        }
     )
     two = compute_teacher_targets(rows, ranks, pretrain)
     assert (tmp_path / ".two_launch" / "ranks.log").read_text().count("rank") >= 2  # one progress bar per rank

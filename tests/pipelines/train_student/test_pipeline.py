@@ -58,7 +58,11 @@ def test_summary_and_figures(workspace, pl):
     resolved = yaml.safe_load(workspace.path("resolved_config").read_text())
     assert resolved["pretrain"]["batch_size"] == pl.BATCH
     assert resolved["pretrain"]["augmentation"] == {  # defaults filled in
-        "enabled": False, "scale": [0.2, 1.0], "ratio": [0.75, 4 / 3], "flip_prob": 0.5}
+        "enabled": False,
+        "scale": [0.2, 1.0],
+        "ratio": [0.75, 4 / 3],
+        "flip_prob": 0.5,
+    }
     assert resolved["teacher_targets"]["teacher"]["kind"] == "efficientnet_lite0"
 
 
@@ -90,8 +94,8 @@ def test_mask_picture_shows_the_first_training_views(workspace):
 
     from eva_pipeline.config import PretrainParams
     from eva_pipeline.loader.batches import BatchPlan, PretrainBatches
-    from eva_pipeline.loader.rows import FrameRows
     from eva_pipeline.loader.pixels import ManifestPixels
+    from eva_pipeline.loader.rows import FrameRows
     from eva_pipeline.pipelines.train_student.nodes import draw_mask_examples
     from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator
 
@@ -103,8 +107,15 @@ def test_mask_picture_shows_the_first_training_views(workspace):
     figure = draw_mask_examples(manifest, params)
     rows = FrameRows(manifest[manifest["split"] == "pretrain"])
     plan = BatchPlan(
-        pixels=ManifestPixels(rows), order=epoch_order(params, len(rows)), global_batch=params.batch_size, rank=0,
-        world_size=1, img_size=28, seed=params.seed, masker=make_mask_generator(params, 7), view_mode="augment",
+        pixels=ManifestPixels(rows),
+        order=epoch_order(params, len(rows)),
+        global_batch=params.batch_size,
+        rank=0,
+        world_size=1,
+        img_size=28,
+        seed=params.seed,
+        masker=make_mask_generator(params, 7),
+        view_mode="augment",
         augment=make_augmentation(params, 28),
     )
     first = PretrainBatches(plan, 0, 1).batch(0)  # the real first training batch (batch 32)
@@ -121,12 +132,11 @@ def test_val_loss_is_the_fixed_mask_loss_of_the_held_out_images(workspace, pl):
     (whole images, as stored with their targets), every other token masked, token mean of -cos."""
     import torch.nn.functional as F
 
-    from eva_pipeline.loader.pixels import load_images
-    from eva_pipeline.targets.store import TargetStore
-    from eva_pipeline.manifest import select_split
-    from eva_pipeline.loader.transforms import to_model_input
-    from eva_pipeline.loader.transforms import resize_uint8
     from eva_pipeline.loader.heldout import validation_rows
+    from eva_pipeline.loader.pixels import load_images
+    from eva_pipeline.loader.transforms import resize_uint8, to_model_input
+    from eva_pipeline.manifest import select_split
+    from eva_pipeline.targets.store import TargetStore
 
     workspace.run("train_student")
     history = pd.read_csv(workspace.path("pretrain_history"))

@@ -7,11 +7,11 @@ import torch
 from matplotlib.figure import Figure
 
 from eva_pipeline.config import EvaluationParams, PretrainParams, TeacherTargetsParams
+from eva_pipeline.evaluation import ProbeConfig, extract_features, linear_probe_top1, probe_bar_chart, split_probe
 from eva_pipeline.loader.pixels import load_images
 from eva_pipeline.loader.transforms import to_model_input
-from eva_pipeline.evaluation import ProbeConfig, extract_features, linear_probe_top1, probe_bar_chart, split_probe
-from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.manifest import Manifest
+from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
 from eva_pipeline.training.loop import initial_student
 
@@ -84,11 +84,15 @@ def linear_probe(
 
 def _probe_config(params: EvaluationParams) -> ProbeConfig:
     p = params.probe
-    return ProbeConfig(test_fraction=p.test_fraction, seed=p.seed, C=p.C, max_iter=p.max_iter,
-                       standardize=p.standardize)
+    return ProbeConfig(
+        test_fraction=p.test_fraction, seed=p.seed, C=p.C, max_iter=p.max_iter, standardize=p.standardize
+    )
 
 
 def plot_probe(metrics: dict[str, float]) -> Figure:
     bars = {_LABELS[k]: v for k, v in metrics.items() if k in _LABELS}
-    return probe_bar_chart(bars, title="Linear probe top-1 on the held-out split (same probe for every row)",
-                           chance=metrics["probe_chance"])
+    return probe_bar_chart(
+        bars,
+        title="Linear probe top-1 on the held-out split (same probe for every row)",
+        chance=metrics["probe_chance"],
+    )

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from eva_pipeline.config import IngestionParams
-from eva_pipeline.manifest import Manifest
-from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.ingest.build import write_manifest
+from eva_pipeline.ingest.scan import SourceSpec
+from eva_pipeline.manifest import Manifest
 
 
 def build_manifest(params: IngestionParams) -> tuple[Manifest, dict]:

@@ -9,11 +9,11 @@ import pandas as pd
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
 from eva_pipeline.manifest import Manifest
-from eva_pipeline.targets.store import TargetStore, TargetStoreError
 from eva_pipeline.pipelines.common import manifest_file, split_digest, split_source, student_config
-from eva_pipeline.teachers import teacher_target_dim
-from eva_pipeline.targets.extract import ExtractSpec, extract
 from eva_pipeline.runtime.launch import launch
+from eva_pipeline.targets.extract import ExtractSpec, extract
+from eva_pipeline.targets.store import TargetStore, TargetStoreError
+from eva_pipeline.teachers import teacher_target_dim
 
 EXTRACT_MODULE = "eva_pipeline.targets.extract"
 
@@ -21,7 +21,9 @@ EXTRACT_MODULE = "eva_pipeline.targets.extract"
 VALIDATION_STORE = "validation"  # sub-folder of output_dir holding the validation set's targets
 
 
-def compute_teacher_targets(manifest: Manifest | pd.DataFrame, params: TeacherTargetsParams, pretrain: PretrainParams) -> dict:
+def compute_teacher_targets(
+    manifest: Manifest | pd.DataFrame, params: TeacherTargetsParams, pretrain: PretrainParams
+) -> dict:
     """Run the teacher over the pre-training images once (K views each, or the whole image); a re-run with the same
     inputs, views and teacher reuses them, an interrupted one computes only the missing shards. With
     ``world_size > 1`` one rank per GPU computes its share of the shards. The held-out validation images' targets
@@ -80,9 +82,9 @@ def _validation_targets(manifest: Manifest | pd.DataFrame, params: TeacherTarget
         rows = split_source(manifest, wanted.split)
     except ValueError:
         raise ValueError(
-            f"teacher_targets.validation asks for {wanted.num_images} held-out '{wanted.split}' images but the manifest "
-            f"has none: add a '{wanted.split}' source to the ingestion, or set teacher_targets.validation.num_images: 0 "
-            "to train without the validation loss"
+            f"teacher_targets.validation asks for {wanted.num_images} held-out '{wanted.split}' images but the "
+            f"manifest has none: add a '{wanted.split}' source to the ingestion, or set "
+            "teacher_targets.validation.num_images: 0 to train without the validation loss"
         ) from None
     num_images = min(wanted.num_images, len(rows))
     store = Path(params.output_dir) / VALIDATION_STORE

@@ -8,26 +8,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from torch import nn
+from torch import Tensor, nn
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
-from eva_pipeline.manifest import Manifest
+from eva_pipeline.evaluation import loss_curve, mask_overview
 from eva_pipeline.loader.batches import BatchPlan, PretrainBatches
 from eva_pipeline.loader.pixels import ManifestPixels
-from eva_pipeline.targets.store import TargetStore
-from eva_pipeline.evaluation import loss_curve, mask_overview
+from eva_pipeline.manifest import Manifest
+from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import build_teacher, manifest_file, split_source, student_config
 from eva_pipeline.preflight import check_augmentation, raise_if_problems
-from eva_pipeline.tracking import active_run_logger
-from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.runtime.launch import launch
+from eva_pipeline.targets.store import TargetStore
+from eva_pipeline.tracking import active_run_logger
 from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator, run_pretraining
 from eva_pipeline.training.validation import ValidationSet, open_validation_set
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 
 
 def pretrain_student(
-    manifest: Manifest | pd.DataFrame, targets_receipt: dict, params: PretrainParams, teacher_params: TeacherTargetsParams
+    manifest: Manifest | pd.DataFrame,
+    targets_receipt: dict,
+    params: PretrainParams,
+    teacher_params: TeacherTargetsParams,
 ) -> tuple[nn.Module, pd.DataFrame, dict, Figure]:
     """Pre-train the student; per-step metrics stream to the MLflow run while it trains.
 
@@ -49,13 +52,18 @@ def pretrain_student(
     target_dim = int(targets_receipt["target_dim"])  # known without building the teacher (stored, or its config)
     validation = targets_receipt.get("validation")
     if params.world_size > 1:  # each rank builds its own online teacher, on its own GPU
-        model, records, steps = _train_distributed(manifest, targets_receipt, params, teacher_params, target_dim, data_fingerprint)
+        model, records, steps = _train_distributed(
+            manifest, targets_receipt, params, teacher_params, target_dim, data_fingerprint
+        )
     else:
         if cached:
             targets = TargetStore(targets_receipt["store"]).reader()  # read by the loader, with their crops
         else:
             teacher, grid = build_teacher(teacher_params.teacher, teacher_params.device), tuple(targets_receipt["grid"])
-            targets = lambda index, x: teacher.targets(x, grid)  # noqa: E731
+
+            def targets(index: Tensor, x: Tensor) -> Tensor:
+                return teacher.targets(x, grid)
+
         result = run_pretraining(
             params,
             ManifestPixels(rows),
@@ -63,7 +71,9 @@ def pretrain_student(
             target_dim,
             metrics_fn=active_run_logger(prefix="pretrain/"),
             data_fingerprint=data_fingerprint,
-            validation=None if validation is None else _validation_set(split_source(manifest, validation["split"]), validation, params),
+            validation=None
+            if validation is None
+            else _validation_set(split_source(manifest, validation["split"]), validation, params),
         )
         model, records, steps = result.model, result.run_history, result.steps  # the whole run, even resumed
     history = pd.DataFrame(records)
@@ -78,7 +88,9 @@ def pretrain_student(
 
 def _validation_set(rows, receipt: dict, params: PretrainParams) -> ValidationSet:
     config = student_config(params.model)
-    return open_validation_set(rows, receipt["store"], config.img_size, params.validation.every_steps, params.validation.batch_size)
+    return open_validation_set(
+        rows, receipt["store"], config.img_size, params.validation.every_steps, params.validation.batch_size
+    )
 
 
 def _loss_figure(history: pd.DataFrame) -> Figure:
@@ -88,8 +100,11 @@ def _loss_figure(history: pd.DataFrame) -> Figure:
         evaluated = history.dropna(subset=["val_loss"])
         extra["held-out (fixed mask)"] = (evaluated["step"].to_numpy(), evaluated["val_loss"].to_numpy())
     return loss_curve(
-        history["step"].to_numpy(), history["loss"].to_numpy(), title="EVA pre-training loss (-cos)",
-        label="training batches", extra=extra,
+        history["step"].to_numpy(),
+        history["loss"].to_numpy(),
+        title="EVA pre-training loss (-cos)",
+        label="training batches",
+        extra=extra,
     )
 
 
