@@ -102,7 +102,7 @@ def test_missing_and_unexpected_keys_listed(small: dict, trained: EvaMIM) -> Non
         r"unexpected.*blocks\.0\.attn\.k_bias: got \(64,\)",
     ):
         load_official_checkpoint(fresh, state)
-    report = load_official_checkpoint(fresh, state, strict=True)
+    report = load_official_checkpoint(fresh, state, strict=False)
     assert report.missing_keys == ["mask_token"] and report.unexpected_keys == ["blocks.0.attn.k_bias"]
 
 
@@ -112,9 +112,9 @@ def test_mim_into_larger_classifier_resamples_pos_embed(small: dict, trained: Ev
     )
     assert clf.pos_embed.shape == (1, 1 + 100, 64)
     with pytest.raises(CheckpointError, match=r"pos_embed: expected \(1, 101, 64\), got \(1, 50, 64\)"):
-        load_official_checkpoint(clf, trained.state_dict(), strict=True)
+        load_official_checkpoint(clf, trained.state_dict(), strict=False)
 
-    report = load_official_checkpoint(clf, {"model": trained.state_dict()}, strict=True, resample_pos_embed=True)
+    report = load_official_checkpoint(clf, {"model": trained.state_dict()}, strict=False, resample_pos_embed=True)
     assert report.resampled_keys == ["pos_embed"]
     assert report.missing_keys == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert report.unexpected_keys == ["lm_head.bias", "lm_head.weight", "mask_token", "norm.bias", "norm.weight"]
