@@ -1,4 +1,4 @@
-"""Figures: right number of artists, PNGs that save, and mask shading on exactly the masked patches."""
+"""Figures: right number of artists, PNGs that show them, and mask shading on exactly the masked patches."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from eva_pipeline.evaluation import DEFAULT_STYLE, loss_curve, mask_overview, probe_bar_chart, readable_name
+from png_checks import assert_drawn, assert_png_of
 
 RESULTS = {"student_pretrained": 0.81, "student_random_init": 0.42, "teacher": 0.88}
 
@@ -27,7 +28,7 @@ def test_probe_bar_chart(tmp_path: Path) -> None:
     assert len(chance) == 1 and chance[0].get_xdata()[0] == pytest.approx(0.1)
     out = tmp_path / "probe.png"
     fig.savefig(out)
-    assert out.stat().st_size > 0
+    assert_drawn(out)
 
 
 def test_probe_bar_chart_without_chance_and_bad_input() -> None:
@@ -75,7 +76,7 @@ def test_mask_overview_shades_exactly_masked_patches(tmp_path: Path, dtype: torc
         assert ax.get_title() == f"{masks[i].sum()}/{masks[i].size} masked"
     out = tmp_path / "masks.png"
     fig.savefig(out)
-    assert out.stat().st_size > 0
+    assert_drawn(out)
 
 
 def test_mask_overview_grayscale_any_resolution_and_bad_input() -> None:
@@ -105,7 +106,7 @@ def test_loss_curve(tmp_path: Path) -> None:
     assert ax.get_yscale() == "log"
     out = tmp_path / "loss.png"
     fig.savefig(out)
-    assert out.stat().st_size > 0
+    assert_drawn(out)
     with pytest.raises(ValueError, match="length mismatch"):
         loss_curve(steps, values[:-1], "t")
     with pytest.raises(ValueError, match="empty"):
@@ -119,3 +120,15 @@ def test_figures_do_not_touch_pyplot() -> None:
     probe_bar_chart(RESULTS, "t")
     loss_curve([0, 1], [1.0, 0.5], "t")
     assert plt.get_fignums() == before
+
+
+def test_png_checks_refuse_blank_and_different_figures(tmp_path: Path) -> None:
+    blank = tmp_path / "blank.png"
+    Figure().savefig(blank)
+    with pytest.raises(AssertionError, match="colour"):
+        assert_drawn(blank)
+    drawn = tmp_path / "drawn.png"
+    loss_curve(np.arange(5), np.arange(5.0), "t").savefig(drawn)
+    assert_png_of(drawn, loss_curve(np.arange(5), np.arange(5.0), "t"))
+    with pytest.raises(AssertionError, match="not the figure"):
+        assert_png_of(drawn, loss_curve(np.arange(5), np.arange(5.0)[::-1], "t"))
