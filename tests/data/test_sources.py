@@ -18,8 +18,9 @@ from PIL import Image
 
 from eva_pipeline.ingest import decode
 from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.ingest.readers.file_list import parse_list_line
+from eva_pipeline.ingest.readers.image_folder import detect_folder_layout
 from eva_pipeline.ingest.scan import SourceSpec, source_kinds
-from eva_pipeline.ingest.sources import detect_folder_layout, parse_list_line
 from eva_pipeline.loader.pixels import load_images
 
 BOMB_LIMIT = 5000  # Image.MAX_IMAGE_PIXELS during ingestion: the 100x100 "bomb" exceeds it, 32x32 images do not
@@ -376,11 +377,11 @@ def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_
 
     import pandas as pd
 
-    from eva_pipeline.ingest import sources as sources_mod
+    from eva_pipeline.ingest.readers import common as readers_common
 
     layout, manifest, report = ingested
     threads: set[str] = set()
-    real_decode = sources_mod.decode_image
+    real_decode = readers_common.decode_image
 
     def spy(data, name, **kwargs):
         import threading
@@ -388,7 +389,7 @@ def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_
         threads.add(threading.current_thread().name)
         return real_decode(data, name, **kwargs)
 
-    monkeypatch.setattr(sources_mod, "decode_image", spy)
+    monkeypatch.setattr(readers_common, "decode_image", spy)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BOMB_LIMIT)
     from eva_pipeline.ingest import scan_cache
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.ingest.readers.idx import read_idx
 from eva_pipeline.loader.augment import RandomResizedCropFlip, crops_to_views, view_rng, views_to_crops
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.targets.store import (
