@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -182,6 +184,16 @@ def _rejections(report: dict, source: str) -> dict[str, str]:
 
 def test_kinds_registered() -> None:
     assert {"idx", "image_folder", "file_list", "webdataset"} <= set(source_kinds())
+
+
+@pytest.mark.parametrize(
+    "module", ["eva_pipeline.ingest.readers", "eva_pipeline.ingest.build", "eva_pipeline.preflight"]
+)
+def test_importing_registers_the_builtin_kinds(module) -> None:
+    """In a fresh interpreter: the readers package, the build and preflight's source check see every built-in kind."""
+    code = f"import {module}\nfrom eva_pipeline.ingest.scan import source_kinds\nprint(','.join(source_kinds()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "file_list,idx,image_folder,webdataset"
 
 
 def test_counts_add_up(ingested) -> None:
