@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
+from eva_pipeline.ingest import readers as _builtin_readers  # noqa: F401  (registers the built-in source kinds)
 from eva_pipeline.ingest.scan import source_kinds
 from eva_pipeline.masking import BlockMaskGenerator
 from eva_pipeline.models import get_config

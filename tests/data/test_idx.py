@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from eva_pipeline.ingest.idx import read_idx, write_idx
+from eva_pipeline.ingest.readers.idx import read_idx, write_idx
 
 
 def test_embedded_files_shapes_and_known_labels(fmnist) -> None:

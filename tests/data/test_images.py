@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from eva_pipeline.ingest.build import build_manifest
-from eva_pipeline.ingest.idx import read_idx, write_idx
+from eva_pipeline.ingest.readers.idx import read_idx, write_idx
 from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.loader import pixels as images_mod
 from eva_pipeline.loader.pixels import load_images, split_location

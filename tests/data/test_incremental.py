@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from eva_pipeline.ingest import build as build_module
-from eva_pipeline.ingest import sources
 from eva_pipeline.ingest.build import build_manifest
-from eva_pipeline.ingest.idx import write_idx
+from eva_pipeline.ingest.readers import common, webdataset
+from eva_pipeline.ingest.readers import idx as idx_reader
+from eva_pipeline.ingest.readers.idx import write_idx
 from eva_pipeline.ingest.scan import SourceSpec
 
 CACHE_KEYS = ("read", "from_cache", "removed_since_cache", "cache_invalidated")
@@ -90,7 +90,7 @@ def _specs(root: Path, **changes) -> list[SourceSpec]:
 def reads(monkeypatch) -> set[str]:
     """Names of the units opened: image files read, shards iterated, IDX files parsed."""
     opened: set[str] = set()
-    real_open_file, real_iter, real_idx = sources._ingest_file, sources.iter_tar_files, build_module.read_idx
+    real_open_file, real_iter, real_idx = common.ingest_file, webdataset.iter_tar_files, idx_reader.read_idx
 
     def ingest_file(scan, location, label):
         opened.add(Path(location).name)
@@ -104,9 +104,9 @@ def reads(monkeypatch) -> set[str]:
         opened.add(Path(path).name)
         return real_idx(path)
 
-    monkeypatch.setattr(sources, "_ingest_file", ingest_file)
-    monkeypatch.setattr(sources, "iter_tar_files", iter_tar)
-    monkeypatch.setattr(build_module, "read_idx", read_idx)
+    monkeypatch.setattr(common, "ingest_file", ingest_file)
+    monkeypatch.setattr(webdataset, "iter_tar_files", iter_tar)
+    monkeypatch.setattr(idx_reader, "read_idx", read_idx)
     return opened
 
 
@@ -241,7 +241,7 @@ def test_failed_scan_keeps_the_previous_cache(tree, tmp_path, reads, monkeypatch
     def failing(scan, location, label):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(sources, "_ingest_file", failing)
+    monkeypatch.setattr(common, "ingest_file", failing)
     with pytest.raises(OSError, match="disk on fire"):
         build_manifest(specs, cache_dir=cache)
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # untouched, no temporary left

@@ -12,7 +12,7 @@ import pytest
 
 from eva_pipeline.ingest import scan as scan_mod
 from eva_pipeline.ingest.build import build_manifest
-from eva_pipeline.ingest.idx import read_idx, write_idx
+from eva_pipeline.ingest.readers.idx import read_idx, write_idx
 from eva_pipeline.ingest.scan import SourceScan, SourceSpec, register_source_kind
 from eva_pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_digest, select_split, validate_manifest
 

@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from eva_pipeline import manifest as manifest_mod
-from eva_pipeline.ingest import build as build_mod
 from eva_pipeline.ingest import scan as scan_mod
+from eva_pipeline.ingest import write as write_mod
 from eva_pipeline.ingest.build import build_manifest, write_manifest
-from eva_pipeline.ingest.idx import write_idx
-from eva_pipeline.ingest.scan import DiskSet, SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.ingest.readers.idx import write_idx
+from eva_pipeline.ingest.scan import SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.ingest.spill import DiskSet
 from eva_pipeline.manifest import (
     MANIFEST_COLUMNS,
     MANIFEST_DTYPES,
@@ -222,13 +223,13 @@ def test_buffers_never_exceed_one_chunk(tmp_path, registry, monkeypatch) -> None
     scans: list[SourceScan] = []
     _register_synthetic("synthetic", scans)
     writers = []
-    real_writer = build_mod._RowGroupWriter
+    real_writer = write_mod._RowGroupWriter
 
     def writer(*args, **kwargs):
         writers.append(real_writer(*args, **kwargs))
         return writers[-1]
 
-    monkeypatch.setattr(build_mod, "_RowGroupWriter", writer)
+    monkeypatch.setattr(write_mod, "_RowGroupWriter", writer)
     specs = [SourceSpec("s1", "synthetic", "pretrain", tmp_path, limit=3000),
              SourceSpec("s2", "synthetic", "probe", tmp_path, limit=1000)]  # fmt: skip
     handle, report = write_manifest(specs, tmp_path / "out" / "m.parquet", chunk_rows=64, row_group_rows=200)

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from eva_pipeline.loader.transforms import to_model_input
-from eva_pipeline.targets.store import (
-    STORE_FORMAT,
-    TargetStore,
-    TargetStoreError,
-    fingerprint_hash,
-)
+from eva_pipeline.targets.layout import STORE_FORMAT, TargetStoreError, fingerprint_hash
+from eva_pipeline.targets.store import TargetStore
 
 NUM_ITEMS, SHARD, PATCH, DIM = 50, 16, 7, 12  # 4 shards, the last one partial (2 rows)
 FINGERPRINT = {"manifest": "abc123", "teacher": "fake-projection-v1", "input_size": 28, "grid": [4, 4]}

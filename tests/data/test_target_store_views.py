@@ -18,16 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.ingest.readers.idx import read_idx
 from eva_pipeline.loader.augment import RandomResizedCropFlip, crops_to_views, view_rng, views_to_crops
 from eva_pipeline.loader.transforms import to_model_input
-from eva_pipeline.targets.store import (
-    STORE_FORMAT,
-    TargetReader,
-    TargetStore,
-    TargetStoreError,
-    items_and_views,
-)
+from eva_pipeline.targets.layout import STORE_FORMAT, TargetStoreError, items_and_views
+from eva_pipeline.targets.reader import TargetReader
+from eva_pipeline.targets.store import TargetStore
 
 RAW = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
 NUM_ITEMS, K, SIZE, SEED = 8, 3, 28, 7  # 24 rows

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_pipeline.config import PretrainParams
-from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.ingest.readers.idx import read_idx
 from eva_pipeline.loader.batches import batch_masks
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import mask_rng

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.ingest.readers.idx import read_idx
 from eva_pipeline.loader.heldout import validation_rows
 from eva_pipeline.loader.pixels import TensorPixels
 from eva_pipeline.loader.transforms import to_model_input

@@ -1,12 +1,17 @@
 """Ingestion: every source into one manifest (Kedro-free; the ``ingestion`` pipeline calls it from thin nodes).
 
-- :mod:`~eva_pipeline.ingest.build`: :func:`write_manifest` / :func:`build_manifest`, de-duplication, the report.
-- :mod:`~eva_pipeline.ingest.scan`: :class:`SourceSpec`, :class:`SourceScan` (spills to disk) and the registry of
-  source kinds (:func:`register_source_kind`).
-- :mod:`~eva_pipeline.ingest.sources`: the readers of encoded images (``image_folder``, ``file_list``,
-  ``webdataset``); :mod:`~eva_pipeline.ingest.idx`: the IDX container (the embedded demo data).
+In the order of the data flow:
+
+- :mod:`~eva_pipeline.ingest.scan`: :class:`SourceSpec` (a source to read), :class:`SourceScan` (what a reader
+  found) and the registry of source kinds (:func:`register_source_kind`): the interface of every reader.
+- :mod:`~eva_pipeline.ingest.readers`: the built-in readers, one module per source kind (``image_folder``,
+  ``file_list``, ``webdataset``, ``idx``: the IDX container of the embedded demo data).
 - :mod:`~eva_pipeline.ingest.decode`: robust decoding (every rejection has a reason);
   :mod:`~eva_pipeline.ingest.scan_cache`: the incremental scan cache.
+- :mod:`~eva_pipeline.ingest.spill`: what keeps a build's memory flat (spill files, sets on disk).
+- :mod:`~eva_pipeline.ingest.build`: :func:`write_manifest` / :func:`build_manifest`, the steps in order;
+  :mod:`~eva_pipeline.ingest.dedup`: de-duplication; :mod:`~eva_pipeline.ingest.write`: the validated rows written
+  to Parquet; :mod:`~eva_pipeline.ingest.report`: the ingestion report and the rejections file.
 
 Import from the modules themselves; this package file imports nothing, so ``eva_pipeline.manifest`` and the pipeline
 definitions stay free of torch.

@@ -1,39 +1,31 @@
-"""A source scan and the registry of source kinds: what every reader fills and how ingestion finds the reader.
+"""What a source reader gets, what it fills, and how ingestion finds it: the interface of every reader.
 
 :class:`SourceSpec` says where a source's images are; the reader registered for its ``kind``
-(:func:`register_source_kind`) streams them into a :class:`SourceScan`, which spills to disk past
-:data:`CHUNK_ROWS` items (memory flat in the number of images) and records every rejected item with its reason.
+(:func:`register_source_kind`; the built-in ones are in :mod:`eva_pipeline.ingest.readers`) streams them into a
+:class:`SourceScan`, which spills to disk past :data:`~eva_pipeline.ingest.spill.CHUNK_ROWS` items (memory flat in
+the number of images, see :mod:`eva_pipeline.ingest.spill`) and records every rejected item with its reason.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import os
-import sqlite3
-import tempfile
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
+from eva_pipeline.ingest.spill import current_chunk_rows, spill_file, unlink_all
 from eva_pipeline.manifest import SPLITS
 
 #: How many rejected / duplicate items the report lists by name per source (all of them are counted).
 REPORT_EXAMPLES: int = 20
 #: Layouts of an ``image_folder`` source: decided from the tree, one class folder per label, or unlabelled.
 FOLDER_LAYOUTS: tuple[str, ...] = ("auto", "class_folders", "flat")
-#: Items per chunk of a build: the most a source scan holds in Python lists (about 0.5 KiB per item), the batches
-#: it spills and that de-duplication and validation work on.
-CHUNK_ROWS: int = 16_384
-#: Page cache of each sqlite table a build keeps on disk (seen hashes, seen locations), in KiB.
-SQLITE_CACHE_KIB: int = 8_192
 
 
 @dataclass(frozen=True)
@@ -83,153 +75,6 @@ class SourceSpec:
         return cls(**dict(params))
 
 
-# ---------------------------------------------------------------------------------------------------- spilling
-@dataclass(frozen=True)
-class _BuildContext:
-    spill_dir: Path | None = None
-    chunk_rows: int | None = None
-
-
-_NO_BUILD = _BuildContext()  # frozen: a shared default that no one can mutate
-_CONTEXT: contextvars.ContextVar[_BuildContext] = contextvars.ContextVar("eva_manifest_build")
-
-
-@contextlib.contextmanager
-def build_settings(spill_dir: Path, chunk_rows: int) -> Iterator[None]:
-    """Within a build: scans spill into ``spill_dir`` and hold at most ``chunk_rows`` items in Python lists."""
-    token = _CONTEXT.set(_BuildContext(spill_dir=spill_dir, chunk_rows=chunk_rows))
-    try:
-        yield
-    finally:
-        _CONTEXT.reset(token)
-
-
-def _chunk_rows() -> int:
-    return int(_CONTEXT.get(_NO_BUILD).chunk_rows or CHUNK_ROWS)
-
-
-def _spill_path(prefix: str, suffix: str) -> Path:
-    """A new empty file in the build's work folder (the system temp folder outside a build)."""
-    spill_dir = _CONTEXT.get(_NO_BUILD).spill_dir
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=None if spill_dir is None else str(spill_dir))
-    os.close(fd)
-    return Path(name)
-
-
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-class DiskSet:
-    """A set of strings in a sqlite table on disk (``key`` PRIMARY KEY), each remembering the integer code it was
-    first added with (its owner). Memory: sqlite's page cache, at most ``cache_kib``; the file is removed by
-    :meth:`close` (or when the object is collected)."""
-
-    def __init__(self, path: str | os.PathLike[str] | None = None, cache_kib: int | None = None) -> None:
-        self.path = _spill_path("set-", ".sqlite") if path is None else Path(path)
-        self._finalizer = weakref.finalize(self, _unlink_all, [self.path])
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{int(cache_kib or SQLITE_CACHE_KIB)}"):
-            self._db.execute(f"PRAGMA {pragma}")
-        self._db.execute("CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, owner INTEGER) WITHOUT ROWID")
-        self._db.execute("BEGIN")
-        self._cur = self._db.cursor()
-        self.size = 0
-
-    def add(self, key: str, code: int = 0) -> bool:
-        """Add one key; True when it was not there yet."""
-        self._cur.execute("INSERT OR IGNORE INTO keys VALUES (?, ?)", (key, code))
-        new = self._cur.rowcount == 1
-        self.size += new
-        return new
-
-    def claim(self, keys: Sequence[str | None], codes: Iterable[int], *, expect_duplicates: bool = True) -> np.ndarray:
-        """Add ``keys`` in order, key ``i`` owned by ``codes[i]`` (codes must differ from those of earlier calls);
-        returns a bool array, True where the key was already there (added by an earlier call or earlier in
-        ``keys``). ``None`` keys are skipped (False).
-
-        ``expect_duplicates=False`` (e.g. locations, normally unique) inserts the chunk in one ``executemany`` and
-        looks keys up only when some were already there; otherwise keys are inserted one by one.
-        """
-        seen = np.zeros(len(keys), dtype=bool)
-        first: dict[str, tuple[int, int]] = {}  # key -> (code, position) of its first occurrence here
-        for i, (key, code) in enumerate(zip(keys, codes, strict=True)):
-            if key is None:
-                continue
-            if key in first:
-                seen[i] = True
-            else:
-                first[key] = (code, i)
-        ordered = sorted(first)  # key order: neighbouring B-tree pages, far fewer cache misses
-        taken: list[str] = []
-        if expect_duplicates:
-            cur = self._cur
-            for key in ordered:
-                cur.execute("INSERT OR IGNORE INTO keys VALUES (?, ?)", (key, first[key][0]))
-                if cur.rowcount != 1:
-                    taken.append(key)
-        else:
-            before = self._db.total_changes
-            self._cur.executemany("INSERT OR IGNORE INTO keys VALUES (?, ?)", ((k, first[k][0]) for k in ordered))
-            if self._db.total_changes - before != len(ordered):  # some were there: those with another owner
-                taken = [key for key in ordered if self.owner(key) != first[key][0]]
-        for key in taken:
-            seen[first[key][1]] = True
-        self.size += len(ordered) - len(taken)
-        return seen
-
-    def contains(self, keys: Sequence[str | None]) -> np.ndarray:
-        """Membership of each key (``None``: False), without adding anything."""
-        cur = self._cur
-        out = np.zeros(len(keys), dtype=bool)
-        for i, key in enumerate(keys):
-            if key is not None:
-                out[i] = cur.execute("SELECT 1 FROM keys WHERE key = ?", (key,)).fetchone() is not None
-        return out
-
-    def owner(self, key: str) -> int | None:
-        row = self._cur.execute("SELECT owner FROM keys WHERE key = ?", (key,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None  # type: ignore[assignment]
-        self._finalizer()
-
-
-class StringSet:
-    """A set of strings kept in memory up to ``limit`` keys (default :data:`CHUNK_ROWS`), then in a
-    :class:`DiskSet`: cheap for small sources, memory-flat for large ones (e.g. the lines of a file list)."""
-
-    def __init__(self, limit: int | None = None) -> None:
-        self._limit = int(limit or _chunk_rows())
-        self._mem: set[str] | None = set()
-        self._disk: DiskSet | None = None
-
-    def add(self, key: str) -> bool:
-        """Add ``key``; True when it was not there yet."""
-        if self._disk is not None:
-            return self._disk.add(key)
-        assert self._mem is not None
-        if key in self._mem:
-            return False
-        self._mem.add(key)
-        if len(self._mem) > self._limit:
-            self._disk = DiskSet()
-            for k in sorted(self._mem):
-                self._disk.add(k)
-            self._mem = None
-        return True
-
-    def close(self) -> None:
-        if self._disk is not None:
-            self._disk.close()
-
-
-# ---------------------------------------------------------------------------------------------------- scans
 #: Columns of a scan's spilled items (one Arrow IPC record batch per chunk).
 SCAN_SCHEMA: pa.Schema = pa.schema(
     [
@@ -252,8 +97,9 @@ class SourceScan:
     copied into the source's entry of the ingestion report (e.g. the class names of an image folder).
 
     The parallel lists (``locations``, ``labels``, ...) and ``rejections`` hold at most one chunk
-    (:data:`CHUNK_ROWS`, or the build's ``chunk_rows``): when they fill up they are spilled to a temporary file
-    (items: Arrow IPC, rejections: JSON lines) and emptied, so a scan of 14M images holds one chunk in memory.
+    (:data:`~eva_pipeline.ingest.spill.CHUNK_ROWS`, or the build's ``chunk_rows``): when they fill up they are
+    spilled to a temporary file (items: Arrow IPC, rejections: JSON lines) and emptied, so a scan of 14M images
+    holds one chunk in memory.
     A plug-in reader may still append to the lists directly; :meth:`finish` spills them then. The report's
     per-reason counts and first :data:`REPORT_EXAMPLES` rejections are kept as the rejections go by.
     """
@@ -271,9 +117,9 @@ class SourceScan:
     peak_buffered: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self._chunk = _chunk_rows()
+        self._chunk = current_chunk_rows()
         self._files: list[Path] = []
-        self._finalizer = weakref.finalize(self, _unlink_all, self._files)
+        self._finalizer = weakref.finalize(self, unlink_all, self._files)
         self._items_path: Path | None = None
         self._items_writer: pa.ipc.RecordBatchFileWriter | None = None
         self._rejections_path: Path | None = None
@@ -361,7 +207,7 @@ class SourceScan:
         if not n:
             return
         if self._items_writer is None:
-            self._items_path = _spill_path("scan-items-", ".arrow")
+            self._items_path = spill_file("scan-items-", ".arrow")
             self._files.append(self._items_path)
             self._items_writer = pa.ipc.new_file(str(self._items_path), SCAN_SCHEMA)
         for start in range(0, n, self._chunk):
@@ -385,7 +231,7 @@ class SourceScan:
             return
         self._account(self.rejections)
         if self._rejections_fh is None:
-            self._rejections_path = _spill_path("scan-rejections-", ".jsonl")
+            self._rejections_path = spill_file("scan-rejections-", ".jsonl")
             self._files.append(self._rejections_path)
             self._rejections_fh = self._rejections_path.open("w", encoding="utf-8")
         self._rejections_fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rejections)

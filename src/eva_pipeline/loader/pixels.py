@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from eva_pipeline.ingest.decode import decode_image
-from eva_pipeline.ingest.idx import read_idx
+from eva_pipeline.ingest.readers.idx import read_idx
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _decode_or_raise(data: bytes, name: str) -> np.ndarray:
 @register_container(_is_tar, pixel_hashes=False)
 def _read_tar_members(path: Path, members: list[str]) -> np.ndarray:
     """Members of one webdataset tar shard -> (n, H, W, 3); the shard is read once, stopping after the last one."""
-    from eva_pipeline.ingest.sources import iter_tar_files
+    from eva_pipeline.ingest.readers.webdataset import iter_tar_files
 
     wanted = set(members)
     found: dict[str, bytes] = {}

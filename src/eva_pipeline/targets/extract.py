@@ -106,7 +106,7 @@ def teacher_views(
     """
     from eva_pipeline.loader.augment import views_to_crops
     from eva_pipeline.loader.transforms import to_model_input
-    from eva_pipeline.targets.store import items_and_views
+    from eva_pipeline.targets.layout import items_and_views
 
     if views_per_item < 0 or (views_per_item and augment is None):
         raise ValueError(f"views_per_item must be 0, or >= 1 with an augmentation; got {views_per_item}")

@@ -1,20 +1,10 @@
 """Teacher targets on disk: computed once, reused while inputs and teacher are unchanged, resumable after a crash.
 
-Layout (format 2). A store is a folder holding ``meta.json`` and shards ``shard_00000_<layout>.pt`` ... of
-``shard_size`` *rows* each. A row is one (item, view) pair, laid out item-major: ``row = item * K + view`` with
-``K = views_per_item`` (1: one target per image, as for centre-cropped inputs). A shard is a ``torch.save``'d dict::
+:class:`TargetStore` is one folder of target shards (the layout: :mod:`eva_pipeline.targets.layout`): it computes
+and writes this rank's shards (:meth:`TargetStore.compute`), says whether the store is complete, and opens it for
+reading (:meth:`TargetStore.reader`, see :mod:`eva_pipeline.targets.reader`, or :meth:`TargetStore.load`).
 
-    {"format": 2, "layout": <layout id>, "fingerprint_hash": <sha256>, "index": i, "start": first row,
-     "stop": end row, "targets": fp16 (rows, num_tokens, dim), "crops": int32 (rows, 5) (optional)}
-
-``crops`` holds the crop each target's teacher input was made from: (top, left, height, width, flip) in source
-pixels (see :class:`~eva_pipeline.loader.augment.View`), so training can re-apply exactly that crop to the image and
-see what the teacher saw.
-
-What the targets depend on (manifest content digest, teacher description, input size, grid, and for augmented
-views the seed and augmentation parameters) is a *fingerprint* dict chosen by the caller. Its hash, the format,
-``num_items``, ``views_per_item`` and ``shard_size`` make the *layout*; its short id (``layout`` in ``meta.json``)
-is part of every shard's file name and stored in every shard. Hence:
+Because the layout is a pure function of the fingerprint and sizes, and part of every shard's file name:
 
 * ``meta.json`` is fully determined before anything is computed: every rank of a sharded run writes the same bytes
   (atomically), in any order.
@@ -23,9 +13,6 @@ is part of every shard's file name and stored in every shard. Hence:
   same run has just written. :meth:`TargetStore.is_complete` is exact from file names alone.
 * Shards and ``meta.json`` are written to a uniquely named temporary file and renamed (atomic on POSIX), so a
   killed run leaves only whole shards; re-running computes just the missing (or unreadable) ones.
-
-The per-row target shape and whether crops are stored are not in ``meta.json``: each shard carries them (its
-tensors' shapes) and readers check that all shards agree.
 
 Several ranks (processes, GPUs, hosts sharing the folder): rank ``r`` of ``world_size`` computes the shards whose
 ``index % world_size == r``. Each rank calls :meth:`TargetStore.compute` with the same fingerprint and layout; once
@@ -38,7 +25,6 @@ or gets recomputed).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -46,69 +32,39 @@ import os
 import re
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from eva_pipeline.loader.augment import CROP_DTYPE, CROP_FIELDS
+from eva_pipeline.targets.layout import (
+    META_FILE,
+    RERUN_HINT,
+    SHARD_GLOB,
+    SHARD_RE,
+    STORE_FORMAT,
+    TARGET_DTYPE,
+    Reference,
+    TargetStoreError,
+    crop_problem,
+    fingerprint_hash,
+    layout_id,
+    shard_name,
+)
+from eva_pipeline.targets.reader import DEFAULT_MAX_OPEN_SHARDS, TargetReader, read_shard
 
 logger = logging.getLogger(__name__)
 
-META_FILE: str = "meta.json"
-STORE_FORMAT: int = 2
-TARGET_DTYPE: torch.dtype = torch.float16
-DEFAULT_MAX_OPEN_SHARDS: int = 16
-_SHARD_GLOB = "shard_*.pt"
-_SHARD_RE = re.compile(r"^shard_(\d+)_([0-9a-f]+)\.pt$")
 _TMP_GLOB = ".*.tmp*"
 _TMP_RE = re.compile(r"^\.(.+)\.tmp[^.]*$")
-_LAYOUT_ID_CHARS = 12
 _STALE_META_TMP_S = 60.0  # a meta.json temporary older than this is a leftover of a killed process
-_RERUN_HINT = "re-run the teacher_targets pipeline (it recomputes missing and unreadable shards)"
 
 #: What ``batch_fn`` returns: model-input images, or (images, int32 crops (n, 5)).
 BatchFnResult = Tensor | tuple[Tensor, Tensor]
-IndexLike = np.ndarray | Tensor | Sequence[int] | int
-_Reference = tuple[tuple[int, ...], bool]  # (per-row target shape, has crops): what all shards of a store share
-
-
-class TargetStoreError(RuntimeError):
-    """The store on disk cannot serve the requested targets; the message says why and what to run."""
-
-
-def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
-    """sha256 hex of the fingerprint's canonical JSON (sorted keys): equal dicts give equal hashes across runs."""
-    try:
-        text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"a target fingerprint must be JSON-serialisable (str/int/float/bool/list/dict): {exc}"
-        ) from exc
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def layout_id(digest: str, num_items: int, views_per_item: int, shard_size: int) -> str:
-    """Short id of a store layout (format, fingerprint hash, rows and sharding); part of every shard's file name."""
-    layout = {
-        "format": STORE_FORMAT,
-        "fingerprint_hash": digest,
-        "num_items": num_items,
-        "views_per_item": views_per_item,
-        "shard_size": shard_size,
-    }
-    return fingerprint_hash(layout)[:_LAYOUT_ID_CHARS]
-
-
-def items_and_views(start: int, stop: int, views_per_item: int) -> tuple[np.ndarray, np.ndarray]:
-    """(item, view) int64 arrays of rows ``start .. stop - 1`` (row = item * views_per_item + view)."""
-    rows = np.arange(start, stop, dtype=np.int64)
-    return rows // views_per_item, rows % views_per_item
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
@@ -125,40 +81,12 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _crop_problem(crops: Any, rows: int) -> str | None:
-    """Why ``crops`` is not a valid (rows, 5) int32 crop tensor, or None."""
-    if not isinstance(crops, Tensor):
-        return f"got {type(crops).__name__}"
-    if crops.dtype != CROP_DTYPE or tuple(crops.shape) != (rows, len(CROP_FIELDS)):
-        return f"got {crops.dtype} {tuple(crops.shape)}"
-    if rows:
-        c = crops.cpu()
-        if (c[:, :2] < 0).any() or (c[:, 2:4] < 1).any() or ((c[:, 4] != 0) & (c[:, 4] != 1)).any():
-            return "got negative top/left, non-positive height/width or a flip other than 0/1"
-    return None
-
-
 def _describe_crops_problem(rows: int, problem: str) -> str:
     return f"crops must be a {CROP_DTYPE} tensor ({rows}, 5) = (top, left, height, width, flip) per row; {problem}"
 
 
-def _as_index(values: IndexLike, name: str) -> np.ndarray:
-    """An int64 numpy array (0-d or 1-d) from an int, sequence, numpy array or CPU tensor of integers."""
-    if isinstance(values, Tensor):
-        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integers, got a {values.dtype} tensor")
-        array = values.detach().cpu().numpy()
-    else:
-        array = np.asarray(values)
-        if array.dtype.kind not in "iu":
-            raise TypeError(f"{name} must hold integers, got {array.dtype}")
-    if array.ndim > 1:
-        raise ValueError(f"{name} must be an int or a 1-d array, got shape {array.shape}")
-    return array.astype(np.int64, copy=False)
-
-
 class TargetStore:
-    """One folder of target shards; see the module docstring for the layout."""
+    """One folder of target shards; the layout is in :mod:`eva_pipeline.targets.layout`."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -175,10 +103,10 @@ class TargetStore:
             if meta is None or "layout" not in meta:
                 raise self._no_store()
             layout = str(meta["layout"])
-        return self.root / f"shard_{index:05d}_{layout}.pt"
+        return self.root / shard_name(index, layout)
 
     def _no_store(self) -> TargetStoreError:
-        return TargetStoreError(f"no target store at {self.root} ({META_FILE} missing): {_RERUN_HINT}")
+        return TargetStoreError(f"no target store at {self.root} ({META_FILE} missing): {RERUN_HINT}")
 
     @staticmethod
     def num_shards(num_rows: int, shard_size: int) -> int:
@@ -234,8 +162,8 @@ class TargetStore:
         layout only for shards this rank owns; ``meta.json`` temporaries when clearly left over by a dead process.
         """
         old = []
-        for path in self.root.glob(_SHARD_GLOB):
-            match = _SHARD_RE.match(path.name)
+        for path in self.root.glob(SHARD_GLOB):
+            match = SHARD_RE.match(path.name)
             if match is None or match.group(2) != layout:
                 old.append(path)
         if old:
@@ -245,7 +173,7 @@ class TargetStore:
         for path in self.root.glob(_TMP_GLOB):
             name = _TMP_RE.match(path.name)
             target = name.group(1) if name else ""
-            shard = _SHARD_RE.match(target)
+            shard = SHARD_RE.match(target)
             if target.startswith("shard_") and target.endswith(".pt"):  # a shard's (of any layout or format)
                 mine = shard is None or shard.group(2) != layout or int(shard.group(1)) % world_size == rank
             elif target == META_FILE:
@@ -259,8 +187,8 @@ class TargetStore:
                 path.unlink(missing_ok=True)
 
     def _shard_ok(
-        self, index: int, meta: Mapping[str, Any], reference: _Reference | None, quiet: bool = False
-    ) -> _Reference | None:
+        self, index: int, meta: Mapping[str, Any], reference: Reference | None, quiet: bool = False
+    ) -> Reference | None:
         """(per-row target shape, has crops) of a shard left by an earlier run, or None when it is unusable.
 
         Cheap: with mmap only the zip directory and header are read, not the targets.
@@ -268,14 +196,14 @@ class TargetStore:
         if not self.shard_path(index, meta["layout"]).is_file():
             return None
         try:
-            targets, crops = _read_shard(self.root, meta, index, reference)
+            targets, crops = read_shard(self.root, meta, index, reference)
             return tuple(targets.shape[1:]), crops is not None
         except TargetStoreError as exc:
             if not quiet:
                 logger.warning("%s; recomputing it", exc)
             return None
 
-    def _reference(self, meta: Mapping[str, Any], candidates: Sequence[int]) -> _Reference | None:
+    def _reference(self, meta: Mapping[str, Any], candidates: Sequence[int]) -> Reference | None:
         """(shape, has crops) of the first readable shard among ``candidates``, or None."""
         for index in candidates:
             found = self._shard_ok(index, meta, None, quiet=True)
@@ -429,7 +357,7 @@ class TargetStore:
         targets: Tensor,
         index: int,
         rows: int,
-        reference: _Reference | None,
+        reference: Reference | None,
         has_crops: bool,
         from_disk: bool = False,
     ) -> Tensor:
@@ -471,13 +399,13 @@ class TargetStore:
         if not self._meta_usable(meta):
             raise TargetStoreError(
                 f"target store {self.root} has format {meta.get('format')}, this code reads format {STORE_FORMAT}: "
-                f"{_RERUN_HINT}"
+                f"{RERUN_HINT}"
             )
         if expected_fingerprint is not None and meta.get("fingerprint_hash") != fingerprint_hash(expected_fingerprint):
             changed = _diff_keys(meta.get("fingerprint") or {}, expected_fingerprint)
             raise TargetStoreError(
                 f"target store {self.root} was computed for a different fingerprint (differs in {changed}): "
-                f"{_RERUN_HINT}"
+                f"{RERUN_HINT}"
             )
         missing = self.missing_shards(meta)
         if missing:
@@ -486,7 +414,7 @@ class TargetStore:
             names += " ..." if len(missing) > 5 else ""
             raise TargetStoreError(
                 f"target store {self.root} is incomplete: {len(missing)} of {total} shard(s) missing ({names}): "
-                f"{_RERUN_HINT}"
+                f"{RERUN_HINT}"
             )
         return meta
 
@@ -501,12 +429,12 @@ class TargetStore:
         """
         meta = self._checked_meta(expected_fingerprint)
         shard_size = int(meta["shard_size"])
-        first, first_crops = _read_shard(self.root, meta, 0)
+        first, first_crops = read_shard(self.root, meta, 0)
         out = torch.empty((int(meta["num_rows"]), *first.shape[1:]), dtype=TARGET_DTYPE)  # no second copy
         crops_out = None if first_crops is None else torch.empty((int(meta["num_rows"]), 5), dtype=CROP_DTYPE)
         reference = (tuple(first.shape[1:]), first_crops is not None)
         for index in range(self.num_shards(int(meta["num_rows"]), shard_size)):
-            targets, crops = (first, first_crops) if index == 0 else _read_shard(self.root, meta, index, reference)
+            targets, crops = (first, first_crops) if index == 0 else read_shard(self.root, meta, index, reference)
             out[index * shard_size : index * shard_size + targets.shape[0]] = targets
             if crops_out is not None:
                 crops_out[index * shard_size : index * shard_size + targets.shape[0]] = crops
@@ -519,139 +447,6 @@ class TargetStore:
         return TargetReader(self.root, self._checked_meta(expected_fingerprint), max_open_shards)
 
 
-class TargetReader:
-    """Random access to a complete store's rows without loading it: shards are memory-mapped on first use.
-
-    At most ``max_open_shards`` shards stay open (least recently used first out); a get touches only the pages of
-    the rows it reads, so resident memory stays flat whatever the store's size. Picklable: the pickle holds the
-    folder and layout, never an open shard, and each process (DataLoader worker, forked or spawned) opens its own
-    shards lazily. Every opened shard is validated like :meth:`TargetStore.load` does (fingerprint, layout, rows,
-    dtype, per-row shape and crops agreeing with shard 0); a bad one raises TargetStoreError naming the shard.
-    Built by :meth:`TargetStore.reader`, which checks the store is complete and opens shard 0 to learn the shape.
-    Share it between processes, not threads (the shard cache is not locked).
-    """
-
-    def __init__(self, root: str | os.PathLike[str], meta: Mapping[str, Any], max_open_shards: int) -> None:
-        if not isinstance(max_open_shards, int) or max_open_shards < 1:
-            raise ValueError(f"max_open_shards must be a positive int, got {max_open_shards!r}")
-        self.root = Path(root)
-        self._meta = dict(meta)
-        self.max_open_shards = max_open_shards
-        self._reset()
-        targets, crops = self._shard(0, check=False)
-        self._reference = (tuple(targets.shape[1:]), crops is not None)
-
-    def _reset(self) -> None:
-        self._cache: OrderedDict[int, tuple[Tensor, Tensor | None]] = OrderedDict()
-        self._pid = os.getpid()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "root": self.root,
-            "meta": self._meta,
-            "max_open_shards": self.max_open_shards,
-            "reference": self._reference,
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.root, self._meta = state["root"], state["meta"]
-        self.max_open_shards, self._reference = state["max_open_shards"], state["reference"]
-        self._reset()
-
-    # -- description --------------------------------------------------------------------------------------------
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        return self._meta["fingerprint"]
-
-    @property
-    def num_items(self) -> int:
-        return int(self._meta["num_items"])
-
-    @property
-    def views_per_item(self) -> int:
-        return int(self._meta["views_per_item"])
-
-    @property
-    def num_rows(self) -> int:
-        return int(self._meta["num_rows"])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Per-row target shape (num_tokens, dim)."""
-        return self._reference[0]
-
-    @property
-    def has_crops(self) -> bool:
-        return self._reference[1]
-
-    @property
-    def open_shards(self) -> tuple[int, ...]:
-        """Indices of the shards this process holds open, least recently used first."""
-        if self._pid != os.getpid():
-            return ()
-        return tuple(self._cache)
-
-    def close(self) -> None:
-        """Drop every open shard (they are reopened on demand)."""
-        self._cache.clear()
-
-    # -- access -------------------------------------------------------------------------------------------------
-    def _shard(self, index: int, check: bool = True) -> tuple[Tensor, Tensor | None]:
-        if self._pid != os.getpid():  # a forked worker: never share the parent's maps
-            self._reset()
-        hit = self._cache.get(index)
-        if hit is not None:
-            self._cache.move_to_end(index)
-            return hit
-        shard = _read_shard(self.root, self._meta, index, self._reference if check else None)
-        self._cache[index] = shard
-        while len(self._cache) > self.max_open_shards:
-            self._cache.popitem(last=False)
-        return shard
-
-    def get(self, items: IndexLike, views: IndexLike = 0) -> tuple[Tensor, Tensor | None]:
-        """Targets fp16 (n, num_tokens, dim) and crops int32 (n, 5) (None without crops) of (item, view) pairs.
-
-        ``items`` and ``views`` are ints, sequences, numpy arrays or CPU tensors of integers, broadcast against
-        each other (e.g. one view for all items). IndexError for an item or view out of range.
-        """
-        item_arr, view_arr = _as_index(items, "items"), _as_index(views, "views")
-        try:
-            item_arr, view_arr = np.broadcast_arrays(item_arr, view_arr)
-        except ValueError:
-            raise ValueError(
-                f"items and views must have the same length (or views be one int), got {item_arr.shape} and "
-                f"{view_arr.shape}"
-            ) from None
-        item_arr, view_arr = np.atleast_1d(item_arr), np.atleast_1d(view_arr)
-        for name, arr, bound in (("item", item_arr, self.num_items), ("view", view_arr, self.views_per_item)):
-            bad = arr[(arr < 0) | (arr >= bound)]
-            if bad.size:
-                raise IndexError(f"{name} {int(bad[0])} out of range: the store at {self.root} has {bound} {name}s")
-        return self.get_rows(item_arr * self.views_per_item + view_arr)
-
-    def get_rows(self, rows: IndexLike) -> tuple[Tensor, Tensor | None]:
-        """Like :meth:`get` for row numbers (row = item * views_per_item + view)."""
-        rows = np.atleast_1d(_as_index(rows, "rows"))
-        bad = rows[(rows < 0) | (rows >= self.num_rows)]
-        if bad.size:
-            raise IndexError(f"row {int(bad[0])} out of range: the store at {self.root} has {self.num_rows} rows")
-        n, shard_size = len(rows), int(self._meta["shard_size"])
-        targets = torch.empty((n, *self.shape), dtype=TARGET_DTYPE)
-        crops = torch.empty((n, len(CROP_FIELDS)), dtype=CROP_DTYPE) if self.has_crops else None
-        shards = rows // shard_size
-        order = np.argsort(shards, kind="stable")
-        bounds = np.flatnonzero(np.diff(shards[order])) + 1
-        for group in np.split(order, bounds) if n else []:
-            shard_targets, shard_crops = self._shard(int(shards[group[0]]))
-            offsets = torch.from_numpy(rows[group] - int(shards[group[0]]) * shard_size)
-            where = torch.from_numpy(group)
-            targets[where] = shard_targets.index_select(0, offsets)
-            if crops is not None:
-                crops[where] = shard_crops.index_select(0, offsets)
-        return targets, crops
-
-
 def _split_batch(batch: Any, index: int, rows: int) -> tuple[Any, Tensor | None]:
     """(images, crops or None) from what ``batch_fn`` returned; ValueError for malformed crops."""
     if not isinstance(batch, (tuple, list)):
@@ -662,52 +457,10 @@ def _split_batch(batch: Any, index: int, rows: int) -> tuple[Any, Tensor | None]
             f"{index})"
         )
     images, crops = batch
-    problem = _crop_problem(crops, rows)
+    problem = crop_problem(crops, rows)
     if problem is not None:
         raise ValueError(f"batch_fn: {_describe_crops_problem(rows, problem)} (shard {index})")
     return images, crops.detach().to("cpu").contiguous()
-
-
-def _read_shard(
-    root: Path, meta: Mapping[str, Any], index: int, reference: _Reference | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """(targets, crops or None) of shard ``index``, memory-mapped and validated; TargetStoreError naming it.
-
-    ``reference`` (per-row shape, has crops), when given, is what every shard of the store must agree with.
-    """
-    path = TargetStore(root).shard_path(index, meta["layout"])
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise TargetStoreError(f"target shard {path} is missing: {_RERUN_HINT}") from None
-    except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError/zip errors for bad files
-        reason = f"{type(exc).__name__}: {exc}"
-        raise TargetStoreError(f"target shard {path} is corrupt ({reason}): {_RERUN_HINT}") from exc
-    shard_size, num_rows = int(meta["shard_size"]), int(meta["num_rows"])
-    start = index * shard_size
-    rows = min(shard_size, num_rows - start)
-    problem = None
-    targets = payload.get("targets") if isinstance(payload, dict) else None
-    crops = payload.get("crops") if isinstance(payload, dict) else None
-    if not isinstance(targets, Tensor):
-        problem = "holds no targets tensor"
-    elif payload.get("fingerprint_hash") != meta["fingerprint_hash"]:
-        problem = "belongs to a different fingerprint"
-    elif payload.get("layout") != meta["layout"] or payload.get("format") != STORE_FORMAT:
-        problem = f"belongs to another layout ({payload.get('layout')}, format {payload.get('format')})"
-    elif payload.get("start") != start or payload.get("stop") != start + rows or targets.shape[0] != rows:
-        problem = f"covers the wrong rows (expected {start}..{start + rows})"
-    elif targets.dtype != TARGET_DTYPE or targets.ndim != 3:
-        problem = f"has {targets.dtype} targets of shape {tuple(targets.shape)}"
-    elif reference is not None and tuple(targets.shape[1:]) != reference[0]:
-        problem = f"has targets of shape {tuple(targets.shape[1:])} per row, other shards have {reference[0]}"
-    elif crops is not None and (crop_problem := _crop_problem(crops, rows)) is not None:
-        problem = f"has malformed crops ({crop_problem})"
-    elif reference is not None and (crops is not None) != reference[1]:
-        problem = "has crops, other shards have none" if crops is not None else "has no crops, other shards have"
-    if problem:
-        raise TargetStoreError(f"target shard {path} is corrupt: it {problem}: {_RERUN_HINT}")
-    return targets, crops
 
 
 def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

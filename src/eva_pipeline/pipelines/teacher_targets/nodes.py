@@ -12,7 +12,8 @@ from eva_pipeline.manifest import Manifest
 from eva_pipeline.pipelines.common import manifest_file, split_digest, split_source, student_config
 from eva_pipeline.runtime.launch import launch
 from eva_pipeline.targets.extract import ExtractSpec, extract
-from eva_pipeline.targets.store import TargetStore, TargetStoreError
+from eva_pipeline.targets.layout import TargetStoreError
+from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.teachers import teacher_target_dim
 
 EXTRACT_MODULE = "eva_pipeline.targets.extract"

@@ -1,4 +1,8 @@
-"""Reading and writing IDX files (the MNIST / Fashion-MNIST container), gzip-compressed or plain.
+"""The ``idx`` source kind: IDX files (the MNIST / Fashion-MNIST container), gzip-compressed or plain.
+
+One concept, the IDX container, in one file: reading, parsing and writing it (:func:`read_idx`, also used by the
+loader to decode ``"path#i"`` locations, and :func:`write_idx` for fixtures and converted sources), and the reader
+that turns an images file (N, H, W[, C]) uint8 and an optional labels file (N,) into items ``"path#i"``.
 
 The embedded demo data is stored in this format, so every failure mode (missing file, broken gzip, wrong magic,
 short payload) gets a message that names the file and says what is wrong instead of a NumPy reshape error.
@@ -7,12 +11,17 @@ short payload) gets a message that names the file and says what is wrong instead
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from eva_pipeline.ingest.scan import SourceScan, SourceSpec, register_source_kind
+from eva_pipeline.ingest.scan_cache import UnitCache
 
 #: Where the embedded demo data lies, relative to the project root (mentioned when a file is missing).
 EMBEDDED_DATA_DIR: str = "data/01_raw/fashion_mnist"
@@ -100,3 +109,49 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------- the reader
+def _as_location_path(path: str | os.PathLike[str]) -> str:
+    return Path(path).as_posix()
+
+
+@register_source_kind("idx")
+def read_idx_source(spec: SourceSpec, units: UnitCache | None = None) -> SourceScan:
+    """IDX images (N, H, W) or (N, H, W, C) uint8, optional IDX labels (N,); item ``i`` -> ``"path#i"``.
+    The images + labels pair is one cache unit."""
+    scan = SourceScan(available=0)
+    if units is None:
+        scan.available = _scan_idx(spec, scan)
+        return scan
+    paths = [spec.images] + ([] if spec.labels is None else [spec.labels])
+    meta = units.run(scan, _as_location_path(spec.images), paths, lambda sub: {"available": _scan_idx(spec, sub)})
+    scan.available = meta["available"]
+    return scan
+
+
+def _scan_idx(spec: SourceSpec, scan: Any) -> int:
+    """Add the items of an IDX source to ``scan`` (everything is checked before the first one); -> available."""
+    images = read_idx(spec.images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise ValueError(
+            f"IDX images {spec.images}: expected uint8 of shape (N, H, W) or (N, H, W, 1|3), "
+            f"got {images.dtype} {images.shape}"
+        )
+    available = int(images.shape[0])
+    n = available if spec.limit is None else min(available, int(spec.limit))
+    labels: list[int | None] = [None] * n
+    if spec.labels is not None:
+        raw = read_idx(spec.labels)
+        if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer):
+            raise ValueError(f"IDX labels {spec.labels}: expected a 1-D integer array, got {raw.dtype} {raw.shape}")
+        if raw.shape[0] != available:
+            raise ValueError(f"IDX labels {spec.labels}: {raw.shape[0]} labels for {available} images in {spec.images}")
+        labels = raw[:n].tolist()
+    height, width = int(images.shape[1]), int(images.shape[2])
+    channels = 1 if images.ndim == 3 else int(images.shape[3])
+    size = height * width * channels
+    base = _as_location_path(spec.images)
+    for i in range(n):  # C-contiguous rows: hashed without copies
+        scan.add(f"{base}#{i}", labels[i], width, height, size, hashlib.sha1(images[i]).hexdigest())
+    return available

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -18,8 +20,9 @@ from PIL import Image
 
 from eva_pipeline.ingest import decode
 from eva_pipeline.ingest.build import build_manifest
+from eva_pipeline.ingest.readers.file_list import parse_list_line
+from eva_pipeline.ingest.readers.image_folder import detect_folder_layout
 from eva_pipeline.ingest.scan import SourceSpec, source_kinds
-from eva_pipeline.ingest.sources import detect_folder_layout, parse_list_line
 from eva_pipeline.loader.pixels import load_images
 
 BOMB_LIMIT = 5000  # Image.MAX_IMAGE_PIXELS during ingestion: the 100x100 "bomb" exceeds it, 32x32 images do not
@@ -181,6 +184,16 @@ def _rejections(report: dict, source: str) -> dict[str, str]:
 
 def test_kinds_registered() -> None:
     assert {"idx", "image_folder", "file_list", "webdataset"} <= set(source_kinds())
+
+
+@pytest.mark.parametrize(
+    "module", ["eva_pipeline.ingest.readers", "eva_pipeline.ingest.build", "eva_pipeline.preflight"]
+)
+def test_importing_registers_the_builtin_kinds(module) -> None:
+    """In a fresh interpreter: the readers package, the build and preflight's source check see every built-in kind."""
+    code = f"import {module}\nfrom eva_pipeline.ingest.scan import source_kinds\nprint(','.join(source_kinds()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "file_list,idx,image_folder,webdataset"
 
 
 def test_counts_add_up(ingested) -> None:
@@ -376,11 +389,11 @@ def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_
 
     import pandas as pd
 
-    from eva_pipeline.ingest import sources as sources_mod
+    from eva_pipeline.ingest.readers import common as readers_common
 
     layout, manifest, report = ingested
     threads: set[str] = set()
-    real_decode = sources_mod.decode_image
+    real_decode = readers_common.decode_image
 
     def spy(data, name, **kwargs):
         import threading
@@ -388,7 +401,7 @@ def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_
         threads.add(threading.current_thread().name)
         return real_decode(data, name, **kwargs)
 
-    monkeypatch.setattr(sources_mod, "decode_image", spy)
+    monkeypatch.setattr(readers_common, "decode_image", spy)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BOMB_LIMIT)
     from eva_pipeline.ingest import scan_cache
 
