@@ -185,7 +185,7 @@ def test_teacher_targets_clear_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ student config
 def test_student_config_round_trip_fills_every_default(tmp_path):
-    params = make_params(tmp_path, max_steps=3)
+    params = make_params(max_steps=3)
     dataset = StudentConfigDataset(filepath=str(tmp_path / "05_model_input" / "student_config.yml"))
     assert not dataset.exists()
     dataset.save(params)
@@ -204,10 +204,10 @@ def test_student_config_errors(tmp_path):
         dataset.load()
     with pytest.raises(DatasetError, match="not a valid pretrain block"):
         dataset.save({"epochs": 0})
-    stale = make_params(tmp_path).model_dump(mode="json")
-    stale["optimizer"]["learning_rate"] = 1e-3  # a field this code does not have (renamed, removed)
+    stale = make_params().model_dump(mode="json")
+    stale["checkpoint"]["dir"] = "data/06_models/checkpoints"  # a field this code no longer has (a catalog entry now)
     path.write_text(yaml.safe_dump({"pretrain": stale}))
-    with pytest.raises(DatasetError, match=r"(?s)re-run the student_config pipeline.*optimizer\.learning_rate"):
+    with pytest.raises(DatasetError, match=r"(?s)re-run the student_config pipeline.*checkpoint\.dir"):
         dataset.load()
     path.write_text(yaml.safe_dump({"other": {}}))
     with pytest.raises(DatasetError, match="no top-level 'pretrain' block"):

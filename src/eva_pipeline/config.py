@@ -220,7 +220,8 @@ class NonFiniteParams(_Params):
 
 
 class CheckpointParams(_Params):
-    dir: Path
+    """How often training state is saved and how much is kept (the folder: the ``pretrain_checkpoints`` dataset)."""
+
     every_steps: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
     resume: Literal["auto", "never"] = "auto"
@@ -248,7 +249,7 @@ class PretrainParams(_Params):
     distributed: DistributedParams = DistributedParams()
     seed: int = 0
     deepspeed: DeepSpeedParams = DeepSpeedParams()
-    checkpoint: CheckpointParams
+    checkpoint: CheckpointParams = CheckpointParams()
     nonfinite: NonFiniteParams = NonFiniteParams()
     validation: PretrainValidationParams = PretrainValidationParams()
     log_every_steps: int = Field(default=10, ge=1)

@@ -51,7 +51,6 @@ def tiny_params(workdir: Path) -> dict[str, dict]:
     params["teacher_targets"].update(batch_size=BATCH, output_dir=str(workdir / "teacher_targets"))
     params["teacher_targets"]["validation"]["num_images"] = VALIDATION_IMAGES
     params["pretrain"].update(batch_size=BATCH, max_steps=STEPS, log_every_steps=1, mask_examples=4)
-    params["pretrain"]["checkpoint"]["dir"] = str(workdir / "checkpoints")
     return params
 
 
@@ -160,7 +159,6 @@ def write_project(root: Path, env: str = "test", extra_params: dict | None = Non
     env_dir.mkdir()
     params = tiny_params(root / "data")
     params["teacher_targets"]["output_dir"] = "data/04_feature/teacher_targets"  # relative: under cwd = root
-    params["pretrain"]["checkpoint"]["dir"] = "data/06_models/checkpoints"
     del params["evaluation"]
     for block, values in (extra_params or {}).items():
         params.setdefault(block, {}).update(values)

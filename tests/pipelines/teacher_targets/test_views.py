@@ -115,10 +115,8 @@ def test_training_node_trains_on_stored_views(stored, tmp_path):
     from eva_pipeline.pipelines.train_student.nodes import pretrain_student
 
     rows, teacher_params, pretrain, receipt = stored
-    params = PretrainParams.model_validate(
-        {**pretrain.model_dump(mode="json"), "max_steps": 4, "checkpoint": {"dir": str(tmp_path / "ckpt")}}
-    )
-    _model, history, summary, _ = pretrain_student(rows, receipt, params, teacher_params)
+    params = PretrainParams.model_validate({**pretrain.model_dump(mode="json"), "max_steps": 4})
+    _model, history, summary, _ = pretrain_student(rows, receipt, tmp_path / "ckpt", params, teacher_params)
     assert list(history["step"]) == [1, 2, 3, 4] and np.isfinite(history["loss"]).all()
     assert summary["steps"] == 4.0
 

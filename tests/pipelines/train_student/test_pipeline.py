@@ -68,8 +68,8 @@ def test_summary_and_figures(workspace, pl):
 
 def test_resumable_state_goes_to_the_configured_checkpoint_folder(workspace):
     workspace.run("train_student")
-    folder = workspace.root / "checkpoints"
-    assert any(p.is_file() for p in folder.rglob("*"))
+    folder = workspace.path("pretrain_checkpoints")
+    assert folder.is_relative_to(workspace.root) and any(p.is_file() for p in folder.rglob("*"))
 
 
 def test_rerun_over_a_finished_run_keeps_the_whole_history(workspace, pl):

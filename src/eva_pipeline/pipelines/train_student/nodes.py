@@ -29,12 +29,15 @@ from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 def pretrain_student(
     manifest: Manifest | pd.DataFrame,
     targets_receipt: dict,
+    checkpoints: Path,
     params: PretrainParams,
     teacher_params: TeacherTargetsParams,
 ) -> tuple[nn.Module, pd.DataFrame, dict, Figure]:
     """Pre-train the student; per-step metrics stream to the MLflow run while it trains.
 
-    World size 1 trains in this process; more ranks are launched as workers on a frozen run file (same loop).
+    ``checkpoints``: the folder (``pretrain_checkpoints``) the run resumes from and checkpoints into, one sub-folder
+    per training configuration. World size 1 trains in this process; more ranks are launched as workers on a frozen
+    run file (same loop), written with their log into ``checkpoints/launch/``.
     """
     rows = split_source(manifest, "pretrain")  # streamed by the loader: the listing is never held in memory
     raise_if_problems(check_augmentation(params, teacher_params))
@@ -53,7 +56,7 @@ def pretrain_student(
     validation = targets_receipt.get("validation")
     if params.world_size > 1:  # each rank builds its own online teacher, on its own GPU
         model, records, steps = _train_distributed(
-            manifest, targets_receipt, params, teacher_params, target_dim, data_fingerprint
+            manifest, targets_receipt, checkpoints, params, teacher_params, target_dim, data_fingerprint
         )
     else:
         if cached:
@@ -69,6 +72,7 @@ def pretrain_student(
             ManifestPixels(rows),
             targets,
             target_dim,
+            checkpoint_dir=checkpoints,
             metrics_fn=active_run_logger(prefix="pretrain/"),
             data_fingerprint=data_fingerprint,
             validation=None
@@ -124,13 +128,14 @@ def _summary(records: list[dict], steps: int) -> dict[str, float]:
 def _train_distributed(
     manifest: Manifest | pd.DataFrame,
     receipt: dict,
+    checkpoints: Path,
     params: PretrainParams,
     teacher_params: TeacherTargetsParams,
     target_dim: int,
     data_fingerprint: str,
 ) -> tuple[nn.Module, list[dict], int]:
     """Launch ``world_size`` ranks on a frozen run file; rank 0 writes the weights and history read back here."""
-    run_dir = Path(params.checkpoint.dir) / "launch"
+    run_dir = Path(checkpoints) / "launch"
     run_dir.mkdir(parents=True, exist_ok=True)
     mlflow_run = None
     logger = active_run_logger(prefix="pretrain/")
@@ -141,6 +146,7 @@ def _train_distributed(
         images=manifest_file(manifest, "pretrain", run_dir / "pretrain_images.parquet"),
         target_dim=target_dim,
         output_dir=str(run_dir),
+        checkpoint_dir=str(checkpoints),
         targets_store=receipt.get("store") if receipt["mode"] == "cached" else None,
         teacher=teacher_params.teacher.model_dump(mode="json"),
         teacher_device=teacher_params.device,

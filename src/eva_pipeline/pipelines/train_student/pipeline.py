@@ -20,7 +20,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 pretrain_student,
-                inputs=["manifest", "teacher_targets_receipt", "params:pretrain", "params:teacher_targets"],
+                inputs=[
+                    "manifest",
+                    "teacher_targets_receipt",
+                    "pretrain_checkpoints",
+                    "params:pretrain",
+                    "params:teacher_targets",
+                ],
                 outputs=["eva_student", "pretrain_history", "pretrain_summary", "pretrain_loss_plot"],
                 name="pretrain_student",
             ),
