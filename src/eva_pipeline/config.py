@@ -33,14 +33,10 @@ class SourceParams(_Params):
 
 
 class IngestionParams(_Params):
+    """The sources merged into one manifest. Where the manifest, the rejections and the scan cache go: the catalog
+    (``manifest``, ``ingestion_rejections``, ``ingestion_scan_cache``)."""
+
     sources: list[SourceParams] = Field(min_length=1)
-    rejections_path: Path | None = Field(
-        default=None, description="JSON lines listing every rejected item with its reason (the report keeps examples)"
-    )
-    cache_dir: Path | None = Field(
-        default=None,
-        description="incremental scan cache: unchanged files/shards are not re-read on a re-run (None: read all)",
-    )
     decode_workers: int = Field(
         default=2, ge=1, description="threads reading and decoding files/shards ahead of the in-order scan"
     )

@@ -147,7 +147,7 @@ def test_resumable_folders_persist_across_reruns(dvc, pl):
     outs = {next(iter(e)): next(iter(e.values())) for s in dvc.values() for e in s["outs"] if isinstance(e, dict)}
     assert outs[_catalog_paths(pl)["pretrain_checkpoints"]] == {"persist": True, "cache": False}
     assert outs[params["teacher_targets"]["output_dir"]].get("persist") is True
-    assert outs[params["ingestion"]["cache_dir"]] == {"persist": True, "cache": False}
+    assert outs[_catalog_paths(pl)["ingestion_scan_cache"]] == {"persist": True, "cache": False}
 
 
 def test_dvc_reads_the_same_dag(pl):

@@ -8,8 +8,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 build_manifest,
-                inputs="params:ingestion",
-                outputs=["manifest", "ingestion_report"],
+                inputs=["params:ingestion", "ingestion_scan_cache"],
+                outputs=["manifest", "ingestion_report", "ingestion_rejections"],
                 name="build_manifest",
             ),
             Node(source_table, inputs="ingestion_report", outputs="ingestion_sources", name="source_table"),
