@@ -137,12 +137,13 @@ class ValidationSetParams(_Params):
 
 
 class TeacherTargetsParams(_Params):
+    """How the teacher's targets are made. Where they are stored: the catalog (``teacher_targets``)."""
+
     teacher: TeacherParams
     mode: Literal["cached", "online"] = "cached"
     batch_size: int = Field(default=256, ge=1)
     shard_size: int = Field(default=2048, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: Path
     views_per_image: int = Field(
         default=0,
         ge=0,

@@ -45,7 +45,7 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _catalog_paths(pl) -> dict[str, str]:
-    catalog = pl.read_yaml(pl.CONF_BASE / "catalog.yml")
+    catalog = pl.read_catalog()
     paths = {}
     for name, entry in catalog.items():
         inner = entry.get("dataset", entry)
@@ -56,7 +56,7 @@ def _catalog_paths(pl) -> dict[str, str]:
 
 def _in_place(pl) -> set[str]:
     """Catalog folders a node takes as input and writes into (FolderDataset): outs of that node's stage."""
-    catalog = pl.read_yaml(pl.CONF_BASE / "catalog.yml")
+    catalog = pl.read_catalog()
     return {name for name, entry in catalog.items() if entry["type"] == "eva_pipeline.datasets.FolderDataset"}
 
 
@@ -94,8 +94,8 @@ def test_deps_cover_each_catalog_input_and_the_pipeline_code(dvc, registry, pl):
         for dataset in registry[name].inputs() - _in_place(pl):
             if dataset in paths:
                 assert any(_inside(paths[dataset], dep) for dep in deps), f"{name}: reads {dataset}, not a dep"
-    # the stored targets are read through the receipt: the store folder is a dep of training too
-    assert pl.base_params()["teacher_targets"]["output_dir"] in _paths(dvc["train_student"]["deps"])
+    # the stored targets are read through the teacher_targets dataset: its folder (store + receipt) is a dep
+    assert _catalog_paths(pl)["teacher_targets"] in _paths(dvc["train_student"]["deps"])
 
 
 def test_params_reference_existing_keys_of_the_blocks_each_stage_reads(dvc, registry, pl):
@@ -130,23 +130,19 @@ def test_metrics_are_the_catalogs_json_reports(dvc, pl):
 
 def test_every_file_a_pipeline_writes_is_inside_its_stage(dvc, registry, pl):
     paths = _catalog_paths(pl)
-    params = pl.base_params()
     for name, stage in dvc.items():
         written = _written(stage)
         written_datasets = registry[name].outputs() | (registry[name].inputs() & _in_place(pl))
         targets = [paths[d] for d in written_datasets if d in paths]
-        if name == "teacher_targets":
-            targets.append(params["teacher_targets"]["output_dir"])
         assert targets
         for target in targets:
             assert any(_inside(target, out) for out in written), f"{name} writes {target} outside its outs"
 
 
 def test_resumable_folders_persist_across_reruns(dvc, pl):
-    params = pl.base_params()
     outs = {next(iter(e)): next(iter(e.values())) for s in dvc.values() for e in s["outs"] if isinstance(e, dict)}
     assert outs[_catalog_paths(pl)["pretrain_checkpoints"]] == {"persist": True, "cache": False}
-    assert outs[params["teacher_targets"]["output_dir"]].get("persist") is True
+    assert outs[_catalog_paths(pl)["teacher_targets_store"]].get("persist") is True
     assert outs[_catalog_paths(pl)["ingestion_scan_cache"]] == {"persist": True, "cache": False}
 
 

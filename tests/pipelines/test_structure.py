@@ -165,7 +165,7 @@ def test_env_files_validate_against_the_models(pl):
 
 # ------------------------------------------------------------------------------------------------ catalog
 def test_every_dataset_is_declared_in_the_catalog(registry, pl):
-    catalog = pl.read_yaml(pl.CONF_BASE / "catalog.yml")
+    catalog = pl.read_catalog()
     pretrain = registry["pretrain"]
     datasets = {d for d in pretrain.datasets() if not d.startswith("params:") and d != "parameters"}
 
@@ -180,8 +180,27 @@ def test_every_dataset_is_declared_in_the_catalog(registry, pl):
     assert not any(entry["type"].endswith("MemoryDataset") for entry in catalog.values())
 
 
+@pytest.mark.parametrize("env", ["base", "eva01"])
+def test_the_target_store_is_one_folder_named_once(env, pl):
+    """The node writes into teacher_targets_store; the teacher_targets dataset is that folder with the receipt."""
+    catalog = {**pl.read_catalog(), **pl.read_catalog(pl.PROJECT_ROOT / "conf" / env / "catalog.yml")}
+    store, targets = catalog["teacher_targets_store"], catalog["teacher_targets"]
+    assert store["type"] == FOLDER and targets["type"] == "eva_pipeline.datasets.TeacherTargetsDataset"
+    assert store["filepath"] == targets["filepath"]
+    raw = pl.read_yaml(pl.PROJECT_ROOT / "conf" / env / "catalog.yml")
+    assert raw["teacher_targets_store"]["filepath"] == raw["teacher_targets"]["filepath"] == "${_teacher_targets}"
+
+
+def test_eva01_catalog_only_moves_folders(pl):
+    """conf/eva01/catalog.yml gives the paper's run its own folders; the dataset types are the base's."""
+    base, eva01 = pl.read_catalog(), pl.read_catalog(pl.PROJECT_ROOT / "conf" / "eva01" / "catalog.yml")
+    assert set(eva01) <= set(base)
+    for name, entry in eva01.items():
+        assert entry["type"] == base[name]["type"] and entry["filepath"] != base[name]["filepath"], name
+
+
 def test_catalog_paths_are_under_data_layers_and_not_versioned(pl):
-    catalog = pl.read_yaml(pl.CONF_BASE / "catalog.yml")
+    catalog = pl.read_catalog()
     for name, entry in catalog.items():
         inner = entry.get("dataset", entry)
         assert not inner.get("versioned", False) and not entry.get("versioned", False), name  # DVC versions data
@@ -204,11 +223,11 @@ def test_registry_has_each_stage_pretrain_and_default(registry, pl):
     assert sum(map(len, stage_nodes)) == len(registry["pretrain"].nodes)  # stages do not share nodes
     assert registry["__default__"].nodes == registry["pretrain"].nodes
     # each stage reads only what earlier stages wrote: ingestion -> teacher_targets -> train_student -> evaluation
-    catalog = pl.read_yaml(pl.CONF_BASE / "catalog.yml")
+    catalog = pl.read_catalog()
     written = {name for name, entry in catalog.items() if entry["type"] == FOLDER}  # the stage's own folders
     for stage in STAGES:
         reads = {d for d in registry[stage].inputs() if not d.startswith("params:")}
         assert reads <= written, (stage, reads - written)
         written |= registry[stage].outputs()
-    assert "teacher_targets_receipt" in registry["train_student"].inputs()
+    assert "teacher_targets" in registry["train_student"].inputs()
     assert "eva_student" in registry["evaluation"].inputs()

@@ -166,26 +166,32 @@ def test_training_node_launches_ranks_into_one_mlflow_run(workspace, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from eva_pipeline.config import TeacherTargetsParams
+    from eva_pipeline.datasets import TeacherTargets
     from eva_pipeline.pipelines.train_student.nodes import pretrain_student
 
     _root, manifest, store = workspace
-    receipt = {
-        "mode": "cached",
-        "store": str(store),
-        "num_items": N,
-        "target_dim": D,
-        "grid": [7, 7],
-        "manifest_digest": "x",
-        "teacher": {"kind": "efficientnet_lite0"},
-    }
-    teacher = TeacherTargetsParams(teacher={"kind": "efficientnet_lite0"}, output_dir=tmp_path / "unused")
+    targets = TeacherTargets.from_receipt(
+        store,
+        {
+            "mode": "cached",
+            "fingerprint": {"test": 1},  # what the workspace's store was computed for
+            "num_items": N,
+            "target_dim": D,
+            "grid": [7, 7],
+            "img_size": 28,
+            "manifest_digest": "x",
+            "views_per_image": 0,
+            "teacher": {"kind": "efficientnet_lite0"},
+        },
+    )
+    teacher = TeacherTargetsParams(teacher={"kind": "efficientnet_lite0"})
     params = _params(2).model_copy(update={"log_every_steps": 1})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
         experiment_id = MlflowClient(uri).create_experiment("node-test")  # not another test's active experiment
         with mlflow.start_run(experiment_id=experiment_id) as run:
-            model, history, summary, _figure = pretrain_student(manifest, receipt, tmp_path / "node", params, teacher)
+            model, history, summary, _figure = pretrain_student(manifest, targets, tmp_path / "node", params, teacher)
         client = MlflowClient(uri)
         runs = client.search_runs([run.info.experiment_id])
         assert len(runs) == 1  # the workers opened no runs of their own

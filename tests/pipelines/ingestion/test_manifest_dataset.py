@@ -81,6 +81,6 @@ def test_split_rows_accepts_both(node_output, tmp_path):
 
 
 def test_catalog_entry_uses_the_dataset(pl):
-    entry = pl.read_yaml(pl.CONF_BASE / "catalog.yml")["manifest"]
+    entry = pl.read_catalog()["manifest"]
     assert entry == {"type": "eva_pipeline.datasets.ManifestDataset", "filepath": "data/03_primary/manifest.parquet"}
     assert Path(entry["filepath"]).suffix == ".parquet"

@@ -8,8 +8,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 compute_teacher_targets,
-                inputs=["manifest", "params:teacher_targets", "params:pretrain"],
-                outputs="teacher_targets_receipt",
+                inputs=["manifest", "teacher_targets_store", "params:teacher_targets", "params:pretrain"],
+                outputs="teacher_targets",
                 name="compute_teacher_targets",
             )
         ],

@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 pretrain_student,
                 inputs=[
                     "manifest",
-                    "teacher_targets_receipt",
+                    "teacher_targets",
                     "pretrain_checkpoints",
                     "params:pretrain",
                     "params:teacher_targets",
