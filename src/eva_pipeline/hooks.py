@@ -11,6 +11,9 @@ from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsP
 
 _MLFLOW_PARAM_MAX_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MLFLOW_BATCH = 100  # params per log_batch call
+#: Datasets that hold a resolved parameter block, logged as that block's params (``pretrain.optimizer.lr``) by the
+#: nodes that read them, so that a run of later stages alone (``--pipelines train_student``) records them too.
+PARAMETER_DATASETS = {"student_config": "pretrain"}
 
 
 def _params(catalog: Any, name: str, model: type) -> Any:
@@ -68,8 +71,9 @@ class MlflowRunHook:
 
     * Typed parameters: each field of a pydantic ``params:`` input is logged as its own MLflow param
       (``pretrain.optimizer.lr``). kedro-mlflow flattens only plain dicts; a validated parameter block reaches the
-      nodes as a pydantic model, which it logs as one truncated string. ``trylast``: after kedro-mlflow has
-      re-opened the run for the node.
+      nodes as a pydantic model, which it logs as one truncated string. The same for a dataset holding a resolved
+      block (:data:`PARAMETER_DATASETS`: ``student_config`` is logged as ``pretrain.*``). ``trylast``: after
+      kedro-mlflow has re-opened the run for the node.
     * Closing the run: kedro-mlflow re-opens its run before every node, and MLflow 3 stacks a run re-opened with
       ``nested=True`` once more each time, so its single ``end_run()`` leaves the run active in this process. A second
       session in the same process (a notebook, a test) would then log into the first one's run. ``trylast`` after a
@@ -92,6 +96,7 @@ class MlflowRunHook:
         typed = {
             k[len("params:") :]: v for k, v in inputs.items() if k.startswith("params:") and isinstance(v, BaseModel)
         }
+        typed.update({PARAMETER_DATASETS[k]: v for k, v in inputs.items() if k in PARAMETER_DATASETS})
         if not typed:
             return
         import mlflow

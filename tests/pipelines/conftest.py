@@ -24,7 +24,7 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_BASE = PROJECT_ROOT / "conf" / "base"
 RAW = PROJECT_ROOT / "data" / "01_raw" / "fashion_mnist"
-PIPELINES = ("ingestion", "teacher_targets", "train_student", "evaluation")
+PIPELINES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
 PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
 VALIDATION_IMAGES = 40  # of the probe images: the held-out MIM loss
 

@@ -17,7 +17,14 @@ from kedro.framework.project import configure_project
 
 from eva_pipeline.pipeline_registry import register_pipelines
 
-STAGES = ("ingestion", "teacher_targets", "train_student", "evaluation")
+STAGES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
+#: The parameter file each stage owns (train_student reads its settings from the student_config dataset).
+OWN_BLOCK = {
+    "ingestion": "ingestion",
+    "student_config": "pretrain",
+    "teacher_targets": "teacher_targets",
+    "evaluation": "evaluation",
+}
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +120,12 @@ def test_params_reference_existing_keys_of_the_blocks_each_stage_reads(dvc, regi
                     referenced.add(key.split(".")[0])
         blocks = {d.removeprefix("params:") for d in registry[name].inputs() if d.startswith("params:")}
         assert blocks == referenced, f"{name}: nodes read {blocks}, dvc.yaml tracks {referenced}"
-        own = f"conf/base/parameters_{'pretrain' if name == 'train_student' else name}.yml"
-        assert any(own in entry for entry in stage["params"]), (name, own)
+        if name in OWN_BLOCK:
+            own = f"conf/base/parameters_{OWN_BLOCK[name]}.yml"
+            assert any(own in entry for entry in stage["params"]), (name, own)
+    # train_student's own settings are the resolved pretrain block: the student_config dataset, a dep
+    assert "student_config" in registry["train_student"].inputs()
+    assert not any("parameters_pretrain.yml" in entry for entry in dvc["train_student"]["params"])
 
 
 def test_metrics_are_the_catalogs_json_reports(dvc, pl):
@@ -165,6 +176,9 @@ def test_dvc_reads_the_same_dag(pl):
         ("ingestion", "teacher_targets"),
         ("ingestion", "train_student"),
         ("ingestion", "evaluation"),
+        ("student_config", "teacher_targets"),
+        ("student_config", "train_student"),
+        ("student_config", "evaluation"),
         ("teacher_targets", "train_student"),
         ("train_student", "evaluation"),
     }

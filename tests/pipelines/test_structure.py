@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from eva_pipeline.models.config import EvaConfig
 from eva_pipeline.pipeline_registry import register_pipelines
 
-STAGES = ("ingestion", "teacher_targets", "train_student", "evaluation")
+STAGES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
 NODE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FOLDER = "eva_pipeline.datasets.FolderDataset"  # a folder its node updates in place: an input, never an output
 

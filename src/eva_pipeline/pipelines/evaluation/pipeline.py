@@ -12,7 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "manifest",
                     "eva_student",
                     "params:evaluation",
-                    "params:pretrain",
+                    "student_config",
                     "params:teacher_targets",
                 ],
                 outputs=["probe_metrics", "probe_metrics_mlflow"],

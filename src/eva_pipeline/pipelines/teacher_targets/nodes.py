@@ -25,15 +25,17 @@ EXTRACT_MODULE = "eva_pipeline.targets.extract"
 
 
 def compute_teacher_targets(
-    manifest: Manifest | pd.DataFrame, store: Path, params: TeacherTargetsParams, pretrain: PretrainParams
+    manifest: Manifest | pd.DataFrame, store: Path, params: TeacherTargetsParams, student: PretrainParams
 ) -> dict:
     """Run the teacher over the pre-training images once (K views each, or the whole image) into the store folder
     ``store``; a re-run with the same inputs, views and teacher reuses them, an interrupted one computes only the
     missing shards. With ``world_size > 1`` one rank per GPU computes its share of the shards. The held-out
     validation images' targets are stored too (sub-folder ``validation``), in either mode (the validation MIM loss
-    compares the student with them). Returns the receipt: what the targets are of and the stores' fingerprints."""
+    compares the student with them). ``student``: the resolved student config (``student_config``): the targets are
+    made on its grid and input size, views with its seed and augmentation. Returns the receipt: what the targets
+    are of and the stores' fingerprints."""
     store = Path(store)
-    config = student_config(pretrain.model)  # targets are made on the student's grid and input size
+    config = student_config(student.model)  # targets are made on the student's grid and input size
     rows = split_source(manifest, "pretrain")  # streamed: the listing is never held in memory
     views = params.views_per_image
     receipt = {
@@ -50,7 +52,7 @@ def compute_teacher_targets(
         return {**receipt, "target_dim": teacher_target_dim(params.teacher.kind, **params.teacher.options)}
     fingerprint = {k: receipt[k] for k in ("teacher", "num_items", "grid", "img_size", "manifest_digest")}
     if views:  # the crops depend on these: a change recomputes the store
-        fingerprint["views"] = {"k": views, "seed": pretrain.seed, **pretrain.augmentation.model_dump(mode="json")}
+        fingerprint["views"] = {"k": views, "seed": student.seed, **student.augmentation.model_dump(mode="json")}
     run_dir = store.parent / f".{store.name}_launch"
     spec = ExtractSpec(
         manifest="",  # set below for ranks
@@ -61,8 +63,8 @@ def compute_teacher_targets(
         img_size=config.img_size,
         grid=config.grid_size,
         views_per_item=views,
-        augmentation=pretrain.augmentation.model_dump(mode="json"),
-        seed=pretrain.seed,
+        augmentation=student.augmentation.model_dump(mode="json"),
+        seed=student.seed,
         shard_size=params.shard_size,
         batch_size=params.batch_size,
     )

@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 compute_teacher_targets,
-                inputs=["manifest", "teacher_targets_store", "params:teacher_targets", "params:pretrain"],
+                inputs=["manifest", "teacher_targets_store", "params:teacher_targets", "student_config"],
                 outputs="teacher_targets",
                 name="compute_teacher_targets",
             )

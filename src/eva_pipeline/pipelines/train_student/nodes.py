@@ -35,7 +35,8 @@ def pretrain_student(
 ) -> tuple[nn.Module, pd.DataFrame, dict, Figure]:
     """Pre-train the student; per-step metrics stream to the MLflow run while it trains.
 
-    ``teacher_targets``: what the teacher_targets stage made (the stored targets' reader, or the teacher to run
+    ``params``: the resolved student config (``student_config``). ``teacher_targets``: what the teacher_targets
+    stage made (the stored targets' reader, or the teacher to run
     online; the validation set's targets). ``checkpoints``: the folder (``pretrain_checkpoints``) the run resumes
     from and checkpoints into, one sub-folder per training configuration. World size 1 trains in this process; more
     ranks are launched as workers on a frozen run file (same loop), written with their log into
@@ -202,13 +203,3 @@ def draw_mask_examples(manifest: Manifest | pd.DataFrame, params: PretrainParams
     batch = PretrainBatches(plan, 0, 1).batch(0)
     grid = config.grid_size
     return mask_overview(batch.images, batch.mask.numpy().reshape(-1, grid, grid), max_images=count)
-
-
-def resolve_run_config(params: PretrainParams, teacher_params: TeacherTargetsParams) -> dict:
-    """The settings that shape the student, every default filled in, as the run used them (an MLflow artifact).
-
-    Of the teacher block only what the student depends on (which teacher, cached or online) is recorded, so the
-    record changes exactly when DVC's tracked parameters of this stage do.
-    """
-    teacher = teacher_params.model_dump(mode="json", include={"teacher", "mode"})
-    return {"pretrain": params.model_dump(mode="json"), "teacher_targets": teacher}

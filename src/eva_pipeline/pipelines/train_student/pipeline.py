@@ -1,20 +1,14 @@
 from kedro.pipeline import Node, Pipeline
 
-from eva_pipeline.pipelines.train_student.nodes import draw_mask_examples, pretrain_student, resolve_run_config
+from eva_pipeline.pipelines.train_student.nodes import draw_mask_examples, pretrain_student
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
-                resolve_run_config,
-                inputs=["params:pretrain", "params:teacher_targets"],
-                outputs="resolved_config",
-                name="resolve_run_config",
-            ),
-            Node(
                 draw_mask_examples,
-                inputs=["manifest", "params:pretrain"],
+                inputs=["manifest", "student_config"],
                 outputs="mask_examples_plot",
                 name="draw_mask_examples",
             ),
@@ -24,7 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "manifest",
                     "teacher_targets",
                     "pretrain_checkpoints",
-                    "params:pretrain",
+                    "student_config",
                     "params:teacher_targets",
                 ],
                 outputs=["eva_student", "pretrain_history", "pretrain_summary", "pretrain_loss_plot"],
