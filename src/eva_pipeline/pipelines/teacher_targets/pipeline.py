@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from eva_pipeline import preflight
 from eva_pipeline.pipelines.teacher_targets.nodes import compute_teacher_targets
 
 
@@ -11,6 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["manifest", "teacher_targets_store", "params:teacher_targets", "student_config"],
                 outputs="teacher_targets",
                 name="compute_teacher_targets",
+                tags=[preflight.TEACHER],
             )
         ],
         tags=["teacher_targets"],

@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from eva_pipeline import preflight
 from eva_pipeline.pipelines.train_student.nodes import draw_mask_examples, pretrain_student
 
 
@@ -23,6 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["eva_student", "pretrain_history", "pretrain_summary", "pretrain_loss_plot"],
                 name="pretrain_student",
+                tags=[preflight.TRAINING],  # and the teacher when it runs online
             ),
         ],
         tags=["train_student"],
