@@ -17,6 +17,19 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _refuse_moved(data: Any, where: str, moved: dict[str, str]) -> Any:
+    """A key that was a parameter and is now a catalog entry: refused with where it went (``extra="forbid"`` alone
+    would only say it is not permitted)."""
+    if isinstance(data, dict):
+        found = [key for key in moved if key in data]
+        if found:
+            raise ValueError(
+                "; ".join(f"{where}.{key} is no longer a parameter: {moved[key]}" for key in found)
+                + " (conf/<env>/catalog.yml; remove the key from the parameters)"
+            )
+    return data
+
+
 # ---------------------------------------------------------------------------------------------------- ingestion
 class SourceParams(_Params):
     """One image source. ``kind`` selects the reader (``eva_pipeline.ingest.scan.source_kinds()`` lists them)."""
@@ -40,6 +53,18 @@ class IngestionParams(_Params):
     decode_workers: int = Field(
         default=2, ge=1, description="threads reading and decoding files/shards ahead of the in-order scan"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _refuse_moved(
+            data,
+            "ingestion",
+            {
+                "cache_dir": "the scan cache is the catalog entry ingestion_scan_cache",
+                "rejections_path": "the list of rejected items is the catalog entry ingestion_rejections",
+            },
+        )
 
     @model_validator(mode="after")
     def _unique_names(self) -> IngestionParams:
@@ -154,6 +179,13 @@ class TeacherTargetsParams(_Params):
     distributed: DistributedParams = DistributedParams()
     validation: ValidationSetParams = ValidationSetParams()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _refuse_moved(
+            data, "teacher_targets", {"output_dir": "the target store is the catalog entry teacher_targets"}
+        )
+
 
 # ---------------------------------------------------------------------------------------------------- pretrain
 class MaskingParams(_Params):
@@ -222,6 +254,13 @@ class CheckpointParams(_Params):
     every_steps: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
     resume: Literal["auto", "never"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _refuse_moved(
+            data, "pretrain.checkpoint", {"dir": "the checkpoint folder is the catalog entry pretrain_checkpoints"}
+        )
 
 
 class PretrainValidationParams(_Params):
