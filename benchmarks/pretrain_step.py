@@ -389,7 +389,6 @@ def pretrain_params(cfg: BenchConfig, device: torch.device, precision: str, zero
             "batch_size": cfg.batch,
             "precision": precision,
             "device": device.type,
-            "checkpoint": {"dir": str(Path(tempfile.gettempdir()) / "evabench-unused")},
             "deepspeed": {"zero_stage": zero_stage},
         }
     )

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 from eva_pipeline.config import PretrainParams
 
 TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_hidden_dim": 64, "drop_path_rate": 0.0}
 
 
-def make_params(ckpt_dir: Path, **changes) -> PretrainParams:
-    """A tiny CPU pre-training config writing checkpoints under ``ckpt_dir``; ``changes`` merge in (nested)."""
+def make_params(**changes) -> PretrainParams:
+    """A tiny CPU pre-training config (checkpoint every 2 steps, keep 2); ``changes`` merge in (nested).
+
+    Where checkpoints go is not a parameter: ``run_pretraining(..., checkpoint_dir=...)`` takes the folder."""
     base = {
         "model": {"name": "eva_tiny_patch4_28", "overrides": dict(TINY)},
         "masking": {"num_masking_patches": 20, "min_num_patches": 4},
@@ -20,7 +21,7 @@ def make_params(ckpt_dir: Path, **changes) -> PretrainParams:
         "batch_size": 8,
         "device": "cpu",
         "seed": 0,
-        "checkpoint": {"dir": str(ckpt_dir), "every_steps": 2, "keep_last": 2},
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
     }
 
     return PretrainParams.model_validate(merge_nested(base, copy.deepcopy(changes)))

@@ -96,3 +96,28 @@ def test_teacher_options_match_the_teacher_constructor(kind):
     }
     fields = {name: f.default for name, f in TEACHER_OPTIONS[kind].model_fields.items()}
     assert fields == signature
+
+
+@pytest.mark.parametrize(
+    ("block", "stale", "catalog_entry"),
+    [
+        ("ingestion", {"cache_dir": "data/02_intermediate/ingestion_cache"}, "ingestion_scan_cache"),
+        ("ingestion", {"rejections_path": "data/08_reporting/ingestion/rejections.jsonl"}, "ingestion_rejections"),
+        ("teacher_targets", {"output_dir": "data/04_feature/teacher_targets"}, "teacher_targets"),
+        ("pretrain", {"checkpoint": {"dir": "data/06_models/checkpoints", "every_steps": 5}}, "pretrain_checkpoints"),
+    ],
+)
+def test_a_path_parameter_moved_to_the_catalog_is_refused_with_where_it_went(block, stale, catalog_entry):
+    """A user's conf from before paths became catalog entries: the error names the entry that replaced the key."""
+    from eva_pipeline.config import IngestionParams, PretrainParams
+
+    models = {"ingestion": IngestionParams, "teacher_targets": TeacherTargetsParams, "pretrain": PretrainParams}
+    values = _parameters("local")[block]
+    models[block].model_validate(values)  # the current conf is valid
+    key = next(iter(stale))
+    values = {**values, key: {**values[key], **stale[key]} if isinstance(stale[key], dict) else stale[key]}
+    with pytest.raises(ValidationError) as err:
+        models[block].model_validate(values)
+    message = " ".join(str(err.value).split())
+    assert "is no longer a parameter" in message and f"catalog entry {catalog_entry}" in message
+    assert "conf/<env>/catalog.yml" in message

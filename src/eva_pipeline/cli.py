@@ -59,8 +59,10 @@ def dry_run_command(env: str | None, params: dict[str, Any], num_images: int | N
     images = num_images or _manifest_images(loader)
     click.echo(f"Dry run of `kedro run --pipelines {PIPELINE}` (environment: {env or 'local'})")
     click.echo(f"Pipelines: {_pipeline_outline()}")
+    from kedro.framework.project import pipelines
+
     try:
-        report = dry_run(*blocks, num_images=images)
+        report = dry_run(*blocks, num_images=images, nodes=pipelines[PIPELINE].nodes)  # the hook's checks
     except (ValueError, TypeError, RuntimeError) as exc:
         raise click.ClickException(f"the run cannot be built: {exc}") from None
     click.echo(report.render())

@@ -17,6 +17,19 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _refuse_moved(data: Any, where: str, moved: dict[str, str]) -> Any:
+    """A key that was a parameter and is now a catalog entry: refused with where it went (``extra="forbid"`` alone
+    would only say it is not permitted)."""
+    if isinstance(data, dict):
+        found = [key for key in moved if key in data]
+        if found:
+            raise ValueError(
+                "; ".join(f"{where}.{key} is no longer a parameter: {moved[key]}" for key in found)
+                + " (conf/<env>/catalog.yml; remove the key from the parameters)"
+            )
+    return data
+
+
 # ---------------------------------------------------------------------------------------------------- ingestion
 class SourceParams(_Params):
     """One image source. ``kind`` selects the reader (``eva_pipeline.ingest.scan.source_kinds()`` lists them)."""
@@ -33,17 +46,25 @@ class SourceParams(_Params):
 
 
 class IngestionParams(_Params):
+    """The sources merged into one manifest. Where the manifest, the rejections and the scan cache go: the catalog
+    (``manifest``, ``ingestion_rejections``, ``ingestion_scan_cache``)."""
+
     sources: list[SourceParams] = Field(min_length=1)
-    rejections_path: Path | None = Field(
-        default=None, description="JSON lines listing every rejected item with its reason (the report keeps examples)"
-    )
-    cache_dir: Path | None = Field(
-        default=None,
-        description="incremental scan cache: unchanged files/shards are not re-read on a re-run (None: read all)",
-    )
     decode_workers: int = Field(
         default=2, ge=1, description="threads reading and decoding files/shards ahead of the in-order scan"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _refuse_moved(
+            data,
+            "ingestion",
+            {
+                "cache_dir": "the scan cache is the catalog entry ingestion_scan_cache",
+                "rejections_path": "the list of rejected items is the catalog entry ingestion_rejections",
+            },
+        )
 
     @model_validator(mode="after")
     def _unique_names(self) -> IngestionParams:
@@ -141,12 +162,13 @@ class ValidationSetParams(_Params):
 
 
 class TeacherTargetsParams(_Params):
+    """How the teacher's targets are made. Where they are stored: the catalog (``teacher_targets``)."""
+
     teacher: TeacherParams
     mode: Literal["cached", "online"] = "cached"
     batch_size: int = Field(default=256, ge=1)
     shard_size: int = Field(default=2048, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: Path
     views_per_image: int = Field(
         default=0,
         ge=0,
@@ -156,6 +178,13 @@ class TeacherTargetsParams(_Params):
     world_size: int = Field(default=1, ge=1, description="extraction processes (one per GPU); each writes its shards")
     distributed: DistributedParams = DistributedParams()
     validation: ValidationSetParams = ValidationSetParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _refuse_moved(
+            data, "teacher_targets", {"output_dir": "the target store is the catalog entry teacher_targets"}
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- pretrain
@@ -220,10 +249,18 @@ class NonFiniteParams(_Params):
 
 
 class CheckpointParams(_Params):
-    dir: Path
+    """How often training state is saved and how much is kept (the folder: the ``pretrain_checkpoints`` dataset)."""
+
     every_steps: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
     resume: Literal["auto", "never"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return _refuse_moved(
+            data, "pretrain.checkpoint", {"dir": "the checkpoint folder is the catalog entry pretrain_checkpoints"}
+        )
 
 
 class PretrainValidationParams(_Params):
@@ -248,7 +285,7 @@ class PretrainParams(_Params):
     distributed: DistributedParams = DistributedParams()
     seed: int = 0
     deepspeed: DeepSpeedParams = DeepSpeedParams()
-    checkpoint: CheckpointParams
+    checkpoint: CheckpointParams = CheckpointParams()
     nonfinite: NonFiniteParams = NonFiniteParams()
     validation: PretrainValidationParams = PretrainValidationParams()
     log_every_steps: int = Field(default=10, ge=1)

@@ -11,6 +11,7 @@ masks by random access), the validation plan and the DeepSpeed config; then it l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,9 +75,14 @@ def dry_run(
     teacher_targets: TeacherTargetsParams,
     pretrain: PretrainParams,
     num_images: int,
+    nodes: Iterable[Any] | None = None,
 ) -> DryRunReport:
     """Build every object of the pre-training run for ``num_images`` pre-training images; raise on the first that
-    cannot be built (the exception says which), return the report otherwise."""
+    cannot be built (the exception says which), return the report otherwise.
+
+    ``nodes``: the nodes of the pipeline the run would run (``eva_pipeline.cli`` passes ``pretrain``'s): what this
+    machine lacks is found by the pre-flight checks they need (:func:`eva_pipeline.preflight.select_checks`, the
+    hook's selection); None: every check."""
     if num_images < pretrain.batch_size:
         raise ValueError(f"num_images {num_images} is smaller than one global batch ({pretrain.batch_size})")
     report = DryRunReport()
@@ -96,7 +102,9 @@ def dry_run(
     ds = deepspeed_config(pretrain, pretrain.world_size)
     report.facts["deepspeed"] = ds
     report.add("DeepSpeed config (per rank)", *[f"{k}: {v}" for k, v in ds.items()])
-    report.missing = _missing(ingestion, teacher_targets, pretrain)
+    checks = preflight.CHECKS if nodes is None else preflight.select_checks(nodes)
+    blocks = {"ingestion": ingestion, "teacher_targets": teacher_targets, "pretrain": pretrain}
+    report.missing = preflight.run_checks(checks, blocks.__getitem__)
     return report
 
 
@@ -195,17 +203,4 @@ def _validation(report: DryRunReport, targets: TeacherTargetsParams, params: Pre
         "Validation (held-out MIM loss, pretrain/val_loss)",
         f"up to {v.num_images:,} evenly spaced '{v.split}' images, fixed mask of every other token ({tokens} of "
         f"{num_patches}), every {params.validation.every_steps:,} steps and after the last",
-    )
-
-
-def _missing(ingestion: IngestionParams, targets: TeacherTargetsParams, pretrain: PretrainParams) -> list[str]:
-    """What the pre-flight check would refuse on this machine."""
-    return (
-        preflight.check_sources(ingestion)
-        + preflight.check_model(pretrain)
-        + preflight.check_device(pretrain.device, pretrain.precision, "pretrain")
-        + preflight.check_world_size(pretrain)
-        + preflight.check_augmentation(pretrain, targets)
-        + preflight.check_teacher(targets)
-        + preflight.check_device(targets.device, what="teacher_targets")
     )

@@ -11,40 +11,41 @@ from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsP
 
 _MLFLOW_PARAM_MAX_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MLFLOW_BATCH = 100  # params per log_batch call
+#: Datasets that hold a resolved parameter block, logged as that block's params (``pretrain.optimizer.lr``) by the
+#: nodes that read them, so that a run of later stages alone (``--pipelines train_student``) records them too.
+PARAMETER_DATASETS = {"student_config": "pretrain"}
 
 
-def _params(catalog: Any, name: str, model: type) -> Any:
-    return model.model_validate(catalog.load(f"params:{name}"))
+#: The parameter blocks the pre-flight checks read, with their models.
+_BLOCKS: dict[str, type[BaseModel]] = {
+    "ingestion": IngestionParams,
+    "pretrain": PretrainParams,
+    "teacher_targets": TeacherTargetsParams,
+}
 
 
 class PreflightHook:
     """Refuses to start a run that would fail later for want of data, weights or a GPU; nothing is written.
 
-    ``tryfirst``: runs before kedro-mlflow's ``before_pipeline_run``, so a refused run leaves no MLflow run behind.
+    The checks are those the pipeline's nodes need (``eva_pipeline.preflight.select_checks``: by their tags and
+    the datasets they consume, the same selection as the dry run's), so ``--pipelines evaluation`` or
+    ``--from-nodes ...`` checks only what that slice needs. ``tryfirst``: runs before kedro-mlflow's
+    ``before_pipeline_run``, so a refused run leaves no MLflow run behind.
     """
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         from eva_pipeline import preflight  # torch-heavy: only when a pipeline really runs
 
-        nodes = {node.name for node in pipeline.nodes}
-        problems: list[str] = []
-        if "build_manifest" in nodes:
-            problems += preflight.check_sources(_params(catalog, "ingestion", IngestionParams))
-        needs_teacher = bool({"compute_teacher_targets", "linear_probe"} & nodes)
-        if "pretrain_student" in nodes:
-            pretrain = _params(catalog, "pretrain", PretrainParams)
-            problems += preflight.check_model(pretrain)
-            problems += preflight.check_device(pretrain.device, pretrain.precision, "pretrain")
-            problems += preflight.check_world_size(pretrain)
-            teacher = _params(catalog, "teacher_targets", TeacherTargetsParams)
-            problems += preflight.check_augmentation(pretrain, teacher)
-            needs_teacher = needs_teacher or teacher.mode == "online"
-        if needs_teacher:
-            teacher = _params(catalog, "teacher_targets", TeacherTargetsParams)
-            problems += preflight.check_teacher(teacher)
-            problems += preflight.check_device(teacher.device, what="teacher_targets")
-        preflight.raise_if_problems(problems)
+        blocks: dict[str, BaseModel] = {}
+
+        def block(name: str) -> BaseModel:
+            if name not in blocks:
+                blocks[name] = _BLOCKS[name].model_validate(catalog.load(f"params:{name}"))
+            return blocks[name]
+
+        checks = preflight.select_checks(pipeline.nodes)
+        preflight.raise_if_problems(preflight.run_checks(checks, block, run_params.get("runtime_params")))
 
 
 def flatten_params(prefix: str, value: Any, sep: str = ".") -> dict[str, Any]:
@@ -68,8 +69,9 @@ class MlflowRunHook:
 
     * Typed parameters: each field of a pydantic ``params:`` input is logged as its own MLflow param
       (``pretrain.optimizer.lr``). kedro-mlflow flattens only plain dicts; a validated parameter block reaches the
-      nodes as a pydantic model, which it logs as one truncated string. ``trylast``: after kedro-mlflow has
-      re-opened the run for the node.
+      nodes as a pydantic model, which it logs as one truncated string. The same for a dataset holding a resolved
+      block (:data:`PARAMETER_DATASETS`: ``student_config`` is logged as ``pretrain.*``). ``trylast``: after
+      kedro-mlflow has re-opened the run for the node.
     * Closing the run: kedro-mlflow re-opens its run before every node, and MLflow 3 stacks a run re-opened with
       ``nested=True`` once more each time, so its single ``end_run()`` leaves the run active in this process. A second
       session in the same process (a notebook, a test) would then log into the first one's run. ``trylast`` after a
@@ -92,6 +94,7 @@ class MlflowRunHook:
         typed = {
             k[len("params:") :]: v for k, v in inputs.items() if k.startswith("params:") and isinstance(v, BaseModel)
         }
+        typed.update({PARAMETER_DATASETS[k]: v for k, v in inputs.items() if k in PARAMETER_DATASETS})
         if not typed:
             return
         import mlflow

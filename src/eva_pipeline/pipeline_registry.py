@@ -1,7 +1,7 @@
 """Project pipelines.
 
-``ingestion``, ``teacher_targets``, ``train_student`` and ``evaluation`` each run one stage (one DVC stage each);
-``pretrain`` (also the default) runs all four in order: the full demo.
+``ingestion``, ``student_config``, ``teacher_targets``, ``train_student`` and ``evaluation`` each run one stage (one
+DVC stage each); ``pretrain`` (also the default) runs all five in order: the full demo.
 """
 
 from kedro.framework.project import find_pipelines

@@ -1,12 +1,20 @@
-"""Checks that a run can succeed, done before anything runs or is written (Kedro-free).
+"""Checks that a run can succeed, done before anything runs or is written, and which checks a run needs.
 
 A long job that dies after an hour because a file is missing is the worst outcome; one message that lists every
 missing piece (data, teacher weights, GPU) and how to provide it is the best.
+
+Which checks: :func:`select_checks` maps the nodes of the pipeline about to run to them, by what the nodes declare
+(their tags: :data:`SOURCES`, :data:`TEACHER`, :data:`TRAINING`) and the datasets they consume, never by their
+names; the pre-flight hook (``eva_pipeline.hooks``) and the dry run (``eva_pipeline.dry_run``) both use it, and
+:func:`run_checks` runs the selected checks. No Kedro import: a node is anything with ``tags``, ``inputs`` and
+``outputs``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,6 +123,85 @@ def check_augmentation(pretrain: PretrainParams, teacher: TeacherTargetsParams) 
             "false: enable the augmentation the views are drawn with, or set views_per_image: 0"
         ]
     return []
+
+
+# ------------------------------------------------------------------------------------------------ which checks
+#: Node tag: the node reads the configured image sources (their paths and kinds are checked).
+SOURCES = "preflight.sources"
+#: Node tag: the node trains the student (model and masking, device and precision, ranks, views; with
+#: ``teacher_targets.mode: online`` also the teacher it runs in every step).
+TRAINING = "preflight.training"
+#: Node tag: the node runs the teacher (its weights and device are checked).
+TEACHER = "preflight.teacher"
+#: Selected when a run reads the stored ``student_config`` without the node that writes it: ``--params pretrain.*``
+#: would not reach it (the overrides are refused, naming the pipeline to add).
+STORED_STUDENT_CONFIG = "stored_student_config"
+#: Every check, in the order its problems are listed.
+CHECKS: tuple[str, ...] = (SOURCES, TRAINING, TEACHER, STORED_STUDENT_CONFIG)
+#: The dataset that holds the resolved ``pretrain`` block (written by the student_config pipeline).
+STUDENT_CONFIG_DATASET = "student_config"
+
+
+def select_checks(nodes: Iterable[Any]) -> list[str]:
+    """The checks the ``nodes`` about to run need, in :data:`CHECKS` order: one per tag the nodes carry, plus
+    :data:`STORED_STUDENT_CONFIG` when they consume the ``student_config`` dataset without producing it. Renaming
+    a node changes nothing; a pipeline slice (``--pipelines evaluation``, ``--from-nodes``) gets exactly its nodes'."""
+    nodes = list(nodes)
+    tags = {tag for node in nodes for tag in node.tags}
+    consumed = {name for node in nodes for name in node.inputs}
+    produced = {name for node in nodes for name in node.outputs}
+    selected = {check for check in (SOURCES, TRAINING, TEACHER) if check in tags}
+    if STUDENT_CONFIG_DATASET in consumed - produced:
+        selected.add(STORED_STUDENT_CONFIG)
+    return [check for check in CHECKS if check in selected]
+
+
+def run_checks(
+    checks: Iterable[str], block: Callable[[str], Any], runtime_params: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Run ``checks``; every problem found, listed in check order. ``block(name)`` gives the validated parameter
+    block ``ingestion`` / ``pretrain`` / ``teacher_targets`` (called only for the blocks the checks need);
+    ``runtime_params``: the run's ``--params`` overrides."""
+    checks = set(checks)
+    found: list[str] = []
+    if SOURCES in checks:
+        found += check_sources(block("ingestion"))
+    needs_teacher = TEACHER in checks
+    if TRAINING in checks:
+        pretrain, teacher = block("pretrain"), block("teacher_targets")
+        found += check_model(pretrain)
+        found += check_device(pretrain.device, pretrain.precision, "pretrain")
+        found += check_world_size(pretrain)
+        found += check_augmentation(pretrain, teacher)
+        needs_teacher = needs_teacher or teacher.mode == "online"
+    if needs_teacher:
+        teacher = block("teacher_targets")
+        found += check_teacher(teacher)
+        found += check_device(teacher.device, what="teacher_targets")
+    if STORED_STUDENT_CONFIG in checks:
+        found += check_overrides_reach_student_config(runtime_params or {})
+    return found
+
+
+def check_overrides_reach_student_config(runtime_params: Mapping[str, Any]) -> list[str]:
+    """``--params pretrain.*`` in a run that reads the stored student config would be silently ignored."""
+    overridden = sorted(k for k in _dotted(runtime_params) if k == "pretrain" or k.startswith("pretrain."))
+    if not overridden:
+        return []
+    return [
+        f"--params {','.join(overridden)}: the pretrain block reaches this run only through the stored "
+        f"{STUDENT_CONFIG_DATASET} dataset, which none of its nodes writes, so the override would be ignored; "
+        f"include the student_config pipeline (e.g. kedro run --pipelines student_config,train_student --params ...)"
+    ]
+
+
+def _dotted(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"a": {"b": 1}, "c.d": 2}`` -> ``["a.b", "c.d"]``: the keys of nested runtime parameters."""
+    keys = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        keys += _dotted(value, f"{name}.") if isinstance(value, Mapping) and value else [name]
+    return keys
 
 
 def raise_if_problems(problems: list[str]) -> None:

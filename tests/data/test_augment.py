@@ -189,10 +189,10 @@ def test_teacher_sees_exactly_the_students_augmented_input(tmp_path, monkeypatch
             "batch_size": 8,
             "device": "cpu",
             "seed": 3,
-            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 100},
+            "checkpoint": {"every_steps": 100},
         }
     )
-    result = loop.run_pretraining(params, images, online_teacher, dim, progress=False)
+    result = loop.run_pretraining(params, images, online_teacher, dim, checkpoint_dir=tmp_path / "ckpt", progress=False)
     assert len(result.history) == 4 and len(teacher_inputs) == len(student_inputs) == 4
 
     aug = RandomResizedCropFlip(28, (0.2, 1.0), (3 / 4, 4 / 3), 0.5)

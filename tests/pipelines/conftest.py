@@ -24,13 +24,21 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_BASE = PROJECT_ROOT / "conf" / "base"
 RAW = PROJECT_ROOT / "data" / "01_raw" / "fashion_mnist"
-PIPELINES = ("ingestion", "teacher_targets", "train_student", "evaluation")
+PIPELINES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
 PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
 VALIDATION_IMAGES = 40  # of the probe images: the held-out MIM loss
 
 
 def _read_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
+
+
+def read_catalog(path: Path = CONF_BASE / "catalog.yml") -> dict[str, dict]:
+    """A catalog file as Kedro's config loader reads it: ``${_var}`` interpolated, ``_`` templating keys dropped."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return {name: entry for name, entry in resolved.items() if not name.startswith("_")}
 
 
 def base_params() -> dict[str, dict]:
@@ -42,16 +50,15 @@ def base_params() -> dict[str, dict]:
 
 
 def tiny_params(workdir: Path) -> dict[str, dict]:
-    """conf/base scaled down for tests; raw paths absolute, every output folder under ``workdir``."""
+    """conf/base scaled down for tests; raw paths absolute (outputs go where the catalog says: catalog_config)."""
     params = base_params()
     for source, limit in zip(params["ingestion"]["sources"], (PRETRAIN_IMAGES, PROBE_IMAGES), strict=True):
         source["limit"] = limit
         for key in ("images", "labels"):
             source[key] = str(PROJECT_ROOT / source[key])
-    params["teacher_targets"].update(batch_size=BATCH, output_dir=str(workdir / "teacher_targets"))
+    params["teacher_targets"].update(batch_size=BATCH)
     params["teacher_targets"]["validation"]["num_images"] = VALIDATION_IMAGES
     params["pretrain"].update(batch_size=BATCH, max_steps=STEPS, log_every_steps=1, mask_examples=4)
-    params["pretrain"]["checkpoint"]["dir"] = str(workdir / "checkpoints")
     return params
 
 
@@ -70,7 +77,7 @@ def typed_params(params: dict[str, dict]) -> dict[str, Any]:
 
 def catalog_config(workdir: Path) -> dict[str, dict]:
     """conf/base/catalog.yml with every filepath under ``workdir``; MLflow wrappers replaced by what they wrap."""
-    conf = copy.deepcopy(_read_yaml(CONF_BASE / "catalog.yml"))
+    conf = copy.deepcopy(read_catalog())
     for name, entry in list(conf.items()):
         if entry["type"].endswith("MlflowArtifactDataset"):
             entry = conf[name] = entry["dataset"]
@@ -159,8 +166,6 @@ def write_project(root: Path, env: str = "test", extra_params: dict | None = Non
     env_dir = root / "conf" / env
     env_dir.mkdir()
     params = tiny_params(root / "data")
-    params["teacher_targets"]["output_dir"] = "data/04_feature/teacher_targets"  # relative: under cwd = root
-    params["pretrain"]["checkpoint"]["dir"] = "data/06_models/checkpoints"
     del params["evaluation"]
     for block, values in (extra_params or {}).items():
         params.setdefault(block, {}).update(values)
@@ -218,6 +223,7 @@ def pl() -> SimpleNamespace:
         BATCH=BATCH,
         STEPS=STEPS,
         read_yaml=_read_yaml,
+        read_catalog=read_catalog,
         base_params=base_params,
         tiny_params=tiny_params,
         typed_params=typed_params,

@@ -17,7 +17,14 @@ from kedro.framework.project import configure_project
 
 from eva_pipeline.pipeline_registry import register_pipelines
 
-STAGES = ("ingestion", "teacher_targets", "train_student", "evaluation")
+STAGES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
+#: The parameter file each stage owns (train_student reads its settings from the student_config dataset).
+OWN_BLOCK = {
+    "ingestion": "ingestion",
+    "student_config": "pretrain",
+    "teacher_targets": "teacher_targets",
+    "evaluation": "evaluation",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +52,19 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _catalog_paths(pl) -> dict[str, str]:
-    catalog = pl.read_yaml(pl.CONF_BASE / "catalog.yml")
+    catalog = pl.read_catalog()
     paths = {}
     for name, entry in catalog.items():
         inner = entry.get("dataset", entry)
         if "filepath" in inner:
             paths[name] = inner["filepath"]
     return paths
+
+
+def _in_place(pl) -> set[str]:
+    """Catalog folders a node takes as input and writes into (FolderDataset): outs of that node's stage."""
+    catalog = pl.read_catalog()
+    return {name for name, entry in catalog.items() if entry["type"] == "eva_pipeline.datasets.FolderDataset"}
 
 
 def test_one_stage_per_pipeline_running_it(dvc):
@@ -85,11 +98,11 @@ def test_deps_cover_each_catalog_input_and_the_pipeline_code(dvc, registry, pl):
     for name, stage in dvc.items():
         deps = _paths(stage.get("deps"))
         assert f"src/eva_pipeline/pipelines/{name}" in deps
-        for dataset in registry[name].inputs():
+        for dataset in registry[name].inputs() - _in_place(pl):
             if dataset in paths:
                 assert any(_inside(paths[dataset], dep) for dep in deps), f"{name}: reads {dataset}, not a dep"
-    # the stored targets are read through the receipt: the store folder is a dep of training too
-    assert pl.base_params()["teacher_targets"]["output_dir"] in _paths(dvc["train_student"]["deps"])
+    # the stored targets are read through the teacher_targets dataset: its folder (store + receipt) is a dep
+    assert _catalog_paths(pl)["teacher_targets"] in _paths(dvc["train_student"]["deps"])
 
 
 def test_params_reference_existing_keys_of_the_blocks_each_stage_reads(dvc, registry, pl):
@@ -107,8 +120,12 @@ def test_params_reference_existing_keys_of_the_blocks_each_stage_reads(dvc, regi
                     referenced.add(key.split(".")[0])
         blocks = {d.removeprefix("params:") for d in registry[name].inputs() if d.startswith("params:")}
         assert blocks == referenced, f"{name}: nodes read {blocks}, dvc.yaml tracks {referenced}"
-        own = f"conf/base/parameters_{'pretrain' if name == 'train_student' else name}.yml"
-        assert any(own in entry for entry in stage["params"]), (name, own)
+        if name in OWN_BLOCK:
+            own = f"conf/base/parameters_{OWN_BLOCK[name]}.yml"
+            assert any(own in entry for entry in stage["params"]), (name, own)
+    # train_student's own settings are the resolved pretrain block: the student_config dataset, a dep
+    assert "student_config" in registry["train_student"].inputs()
+    assert not any("parameters_pretrain.yml" in entry for entry in dvc["train_student"]["params"])
 
 
 def test_metrics_are_the_catalogs_json_reports(dvc, pl):
@@ -124,25 +141,20 @@ def test_metrics_are_the_catalogs_json_reports(dvc, pl):
 
 def test_every_file_a_pipeline_writes_is_inside_its_stage(dvc, registry, pl):
     paths = _catalog_paths(pl)
-    params = pl.base_params()
     for name, stage in dvc.items():
         written = _written(stage)
-        targets = [paths[d] for d in registry[name].outputs() if d in paths]
-        if name == "teacher_targets":
-            targets.append(params["teacher_targets"]["output_dir"])
-        if name == "train_student":
-            targets.append(params["pretrain"]["checkpoint"]["dir"])
+        written_datasets = registry[name].outputs() | (registry[name].inputs() & _in_place(pl))
+        targets = [paths[d] for d in written_datasets if d in paths]
         assert targets
         for target in targets:
             assert any(_inside(target, out) for out in written), f"{name} writes {target} outside its outs"
 
 
 def test_resumable_folders_persist_across_reruns(dvc, pl):
-    params = pl.base_params()
     outs = {next(iter(e)): next(iter(e.values())) for s in dvc.values() for e in s["outs"] if isinstance(e, dict)}
-    assert outs[params["pretrain"]["checkpoint"]["dir"]] == {"persist": True, "cache": False}
-    assert outs[params["teacher_targets"]["output_dir"]].get("persist") is True
-    assert outs[params["ingestion"]["cache_dir"]] == {"persist": True, "cache": False}
+    assert outs[_catalog_paths(pl)["pretrain_checkpoints"]] == {"persist": True, "cache": False}
+    assert outs[_catalog_paths(pl)["teacher_targets_store"]].get("persist") is True
+    assert outs[_catalog_paths(pl)["ingestion_scan_cache"]] == {"persist": True, "cache": False}
 
 
 def test_dvc_reads_the_same_dag(pl):
@@ -164,6 +176,9 @@ def test_dvc_reads_the_same_dag(pl):
         ("ingestion", "teacher_targets"),
         ("ingestion", "train_student"),
         ("ingestion", "evaluation"),
+        ("student_config", "teacher_targets"),
+        ("student_config", "train_student"),
+        ("student_config", "evaluation"),
         ("teacher_targets", "train_student"),
         ("train_student", "evaluation"),
     }

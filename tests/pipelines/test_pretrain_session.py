@@ -43,7 +43,7 @@ def test_pretrain_session_run_end_to_end(pretrain_run, pl):
     data = root / "data"
     for produced in (
         "03_primary/manifest.parquet",
-        "04_feature/teacher_targets.json",
+        "04_feature/teacher_targets/receipt.json",
         "04_feature/teacher_targets/meta.json",
         "06_models/eva_student.pt",
         "07_model_output/pretrain_history.csv",
@@ -52,7 +52,7 @@ def test_pretrain_session_run_end_to_end(pretrain_run, pl):
         "08_reporting/evaluation/probe_top1.png",
         "08_reporting/pretrain/mask_examples.png",
         "08_reporting/pretrain/pretrain_loss.png",
-        "08_reporting/pretrain/resolved_config.yml",
+        "05_model_input/student_config.yml",
         "08_reporting/ingestion/ingestion_report.json",
     ):
         assert (data / produced).is_file(), produced
@@ -92,4 +92,4 @@ def test_mlflow_run_records_params_step_metrics_probe_and_artifacts(pretrain_run
         assert run.data.metrics[logged] == pytest.approx(probe[key])
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"probe_top1.png", "mask_examples.png", "pretrain_loss.png", "resolved_config.yml"} <= artifacts
+    assert {"probe_top1.png", "mask_examples.png", "pretrain_loss.png", "student_config.yml"} <= artifacts

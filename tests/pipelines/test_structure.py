@@ -22,8 +22,9 @@ from pydantic import BaseModel
 from eva_pipeline.models.config import EvaConfig
 from eva_pipeline.pipeline_registry import register_pipelines
 
-STAGES = ("ingestion", "teacher_targets", "train_student", "evaluation")
+STAGES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
 NODE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+FOLDER = "eva_pipeline.datasets.FolderDataset"  # a folder its node updates in place: an input, never an output
 
 
 @pytest.fixture(scope="module")
@@ -164,19 +165,42 @@ def test_env_files_validate_against_the_models(pl):
 
 # ------------------------------------------------------------------------------------------------ catalog
 def test_every_dataset_is_declared_in_the_catalog(registry, pl):
-    catalog = pl.read_yaml(pl.CONF_BASE / "catalog.yml")
+    catalog = pl.read_catalog()
     pretrain = registry["pretrain"]
     datasets = {d for d in pretrain.datasets() if not d.startswith("params:") and d != "parameters"}
 
     undeclared = sorted(datasets - set(catalog))
     assert not undeclared, f"node outputs/inputs that would be MemoryDatasets: {undeclared}"
     assert not sorted(set(catalog) - datasets), "catalog entries no node reads or writes"
-    assert {d for d in pretrain.inputs() if not d.startswith("params:")} == set(), "free inputs of pretrain"
+    in_place = {name for name, entry in catalog.items() if entry["type"] == FOLDER}
+    assert in_place, "the resumable folders are catalog entries"
+    # the only free inputs: folders the nodes write into (checkpoints, caches), which are nobody's output
+    assert {d for d in pretrain.inputs() if not d.startswith("params:")} == in_place, "free inputs of pretrain"
+    assert not in_place & pretrain.outputs()
     assert not any(entry["type"].endswith("MemoryDataset") for entry in catalog.values())
 
 
+@pytest.mark.parametrize("env", ["base", "eva01"])
+def test_the_target_store_is_one_folder_named_once(env, pl):
+    """The node writes into teacher_targets_store; the teacher_targets dataset is that folder with the receipt."""
+    catalog = {**pl.read_catalog(), **pl.read_catalog(pl.PROJECT_ROOT / "conf" / env / "catalog.yml")}
+    store, targets = catalog["teacher_targets_store"], catalog["teacher_targets"]
+    assert store["type"] == FOLDER and targets["type"] == "eva_pipeline.datasets.TeacherTargetsDataset"
+    assert store["filepath"] == targets["filepath"]
+    raw = pl.read_yaml(pl.PROJECT_ROOT / "conf" / env / "catalog.yml")
+    assert raw["teacher_targets_store"]["filepath"] == raw["teacher_targets"]["filepath"] == "${_teacher_targets}"
+
+
+def test_eva01_catalog_only_moves_folders(pl):
+    """conf/eva01/catalog.yml gives the paper's run its own folders; the dataset types are the base's."""
+    base, eva01 = pl.read_catalog(), pl.read_catalog(pl.PROJECT_ROOT / "conf" / "eva01" / "catalog.yml")
+    assert set(eva01) <= set(base)
+    for name, entry in eva01.items():
+        assert entry["type"] == base[name]["type"] and entry["filepath"] != base[name]["filepath"], name
+
+
 def test_catalog_paths_are_under_data_layers_and_not_versioned(pl):
-    catalog = pl.read_yaml(pl.CONF_BASE / "catalog.yml")
+    catalog = pl.read_catalog()
     for name, entry in catalog.items():
         inner = entry.get("dataset", entry)
         assert not inner.get("versioned", False) and not entry.get("versioned", False), name  # DVC versions data
@@ -191,7 +215,7 @@ def test_nodes_have_explicit_readable_unique_names(registry):
     assert len(names) == len(set(names))
 
 
-def test_registry_has_each_stage_pretrain_and_default(registry):
+def test_registry_has_each_stage_pretrain_and_default(registry, pl):
     assert set(registry) == {*STAGES, "pretrain", "__default__"}
     stage_nodes = [{n.name for n in registry[stage].nodes} for stage in STAGES]
     assert all(stage_nodes), "a stage without nodes"
@@ -199,10 +223,11 @@ def test_registry_has_each_stage_pretrain_and_default(registry):
     assert sum(map(len, stage_nodes)) == len(registry["pretrain"].nodes)  # stages do not share nodes
     assert registry["__default__"].nodes == registry["pretrain"].nodes
     # each stage reads only what earlier stages wrote: ingestion -> teacher_targets -> train_student -> evaluation
-    written: set[str] = set()
+    catalog = pl.read_catalog()
+    written = {name for name, entry in catalog.items() if entry["type"] == FOLDER}  # the stage's own folders
     for stage in STAGES:
         reads = {d for d in registry[stage].inputs() if not d.startswith("params:")}
         assert reads <= written, (stage, reads - written)
         written |= registry[stage].outputs()
-    assert "teacher_targets_receipt" in registry["train_student"].inputs()
+    assert "teacher_targets" in registry["train_student"].inputs()
     assert "eva_student" in registry["evaluation"].inputs()

@@ -44,12 +44,13 @@ def workspace(tmp_path_factory):
 
 def _spec(workspace, out: Path, every_steps: int = 1) -> RunSpec:
     root, _, store = workspace
-    params = make_params(out / "ckpt", epochs=3, checkpoint={"every_steps": every_steps, "keep_last": 2})
+    params = make_params(epochs=3, checkpoint={"every_steps": every_steps, "keep_last": 2})
     return RunSpec(
         params=params.model_dump(mode="json"),
         images=str(root / "manifest.parquet"),
         target_dim=D,
         output_dir=str(out),
+        checkpoint_dir=str(out / "ckpt"),
         targets_store=str(store),
     )
 
@@ -103,49 +104,52 @@ def test_sigkill_at_arbitrary_points_then_restart_is_bit_identical(workspace, tm
     ) == checkpointing.tags(folder)
 
 
-def _params(tmp_path: Path, **changes):
-    return make_params(tmp_path / "ckpt", epochs=1, checkpoint={"every_steps": 2, "keep_last": 3}, **changes)
+def _params(**changes):
+    return make_params(epochs=1, checkpoint={"every_steps": 2, "keep_last": 3}, **changes)
 
 
-def _train(params, workspace, **kwargs):
+def _train(params, workspace, root: Path, **kwargs):
+    """Train with checkpoints in ``root / "ckpt"``."""
     _, manifest, store = workspace
     targets = cached_targets(TargetStore(store).load())
-    return run_pretraining(params, load_images(manifest), targets, D, progress=False, **kwargs)
+    return run_pretraining(
+        params, load_images(manifest), targets, D, checkpoint_dir=root / "ckpt", progress=False, **kwargs
+    )
 
 
 def test_corrupt_latest_falls_back_to_the_previous_checkpoint(workspace, tmp_path):
-    params = _params(tmp_path, max_steps=6)
-    _train(params, workspace)
+    params = _params(max_steps=6)
+    _train(params, workspace, tmp_path)
     (folder,) = list((tmp_path / "ckpt").iterdir())
     assert checkpointing.tags(folder) == ["step_2", "step_4", "step_6"]
     model_file = folder / "step_6" / "mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[:100])  # torn by a crash that bypassed our marker, say
 
-    result = _train(_params(tmp_path), workspace)  # resume auto: step_6 unreadable -> step_4
+    result = _train(_params(), workspace, tmp_path)  # resume auto: step_6 unreadable -> step_4
     assert result.resumed_from_step == 4
     assert (folder / "step_6").exists() or checkpointing.tags(folder)[-1] == "step_8"  # nothing lost on the way
-    reference = _train(_params(tmp_path / "ref"), workspace)
+    reference = _train(_params(), workspace, tmp_path / "ref")
     for key, value in reference.model.state_dict().items():
         assert torch.equal(result.model.state_dict()[key], value), key
 
 
 def test_no_readable_checkpoint_is_a_clear_error_and_deletes_nothing(workspace, tmp_path):
-    params = _params(tmp_path, max_steps=4)
-    _train(params, workspace)
+    params = _params(max_steps=4)
+    _train(params, workspace, tmp_path)
     (folder,) = list((tmp_path / "ckpt").iterdir())
     for tag in checkpointing.tags(folder):
         (folder / tag / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
     listing = sorted(p.relative_to(folder) for p in folder.rglob("*"))
     with pytest.raises(CheckpointError, match=r"no checkpoint .* could be loaded.*Nothing was deleted"):
-        _train(_params(tmp_path), workspace)
+        _train(_params(), workspace, tmp_path)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == listing
 
 
 def test_incomplete_checkpoint_is_ignored_and_cleaned(workspace, tmp_path):
-    _train(_params(tmp_path, max_steps=4), workspace)
+    _train(_params(max_steps=4), workspace, tmp_path)
     (folder,) = list((tmp_path / "ckpt").iterdir())
     (folder / "step_4" / COMPLETE_MARKER).unlink()  # as if killed before every rank finished step 4
-    result = _train(_params(tmp_path, max_steps=6), workspace)
+    result = _train(_params(max_steps=6), workspace, tmp_path)
     assert result.resumed_from_step == 2
     assert (
         checkpointing.tags(folder, complete_only=False) == checkpointing.tags(folder) == ["step_2", "step_4", "step_6"]
@@ -170,7 +174,7 @@ def test_disk_full_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypat
 
     monkeypatch.setattr(checkpointing, "save", failing_save)
     with pytest.raises(CheckpointError, match=r"disk full\?.*\(step_2\) is intact"):
-        _train(_params(tmp_path, max_steps=6), workspace)
+        _train(_params(max_steps=6), workspace, tmp_path)
     (folder,) = list((tmp_path / "ckpt").iterdir())
     assert (folder / "latest").read_text() == "step_2"
     assert checkpointing.tags(folder, complete_only=False) == ["step_2"]  # the torn step_4 was removed
@@ -179,9 +183,9 @@ def test_disk_full_keeps_the_last_good_checkpoint(workspace, tmp_path, monkeypat
 def test_unwritable_checkpoint_folder_fails_before_training(workspace, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    params = make_params(blocker / "ckpt", epochs=1)
+    params = make_params(epochs=1)
     with pytest.raises(CheckpointError, match="is not writable"):
-        _train(params, workspace)
+        _train(params, workspace, blocker)
 
 
 class _UnreadableEngine:

@@ -51,9 +51,8 @@ def workspace(tmp_path_factory):
     return root, manifest, store
 
 
-def _params(ckpt: Path, world_size: int, launcher: str = "torchrun", port: int = 29631) -> PretrainParams:
+def _params(world_size: int, launcher: str = "torchrun", port: int = 29631) -> PretrainParams:
     return make_params(
-        ckpt,
         world_size=world_size,
         batch_size=16,
         max_steps=STEPS,
@@ -69,7 +68,7 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
     root, manifest, store = workspace
     from eva_pipeline.loader.pixels import load_images
 
-    params_one = _params(tmp_path / "one", 1)
+    params_one = _params(1)
     validation = open_validation_set(
         ParquetRows(root / "manifest.parquet", "probe"),
         str(root / "val"),
@@ -79,15 +78,22 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
     )
     images = load_images(manifest[manifest["split"] == "pretrain"])
     single = run_pretraining(
-        params_one, images, cached_targets(TargetStore(store).load()), D, progress=False, validation=validation
+        params_one,
+        images,
+        cached_targets(TargetStore(store).load()),
+        D,
+        checkpoint_dir=tmp_path / "one",
+        progress=False,
+        validation=validation,
     )
 
-    params = _params(tmp_path / "two", 2, launcher, port)
+    params = _params(2, launcher, port)
     spec = RunSpec(
         params=params.model_dump(mode="json"),
         images=str(root / "manifest.parquet"),
         target_dim=D,
         output_dir=str(tmp_path / "out"),
+        checkpoint_dir=str(tmp_path / "two"),
         targets_store=str(store),
         validation={"store": str(root / "val"), "split": "probe", "manifest": str(root / "manifest.parquet")},
     )
@@ -118,7 +124,7 @@ def test_two_ranks_match_one_rank_and_partition_the_optimizer(workspace, tmp_pat
 
 
 def _base(world_size: int, **distributed) -> PretrainParams:
-    return make_params(Path("ck"), world_size=world_size, batch_size=8 * world_size, distributed=distributed)
+    return make_params(world_size=world_size, batch_size=8 * world_size, distributed=distributed)
 
 
 def test_launch_commands():
@@ -160,26 +166,32 @@ def test_training_node_launches_ranks_into_one_mlflow_run(workspace, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from eva_pipeline.config import TeacherTargetsParams
+    from eva_pipeline.datasets import TeacherTargets
     from eva_pipeline.pipelines.train_student.nodes import pretrain_student
 
     _root, manifest, store = workspace
-    receipt = {
-        "mode": "cached",
-        "store": str(store),
-        "num_items": N,
-        "target_dim": D,
-        "grid": [7, 7],
-        "manifest_digest": "x",
-        "teacher": {"kind": "efficientnet_lite0"},
-    }
-    teacher = TeacherTargetsParams(teacher={"kind": "efficientnet_lite0"}, output_dir=tmp_path / "unused")
-    params = _params(tmp_path / "node", 2).model_copy(update={"log_every_steps": 1})
+    targets = TeacherTargets.from_receipt(
+        store,
+        {
+            "mode": "cached",
+            "fingerprint": {"test": 1},  # what the workspace's store was computed for
+            "num_items": N,
+            "target_dim": D,
+            "grid": [7, 7],
+            "img_size": 28,
+            "manifest_digest": "x",
+            "views_per_image": 0,
+            "teacher": {"kind": "efficientnet_lite0"},
+        },
+    )
+    teacher = TeacherTargetsParams(teacher={"kind": "efficientnet_lite0"})
+    params = _params(2).model_copy(update={"log_every_steps": 1})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
         experiment_id = MlflowClient(uri).create_experiment("node-test")  # not another test's active experiment
         with mlflow.start_run(experiment_id=experiment_id) as run:
-            model, history, summary, _figure = pretrain_student(manifest, receipt, params, teacher)
+            model, history, summary, _figure = pretrain_student(manifest, targets, tmp_path / "node", params, teacher)
         client = MlflowClient(uri)
         runs = client.search_runs([run.info.experiment_id])
         assert len(runs) == 1  # the workers opened no runs of their own

@@ -25,15 +25,15 @@ from eva_test_support import TINY, merge_nested
 from eva_test_support import make_params as make_tiny_params
 
 
-def make_params(tmp_path, **changes) -> PretrainParams:
-    """The shared tiny CPU config with a 2-block student, checkpoints under ``tmp_path``; ``changes`` merge in."""
-    return make_tiny_params(tmp_path / "ckpt", **merge_nested({"model": {"overrides": {"depth": 2}}}, changes))
+def make_params(**changes) -> PretrainParams:
+    """The shared tiny CPU config with a 2-block student; ``changes`` merge in."""
+    return make_tiny_params(**merge_nested({"model": {"overrides": {"depth": 2}}}, changes))
 
 
 # ------------------------------------------------------------------------------------------- deepspeed_config
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_deepspeed_config_carries_the_reference_settings(tmp_path, precision):
-    cfg = deepspeed_config(make_params(tmp_path, precision=precision, batch_size=32), world_size=1)
+    cfg = deepspeed_config(make_params(precision=precision, batch_size=32), world_size=1)
     assert cfg["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 500_000_000}
     assert cfg["gradient_clipping"] == 3.0
     assert cfg["train_batch_size"] == 32 and cfg["train_micro_batch_size_per_gpu"] == 32
@@ -57,7 +57,6 @@ def test_deepspeed_config_carries_the_reference_settings(tmp_path, precision):
 
 def test_deepspeed_config_follows_the_params(tmp_path):
     params = make_params(
-        tmp_path,
         precision="fp16",
         batch_size=64,
         world_size=4,
@@ -79,12 +78,12 @@ def test_deepspeed_config_follows_the_params(tmp_path):
         cfg["fp16"]["hysteresis"],
         cfg["fp16"]["min_loss_scale"],
     ) == (8, 7, 3, 0.5)
-    no_clip = deepspeed_config(make_params(tmp_path, optimizer={"clip_grad": None}), world_size=1)
+    no_clip = deepspeed_config(make_params(optimizer={"clip_grad": None}), world_size=1)
     assert no_clip.get("gradient_clipping", 0) == 0  # 0 is DeepSpeed's "off"
 
 
 def test_default_params_are_the_papers(tmp_path):
-    params = make_params(tmp_path)
+    params = make_params()
     assert params.deepspeed.zero_stage == 1 and params.deepspeed.reduce_bucket_size == 500_000_000
     ls = params.deepspeed.loss_scale
     assert (ls.initial_scale_power, ls.loss_scale_window, ls.hysteresis, ls.min_loss_scale) == (16, 500, 2, 1.0)
@@ -104,10 +103,12 @@ def test_fp16_on_cpu_is_refused_before_any_work(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "EvaMIM", must_not_run)
     monkeypatch.setattr(loop, "initialize_engine", must_not_run)
-    params = make_params(tmp_path, precision="fp16")
+    params = make_params(precision="fp16")
     images = torch.zeros((16, 1, 28, 28), dtype=torch.uint8)
     with pytest.raises(ValueError, match="fp16"):
-        loop.run_pretraining(params, images, loop.cached_targets(torch.zeros(16, 49, 8)), 8, progress=False)
+        loop.run_pretraining(
+            params, images, loop.cached_targets(torch.zeros(16, 49, 8)), 8, checkpoint_dir=tmp_path / "ckpt"
+        )
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -126,7 +127,12 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
     images = torch.zeros((16, 1, 28, 28), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="cuda"):
         loop.run_pretraining(
-            make_params(tmp_path, device="cuda"), images, loop.cached_targets(torch.zeros(16, 49, 8)), 8, progress=False
+            make_params(device="cuda"),
+            images,
+            loop.cached_targets(torch.zeros(16, 49, 8)),
+            8,
+            checkpoint_dir=tmp_path / "ckpt",
+            progress=False,
         )
 
 
@@ -145,7 +151,7 @@ def test_engine_optimizer_is_zero1_and_keeps_our_groups(tmp_path):
     (so the per-group LR really reaches the update)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    params = make_params(tmp_path)
+    params = make_params()
     model, groups = _layer_decayed_model_and_groups(seed=3)
     reference, ref_groups = _layer_decayed_model_and_groups(seed=3)
     assert len({g["lr_scale"] for g in groups}) >= 3  # the test is only meaningful with distinct scales
@@ -208,11 +214,16 @@ def test_loop_lr_is_the_schedule_and_reaches_the_zero_groups(tmp_path, monkeypat
         return engine
 
     monkeypatch.setattr(loop, "initialize_engine", capture)
-    params = make_params(tmp_path, epochs=3, optimizer={"lr": 2e-3, "min_lr": 1e-4, "warmup_epochs": 1})
+    params = make_params(epochs=3, optimizer={"lr": 2e-3, "min_lr": 1e-4, "warmup_epochs": 1})
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8, generator=gen)
     result = loop.run_pretraining(
-        params, images, loop.cached_targets(torch.randn(24, 49, 8, generator=gen)), 8, progress=False
+        params,
+        images,
+        loop.cached_targets(torch.randn(24, 49, 8, generator=gen)),
+        8,
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=False,
     )
     schedule = loop.WarmupCosineSchedule.from_epochs(2e-3, 1e-4, epochs=3, steps_per_epoch=3, warmup_epochs=1)
     lrs = [h["lr"] for h in result.history]
@@ -256,7 +267,7 @@ def test_mlflow_step_logger_logs_a_metric_history(tmp_path):
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 def test_run_pretraining_logs_every_n_steps_and_the_last(tmp_path):
     uri, client, run_id = _mlflow_run(tmp_path)
-    params = make_params(tmp_path, log_every_steps=2, max_steps=5, epochs=3)
+    params = make_params(log_every_steps=2, max_steps=5, epochs=3)
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=gen)
     result = loop.run_pretraining(
@@ -264,6 +275,7 @@ def test_run_pretraining_logs_every_n_steps_and_the_last(tmp_path):
         images,
         loop.cached_targets(torch.randn(16, 49, 8, generator=gen)),
         8,
+        checkpoint_dir=tmp_path / "ckpt",
         metrics_fn=MlflowStepLogger(run_id, uri, prefix="pretrain/"),
         progress=False,
     )

@@ -38,7 +38,7 @@ gen = torch.Generator().manual_seed(1234)
 images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=gen)
 targets = torch.randn(32, 49, 16, generator=gen)
 params = make_params(
-    root, device="cuda", precision="fp16", epochs=3, log_every_steps=1,
+    device="cuda", precision="fp16", epochs=3, log_every_steps=1,
     checkpoint=dict(every_steps=$every, keep_last=2),
     deepspeed=dict(loss_scale=dict(initial_scale_power=$power, loss_scale_window=2, hysteresis=2)),
 )
@@ -47,7 +47,9 @@ def metrics(step, record):
     if step == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint: what a preempted node does
 
-result = run_pretraining(params, images, cached_targets(targets), 16, metrics_fn=metrics, progress=False)
+result = run_pretraining(
+    params, images, cached_targets(targets), 16, checkpoint_dir=root, metrics_fn=metrics, progress=False
+)
 json.dump({"resumed_from_step": result.resumed_from_step, "history": result.history}, open(out, "w"))
 """).substitute(every=EVERY, power=INITIAL_SCALE_POWER)
 

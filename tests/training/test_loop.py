@@ -41,9 +41,11 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.randn(N, 49, D, generator=gen)
 
 
-def _run(params: PretrainParams, data, **kwargs):
+def _run(params: PretrainParams, data, checkpoint_dir: Path, **kwargs):
     images, targets = data
-    return run_pretraining(params, images, cached_targets(targets), D, progress=False, **kwargs)
+    return run_pretraining(
+        params, images, cached_targets(targets), D, checkpoint_dir=checkpoint_dir, progress=False, **kwargs
+    )
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -104,8 +106,8 @@ def _reference_loop(params: PretrainParams, images: torch.Tensor, targets: torch
 
 def test_deepspeed_run_equals_a_plain_pytorch_loop(tmp_path, data):
     """Five steps (warmup, the first cosine step and an epoch boundary) reach the same weights as plain PyTorch."""
-    params = make_params(tmp_path / "ckpt", max_steps=5, model={"overrides": {"depth": 2}})
-    result = _run(params, data)
+    params = make_params(max_steps=5, model={"overrides": {"depth": 2}})
+    result = _run(params, data, tmp_path / "ckpt")
     reference, losses, norms = _reference_loop(params, *data, steps=5)
     assert result.steps == 5 and len(result.history) == 5
     assert [h["loss"] for h in result.history] == pytest.approx(losses, abs=1e-6)
@@ -127,13 +129,12 @@ def test_loss_decreases_on_a_learnable_target(tmp_path):
     patches = x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(64, 49, 48)
     targets = patches @ torch.randn(48, D, generator=torch.Generator().manual_seed(0))
     params = make_params(
-        tmp_path / "ckpt",
         epochs=8,
         batch_size=16,
         model={"overrides": {"depth": 2}},
         checkpoint={"every_steps": 1000},
     )
-    result = run_pretraining(params, images, cached_targets(targets), D, progress=False)
+    result = run_pretraining(params, images, cached_targets(targets), D, checkpoint_dir=tmp_path, progress=False)
     losses = np.array([h["loss"] for h in result.history])
     assert len(losses) == 32 and np.isfinite(losses).all()
     assert losses[:5].mean() > -0.25
@@ -144,13 +145,13 @@ def test_loss_decreases_on_a_learnable_target(tmp_path):
 # ------------------------------------------------------------------------------------------- checkpoints and resume
 def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
     steps = 8  # 2 epochs of 4 steps: the resumed half crosses into epoch 1
-    a = _run(make_params(tmp_path / "a"), data)
-    b1 = _run(make_params(tmp_path / "b", max_steps=steps // 2), data)
+    a = _run(make_params(), data, tmp_path / "a")
+    b1 = _run(make_params(max_steps=steps // 2), data, tmp_path / "b")
     assert (a.steps, a.resumed_from_step, b1.steps, b1.resumed_from_step) == (steps, 0, steps // 2, 0)
     folder_b = _only_fingerprint_dir(tmp_path / "b")
     assert _step_tags(folder_b) == ["step_2", "step_4"] and (folder_b / "latest").read_text().strip() == "step_4"
 
-    b2 = _run(make_params(tmp_path / "b"), data)
+    b2 = _run(make_params(), data, tmp_path / "b")
     assert b2.resumed_from_step == steps // 2 and b2.steps == steps and len(b2.history) == steps // 2
     for (name, got), want in zip(b2.model.state_dict().items(), a.model.state_dict().values(), strict=True):
         assert torch.equal(got, want), name  # CPU fp32 is deterministic: bit for bit
@@ -171,7 +172,7 @@ def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
 
     # A finished run resumed again trains nothing and returns the finished weights; so does a shorter max_steps.
     for extra in ({}, {"max_steps": 3}):
-        again = _run(make_params(tmp_path / "a", **extra), data)
+        again = _run(make_params(**extra), data, tmp_path / "a")
         assert (again.resumed_from_step, again.steps, again.history) == (steps, steps, [])
         assert [h["loss"] for h in again.run_history] == [h["loss"] for h in a.history]  # the plot stays whole
         for got, want in zip(again.model.state_dict().values(), a.model.state_dict().values(), strict=True):
@@ -180,54 +181,54 @@ def test_resume_is_exact_and_checkpoints_are_pruned(tmp_path, data):
 
 def test_initial_student_is_where_training_starts(tmp_path, data):
     """``initial_student`` (also the probe's random-init baseline) is the model step 1 starts from."""
-    params = make_params(tmp_path / "i", max_steps=1, seed=3)
-    trained = _run(params, data).model.state_dict()  # step 1's LR is 0 (warmup starts at 0): no weight moves
+    params = make_params(max_steps=1, seed=3)
+    trained = _run(params, data, tmp_path / "i").model.state_dict()  # step 1's LR is 0 (warmup from 0): nothing moves
     start = loop.initial_student(params, D).state_dict()
     assert all(torch.equal(trained[k], v) for k, v in start.items())
-    other = loop.initial_student(make_params(tmp_path / "j", seed=4), D).state_dict()
+    other = loop.initial_student(make_params(seed=4), D).state_dict()
     assert not all(torch.equal(other[k], v) for k, v in start.items())
 
 
 def test_keep_last_and_every_steps(tmp_path, data):
-    _run(make_params(tmp_path / "c", epochs=3, checkpoint={"every_steps": 3, "keep_last": 3}), data)
+    _run(make_params(epochs=3, checkpoint={"every_steps": 3, "keep_last": 3}), data, tmp_path / "c")
     folder = _only_fingerprint_dir(tmp_path / "c")
     # 12 steps, saved at 3, 6, 9, 12 (12 is also the last step); the newest three stay.
     assert _step_tags(folder) == ["step_6", "step_9", "step_12"]
     assert (folder / "latest").read_text().strip() == "step_12"
-    _run(make_params(tmp_path / "d", max_steps=5, checkpoint={"every_steps": 3, "keep_last": 1}), data)
+    _run(make_params(max_steps=5, checkpoint={"every_steps": 3, "keep_last": 1}), data, tmp_path / "d")
     # The cut-off step is always saved, even off the every_steps grid.
     assert _step_tags(_only_fingerprint_dir(tmp_path / "d")) == ["step_5"]
 
 
 def test_changed_settings_use_another_folder_and_do_not_resume(tmp_path, data):
     root = tmp_path / "ckpt"
-    first = _run(make_params(root, max_steps=4), data)
-    other = _run(make_params(root, max_steps=4, optimizer={"lr": 2e-3}), data)
+    first = _run(make_params(max_steps=4), data, root)
+    other = _run(make_params(max_steps=4, optimizer={"lr": 2e-3}), data, root)
     assert other.resumed_from_step == 0 and len(other.history) == 4
     assert other.history[1]["lr"] == pytest.approx(2 * first.history[1]["lr"])
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     assert len(folders) == 2 and all(_step_tags(f) == ["step_2", "step_4"] for f in folders)
     # ... and the first configuration still resumes its own run.
-    again = _run(make_params(root, max_steps=6), data)
+    again = _run(make_params(max_steps=6), data, root)
     assert again.resumed_from_step == 4 and len(again.history) == 2
 
 
 def test_fingerprint_covers_what_shapes_the_trajectory(tmp_path):
-    base = make_params(tmp_path / "x")
+    base = make_params()
     fp = training_fingerprint(base, N, D)
     same = [
-        make_params(tmp_path / "elsewhere", checkpoint={"every_steps": 7, "keep_last": 5, "resume": "never"}),
-        make_params(tmp_path / "x", max_steps=3, log_every_steps=1, mask_examples=2),
+        make_params(checkpoint={"every_steps": 7, "keep_last": 5, "resume": "never"}),
+        make_params(max_steps=3, log_every_steps=1, mask_examples=2),
     ]
     assert all(training_fingerprint(p, N, D) == fp for p in same)
     different = [
-        make_params(tmp_path / "x", optimizer={"lr": 2e-3}),
-        make_params(tmp_path / "x", seed=1),
-        make_params(tmp_path / "x", epochs=3),
-        make_params(tmp_path / "x", batch_size=16),
-        make_params(tmp_path / "x", masking={"num_masking_patches": 10}),
-        make_params(tmp_path / "x", model={"overrides": {"depth": 2}}),
-        make_params(tmp_path / "x", augmentation={"enabled": True}),
+        make_params(optimizer={"lr": 2e-3}),
+        make_params(seed=1),
+        make_params(epochs=3),
+        make_params(batch_size=16),
+        make_params(masking={"num_masking_patches": 10}),
+        make_params(model={"overrides": {"depth": 2}}),
+        make_params(augmentation={"enabled": True}),
     ]
     fps = {training_fingerprint(p, N, D) for p in different}
     assert fp not in fps and len(fps) == len(different)
@@ -238,13 +239,13 @@ def test_fingerprint_covers_what_shapes_the_trajectory(tmp_path):
 def test_resume_never_restarts_and_leaves_a_resumable_folder(tmp_path, data):
     """A restart over a finished run's folder must not delete its own new checkpoint in favour of stale ones."""
     root = tmp_path / "ckpt"
-    full = _run(make_params(root), data)  # steps 1..8 -> step_6, step_8
-    restart = _run(make_params(root, max_steps=3, checkpoint={"every_steps": 3, "resume": "never"}), data)
+    full = _run(make_params(), data, root)  # steps 1..8 -> step_6, step_8
+    restart = _run(make_params(max_steps=3, checkpoint={"every_steps": 3, "resume": "never"}), data, root)
     assert restart.resumed_from_step == 0 and len(restart.history) == 3
     folder = _only_fingerprint_dir(root)
     latest = (folder / "latest").read_text().strip()
     assert latest == "step_3" and _step_tags(folder) == ["step_3"]
-    resumed = _run(make_params(root), data)
+    resumed = _run(make_params(), data, root)
     assert resumed.resumed_from_step == 3 and len(resumed.history) == 5
     for got, want in zip(resumed.model.state_dict().values(), full.model.state_dict().values(), strict=True):
         assert torch.equal(got, want)
@@ -252,11 +253,11 @@ def test_resume_never_restarts_and_leaves_a_resumable_folder(tmp_path, data):
 
 def test_batch_larger_than_the_data_is_refused(tmp_path, data):
     with pytest.raises(ValueError, match="batch_size 64 exceeds the 32"):
-        _run(make_params(tmp_path / "ckpt", batch_size=64), data)
+        _run(make_params(batch_size=64), data, tmp_path / "ckpt")
 
 
 # ------------------------------------------------------------------------------------------- masks and data order
-def _recorded_run(params: PretrainParams, data, monkeypatch):
+def _recorded_run(params: PretrainParams, data, monkeypatch, checkpoint_dir: Path):
     """Run, recording per step the sample indices the targets were looked up for and the masks the student got."""
     images, targets = data
     seen_indices, seen_masks = [], []
@@ -271,13 +272,13 @@ def _recorded_run(params: PretrainParams, data, monkeypatch):
         return targets[indices]
 
     monkeypatch.setattr(loop, "EvaMIM", RecordingMIM)
-    run_pretraining(params, images, target_fn, D, progress=False)
+    run_pretraining(params, images, target_fn, D, checkpoint_dir=checkpoint_dir, progress=False)
     return seen_indices, seen_masks
 
 
 def test_batches_and_masks_are_pure_functions_of_the_seed(tmp_path, data, monkeypatch):
-    params = make_params(tmp_path / "s0", checkpoint={"resume": "never"})
-    indices, masks = _recorded_run(params, data, monkeypatch)
+    params = make_params(checkpoint={"resume": "never"})
+    indices, masks = _recorded_run(params, data, monkeypatch, tmp_path / "s0")
     assert len(indices) == len(masks) == 8
     masker = make_mask_generator(params, grid=7)
     for step, (idx, mask) in enumerate(zip(indices, masks, strict=True)):
@@ -297,13 +298,13 @@ def test_batches_and_masks_are_pure_functions_of_the_seed(tmp_path, data, monkey
     assert sum(not torch.equal(first[i], second[i]) for i in range(N)) > N // 2
 
     indices_again, masks_again = _recorded_run(
-        make_params(tmp_path / "s0b", checkpoint={"resume": "never"}), data, monkeypatch
+        make_params(checkpoint={"resume": "never"}), data, monkeypatch, tmp_path / "s0b"
     )
     assert all(np.array_equal(a, b) for a, b in zip(indices, indices_again, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(masks, masks_again, strict=True))
 
     indices_1, masks_1 = _recorded_run(
-        make_params(tmp_path / "s1", seed=1, checkpoint={"resume": "never"}), data, monkeypatch
+        make_params(seed=1, checkpoint={"resume": "never"}), data, monkeypatch, tmp_path / "s1"
     )
     assert not all(np.array_equal(a, b) for a, b in zip(indices, indices_1, strict=True))
     by_index_0 = {
@@ -329,9 +330,9 @@ def test_compiled_student_trains_like_the_eager_one(tmp_path, data):
     params = {"epochs": 1, "checkpoint": {"resume": "never"}, "max_steps": 3}
     from torch._dynamo.utils import counters
 
-    eager = _run(make_params(tmp_path / "eager", **params), data)
+    eager = _run(make_params(**params), data, tmp_path / "eager")
     counters.clear()
-    compiled = _run(make_params(tmp_path / "compiled", compile=True, **params), data)
+    compiled = _run(make_params(compile=True, **params), data, tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured and compiled the student's graph
     assert [r["step"] for r in compiled.history] == [1.0, 2.0, 3.0]
     np.testing.assert_allclose(
@@ -367,21 +368,21 @@ def test_every_step_is_seeded_from_seed_rank_and_step(tmp_path, data, monkeypatc
     monkeypatch.setattr(
         loop, "step_seed", lambda seed, rank, step: seen.append((seed, rank, step)) or real(seed, rank, step)
     )
-    _run(make_params(tmp_path / "a", seed=3, max_steps=5, **DROP_PATH), data)
+    _run(make_params(seed=3, max_steps=5, **DROP_PATH), data, tmp_path / "a")
     assert seen == [(3, 0, step) for step in range(5)]
 
 
 def test_resume_with_drop_path_is_bit_identical(tmp_path, data):
     """Interrupted at step 4 and resumed, a run with drop path ends bit for bit where the uninterrupted one does."""
-    a = _run(make_params(tmp_path / "a", **DROP_PATH), data)
-    _run(make_params(tmp_path / "b", max_steps=4, **DROP_PATH), data)
-    b = _run(make_params(tmp_path / "b", **DROP_PATH), data)
+    a = _run(make_params(**DROP_PATH), data, tmp_path / "a")
+    _run(make_params(max_steps=4, **DROP_PATH), data, tmp_path / "b")
+    b = _run(make_params(**DROP_PATH), data, tmp_path / "b")
     assert b.resumed_from_step == 4 and b.steps == a.steps == 8
     for (name, got), want in zip(b.model.state_dict().items(), a.model.state_dict().values(), strict=True):
         assert torch.equal(got, want), name
     assert [h["loss"] for h in b.run_history] == [h["loss"] for h in a.history]
     # drop path really acts: the same run without it ends elsewhere
-    c = _run(make_params(tmp_path / "c", model={"overrides": {"depth": 2}}), data)
+    c = _run(make_params(model={"overrides": {"depth": 2}}), data, tmp_path / "c")
     assert not torch.equal(c.model.state_dict()["lm_head.weight"], a.model.state_dict()["lm_head.weight"])
 
 
@@ -408,7 +409,7 @@ def _step_inputs(params: PretrainParams, data, step: int):
 def test_train_step_records_and_is_a_function_of_its_inputs(tmp_path, data):
     """Two engines built alike and stepped alike (interleaved, so they share the global torch generator) record the
     same steps and end with the same weights: the step reseeds drop path from (seed, rank, step) itself."""
-    params = make_params(tmp_path / "unused", **DROP_PATH)
+    params = make_params(**DROP_PATH)
     engines = [_tiny_engine(params), _tiny_engine(params)]
     for engine in engines:
         engine.train()
@@ -438,6 +439,6 @@ def test_the_loop_records_what_train_step_returns(tmp_path, data, monkeypatch):
     returned = []
     real = loop.train_step
     monkeypatch.setattr(loop, "train_step", lambda *a, **k: returned.append(real(*a, **k)) or returned[-1])
-    result = _run(make_params(tmp_path / "t", max_steps=3), data)
+    result = _run(make_params(max_steps=3), data, tmp_path / "t")
     assert len(returned) == 3 and all(a is b for a, b in zip(result.history, returned, strict=True))
     assert all(set(r) == STEP_KEYS for r in result.history)

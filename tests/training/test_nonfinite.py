@@ -32,9 +32,8 @@ class NaNTargets:
         return torch.full_like(out, float("nan")) if self.poisoned_calls(self.calls) else out
 
 
-def _params(tmp_path, name, **changes):
+def _params(**changes):
     return make_params(
-        tmp_path / name,
         checkpoint={"every_steps": 4, "keep_last": 2},
         nonfinite={"max_consecutive_skips": 3, "max_rollbacks": 2},
         **changes,
@@ -52,11 +51,13 @@ def test_guard_counts_and_limits():
 
 def test_nan_steps_are_skipped_then_rolled_back_to_an_identical_result(tmp_path, data):
     images, targets = data
-    clean = run_pretraining(_params(tmp_path, "clean"), images, cached_targets(targets), D, progress=False)
+    clean = run_pretraining(
+        _params(), images, cached_targets(targets), D, checkpoint_dir=tmp_path / "clean", progress=False
+    )
 
     # Steps 5, 6, 7 (calls 5-7) are poisoned once: 3 skips in a row -> back to the step-4 checkpoint -> replay clean.
     injected = NaNTargets(targets, lambda call: 5 <= call <= 7)
-    result = run_pretraining(_params(tmp_path, "nan"), images, injected, D, progress=False)
+    result = run_pretraining(_params(), images, injected, D, checkpoint_dir=tmp_path / "nan", progress=False)
 
     skipped = [r["step"] for r in result.history if r["step_skipped"]]
     assert skipped == [5.0, 6.0, 7.0]
@@ -73,7 +74,7 @@ def test_nan_steps_are_skipped_then_rolled_back_to_an_identical_result(tmp_path,
 def test_a_single_skipped_step_does_not_roll_back(tmp_path, data):
     images, targets = data
     injected = NaNTargets(targets, lambda call: call == 6)
-    result = run_pretraining(_params(tmp_path, "one"), images, injected, D, progress=False)
+    result = run_pretraining(_params(), images, injected, D, checkpoint_dir=tmp_path / "one", progress=False)
     assert [r["step"] for r in result.history if r["step_skipped"]] == [6.0]
     assert injected.calls == 8  # no replay
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
@@ -81,9 +82,9 @@ def test_a_single_skipped_step_does_not_roll_back(tmp_path, data):
 
 def test_persistent_nan_stops_after_the_allowed_rollbacks_and_keeps_the_good_checkpoint(tmp_path, data):
     images, targets = data
-    params = _params(tmp_path, "stuck")
+    params, stuck = _params(), tmp_path / "stuck"
     with pytest.raises(NonFiniteTrainingError, match=r"after 2 rollback\(s\).*last good checkpoint is kept"):
-        run_pretraining(params, images, NaNTargets(targets, lambda call: call >= 5), D, progress=False)
+        run_pretraining(params, images, NaNTargets(targets, lambda call: call >= 5), D, checkpoint_dir=stuck)
     (folder,) = [p for p in (tmp_path / "stuck").iterdir() if p.is_dir()]
     assert (folder / "latest").read_text().strip() == "step_4"
     assert (folder / "step_4").is_dir()
@@ -92,4 +93,6 @@ def test_persistent_nan_stops_after_the_allowed_rollbacks_and_keeps_the_good_che
 def test_nan_before_the_first_checkpoint_is_a_clear_error(tmp_path, data):
     images, targets = data
     with pytest.raises(NonFiniteTrainingError, match="before the first checkpoint"):
-        run_pretraining(_params(tmp_path, "early"), images, NaNTargets(targets, lambda call: True), D, progress=False)
+        run_pretraining(
+            _params(), images, NaNTargets(targets, lambda call: True), D, checkpoint_dir=tmp_path, progress=False
+        )

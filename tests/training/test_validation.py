@@ -80,13 +80,16 @@ def test_evaluating_changes_nothing_and_is_recorded_when_due(tmp_path, held_out)
     train = torch.from_numpy(read_idx(FMNIST)[100:132].copy()).unsqueeze(1)
     targets = torch.randn(32, 49, D, generator=torch.Generator().manual_seed(4))
     changes = {"model": {"overrides": {"depth": 2, "drop_path_rate": 0.5}}, "max_steps": 5}
-    plain = run_pretraining(make_params(tmp_path / "a", **changes), train, cached_targets(targets), D, progress=False)
+    plain = run_pretraining(
+        make_params(**changes), train, cached_targets(targets), D, checkpoint_dir=tmp_path / "a", progress=False
+    )
     logged = []
     validated = run_pretraining(
-        make_params(tmp_path / "b", **changes),
+        make_params(**changes),
         train,
         cached_targets(targets),
         D,
+        checkpoint_dir=tmp_path / "b",
         progress=False,
         validation=valset,
         metrics_fn=lambda step, metrics: logged.append((step, metrics)),

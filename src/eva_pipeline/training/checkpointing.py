@@ -51,8 +51,8 @@ def ensure_writable(root: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise CheckpointError(
-            f"the checkpoint folder {root} is not writable ({exc.strerror or exc}); set pretrain.checkpoint.dir to a "
-            f"writable location"
+            f"the checkpoint folder {root} is not writable ({exc.strerror or exc}); point the checkpoint folder (the "
+            f"pretrain_checkpoints catalog entry) at a writable location"
         ) from exc
 
 
@@ -73,7 +73,8 @@ def save(engine: Any, root: Path, step: int, keep_last: int, client_state: dict)
         latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else "none yet"
         raise CheckpointError(
             f"saving checkpoint {root / tag} failed ({exc.strerror or exc}; disk full?). The last complete checkpoint "
-            f"({latest}) is intact; free space or change pretrain.checkpoint.dir and re-run to resume from it"
+            f"({latest}) is intact; free space or move the checkpoint folder (the "
+            f"pretrain_checkpoints catalog entry) and re-run to resume from it"
         ) from exc
     _barrier()
     if engine.global_rank == 0:

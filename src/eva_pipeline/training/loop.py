@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -268,6 +269,8 @@ def run_pretraining(
     pixels: torch.Tensor | object,
     targets: TargetFn | object,
     target_dim: int,
+    *,
+    checkpoint_dir: str | os.PathLike[str],
     metrics_fn: MetricsFn | None = None,
     progress: bool = True,
     data_fingerprint: str = "",
@@ -281,16 +284,18 @@ def run_pretraining(
     targets`` called on every batch (the online teacher). Batches stream through
     :func:`~eva_pipeline.loader.batches.batch_loader` with ``params.loader.num_workers`` workers.
 
-    Writes resumable DeepSpeed checkpoints to ``params.checkpoint.dir`` and returns the trained student (the caller
-    stores it, e.g. in the official EVA-01 format). ``data_fingerprint`` identifies the images and targets (e.g.
-    manifest digest and teacher) so that a checkpoint is never resumed on other data of the same size.
+    Writes resumable DeepSpeed checkpoints under ``checkpoint_dir`` (one sub-folder per training configuration,
+    resumed from there; in the pipeline the ``pretrain_checkpoints`` catalog folder) every
+    ``params.checkpoint.every_steps`` steps and returns the trained student (the caller stores it, e.g. in the
+    official EVA-01 format). ``data_fingerprint`` identifies the images and targets (e.g. manifest digest and
+    teacher) so that a checkpoint is never resumed on other data of the same size.
     ``validation``: held-out images and targets whose fixed-mask loss is recorded as ``val_loss`` every
     ``validation.every_steps`` steps and at the last step.
     """
     if isinstance(pixels, torch.Tensor):
         pixels = TensorPixels(pixels)
     stored = targets if hasattr(targets, "get") and hasattr(targets, "views_per_item") else None
-    run = _setup(params, pixels, stored, target_dim, data_fingerprint)
+    run = _setup(params, pixels, stored, target_dim, data_fingerprint, Path(checkpoint_dir))
 
     history: list[dict[str, float]] = []
     trajectory = RunHistory(run.ckpt_dir / RUN_HISTORY_FILE, enabled=run.rank == 0)
@@ -348,7 +353,9 @@ def run_pretraining(
     )
 
 
-def _setup(params: PretrainParams, pixels: object, stored: object, target_dim: int, data_fingerprint: str) -> _Run:
+def _setup(
+    params: PretrainParams, pixels: object, stored: object, target_dim: int, data_fingerprint: str, checkpoint_dir: Path
+) -> _Run:
     """Check the settings, build the engine over the initial student and resume it from its latest checkpoint."""
     device = resolve_device(params.device)
     check_precision(params.precision, device)
@@ -361,7 +368,7 @@ def _setup(params: PretrainParams, pixels: object, stored: object, target_dim: i
 
     fingerprint = training_fingerprint(params, num_items, target_dim, data_fingerprint)
     # One folder per training configuration: changed settings start a new run and never touch another's state.
-    ckpt_dir = Path(params.checkpoint.dir) / fingerprint
+    ckpt_dir = checkpoint_dir / fingerprint
     checkpointing.ensure_writable(ckpt_dir)
 
     model = initial_student(params, target_dim)

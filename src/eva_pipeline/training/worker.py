@@ -39,6 +39,7 @@ class RunSpec(RunFile):
     images: str  # the manifest Parquet; its "pretrain" rows, in order, are the sample indices
     target_dim: int
     output_dir: str
+    checkpoint_dir: str  # resumable state, one sub-folder per training configuration
     targets_store: str | None = None  # cached targets; None -> online teacher
     teacher: dict[str, Any] | None = None
     teacher_device: str = "auto"
@@ -89,6 +90,7 @@ def run(spec: RunSpec) -> None:
         ManifestPixels(ParquetRows(spec.images, "pretrain")),  # streamed: no rank holds the listing
         _targets(spec, rank),
         spec.target_dim,
+        checkpoint_dir=spec.checkpoint_dir,
         metrics_fn=logger,
         data_fingerprint=spec.data_fingerprint,
         validation=_validation(spec, params),

@@ -45,7 +45,7 @@ def _probe_inputs(workspace, **pretrain_changes):
     workspace.run("evaluation")
     c = workspace.catalog
     evaluation = c.load("params:evaluation").model_copy(update={"include_teacher": False})
-    pretrain = c.load("params:pretrain").model_copy(update=pretrain_changes)
+    pretrain = c.load("student_config").model_copy(update=pretrain_changes)
     return c.load("manifest"), c.load("eva_student"), evaluation, pretrain, c.load("params:teacher_targets")
 
 

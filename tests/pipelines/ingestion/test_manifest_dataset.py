@@ -9,7 +9,7 @@ import pytest
 from kedro.io import DatasetError
 
 from eva_pipeline.config import IngestionParams
-from eva_pipeline.datasets import ManifestDataset
+from eva_pipeline.datasets import JsonLinesDataset, ManifestDataset
 from eva_pipeline.manifest import Manifest, manifest_digest, select_split
 from eva_pipeline.pipelines.common import split_rows
 from eva_pipeline.pipelines.ingestion.nodes import build_manifest as build_manifest_node
@@ -17,21 +17,20 @@ from eva_pipeline.pipelines.ingestion.nodes import build_manifest as build_manif
 
 @pytest.fixture(scope="module")
 def node_output(tmp_path_factory, pl):
-    """The ingestion node on 40 + 30 embedded images, cache and rejections under tmp."""
+    """The ingestion node on 40 + 30 embedded images, its scan cache under tmp."""
     root = tmp_path_factory.mktemp("manifest_dataset")
     params = pl.base_params()["ingestion"]
     for source, limit in zip(params["sources"], (40, 30), strict=True):
         source["limit"] = limit
         for key in ("images", "labels"):
             source[key] = str(pl.PROJECT_ROOT / source[key])
-    params["cache_dir"] = str(root / "02_intermediate" / "ingestion_cache")
-    params["rejections_path"] = str(root / "08_reporting" / "rejections.jsonl")
-    handle, report = build_manifest_node(IngestionParams.model_validate(params))
-    return root, handle, report
+    cache = root / "02_intermediate" / "ingestion_cache"
+    handle, report, rejections = build_manifest_node(IngestionParams.model_validate(params), cache)
+    return root, handle, report, rejections
 
 
 def test_node_returns_an_owned_handle_and_save_moves_it(node_output):
-    root, handle, report = node_output
+    root, handle, report, rejections = node_output
     assert isinstance(handle, Manifest) and handle.num_rows == report["totals"]["kept"] == 70
     temp_dir = handle.path.parent
     assert temp_dir.parent == root / "02_intermediate" and temp_dir.name.startswith(".manifest-")
@@ -43,11 +42,16 @@ def test_node_returns_an_owned_handle_and_save_moves_it(node_output):
     loaded = dataset.load()
     assert isinstance(loaded, Manifest) and loaded.path == root / "03_primary" / "manifest.parquet"
     pd.testing.assert_frame_equal(loaded.to_pandas(), frame)
+    assert rejections.parent == root / "02_intermediate" and rejections.is_file()  # until its dataset moves it
+    listing = JsonLinesDataset(filepath=str(root / "08_reporting" / "rejections.jsonl"))
+    listing.save(rejections)
+    assert len(listing.load()) == report["totals"]["rejected"] and "rejections_file" not in report
     assert sorted(p.name for p in (root / "02_intermediate").iterdir()) == ["ingestion_cache"]
+    assert any(p.suffix == ".sqlite" for p in (root / "02_intermediate" / "ingestion_cache").iterdir())
 
 
 def test_save_accepts_a_dataframe_and_a_loaded_manifest(node_output, tmp_path):
-    _, handle, _ = node_output
+    _, handle, _, _ = node_output
     frame = handle.to_pandas()
     a = ManifestDataset(filepath=str(tmp_path / "a.parquet"))
     a.save(frame)
@@ -63,7 +67,7 @@ def test_save_accepts_a_dataframe_and_a_loaded_manifest(node_output, tmp_path):
 
 
 def test_split_rows_accepts_both(node_output, tmp_path):
-    _, handle, _ = node_output
+    _, handle, _, _ = node_output
     frame = handle.to_pandas()
     for split in ("pretrain", "probe"):
         rows = split_rows(handle, split)
@@ -77,6 +81,6 @@ def test_split_rows_accepts_both(node_output, tmp_path):
 
 
 def test_catalog_entry_uses_the_dataset(pl):
-    entry = pl.read_yaml(pl.CONF_BASE / "catalog.yml")["manifest"]
+    entry = pl.read_catalog()["manifest"]
     assert entry == {"type": "eva_pipeline.datasets.ManifestDataset", "filepath": "data/03_primary/manifest.parquet"}
     assert Path(entry["filepath"]).suffix == ".parquet"

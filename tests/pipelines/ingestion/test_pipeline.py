@@ -65,6 +65,20 @@ def test_catalog_loads_a_lazy_manifest(workspace, pl):
     assert beside == ["manifest.parquet"]
 
 
+def test_rejections_and_scan_cache_are_catalog_datasets(workspace):
+    """The listing of rejected items and the incremental scan cache are where the catalog says, nowhere else."""
+    workspace.run("ingestion")
+    report = json.loads(workspace.path("ingestion_report").read_text())
+    assert workspace.catalog.load("ingestion_rejections") == []  # the embedded data decodes cleanly
+    assert workspace.path("ingestion_rejections").is_file() and "rejections_file" not in report
+    cache = workspace.catalog.load("ingestion_scan_cache")
+    assert cache == workspace.path("ingestion_scan_cache") and sorted(p.suffix for p in cache.iterdir()) == [
+        ".sqlite",
+        ".sqlite",
+    ]  # one database per source
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no temporary file left beside it
+
+
 def test_source_table_is_the_composition_with_a_total(workspace, pl):
     workspace.run("ingestion")
     table = pd.read_csv(workspace.path("ingestion_sources"))

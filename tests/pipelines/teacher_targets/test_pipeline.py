@@ -1,4 +1,7 @@
-"""The teacher_targets pipeline alone: receipt, the target store on disk, and reuse of the store on a re-run."""
+"""The teacher_targets pipeline alone: receipt, the target store on disk, and reuse of the store on a re-run.
+
+The store is the folder of the ``teacher_targets`` catalog entry (the node writes into it as
+``teacher_targets_store``); the receipt lies in it and names no path."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from eva_pipeline.datasets import RECEIPT_FILE, TeacherTargets
 from eva_pipeline.loader.heldout import validation_rows
 from eva_pipeline.loader.pixels import load_images
 from eva_pipeline.loader.transforms import resize_uint8, to_model_input
@@ -20,7 +24,7 @@ GRID, TARGET_DIM = 7, 112  # eva_tiny_patch4_28: 28 px / patch 4; EfficientNet-L
 
 
 def _receipt(workspace) -> dict:
-    return json.loads(workspace.path("teacher_targets_receipt").read_text())
+    return json.loads((workspace.path("teacher_targets") / RECEIPT_FILE).read_text())
 
 
 def _store_files(store: Path) -> dict[str, int]:
@@ -42,12 +46,16 @@ def test_receipt_describes_the_stored_targets(workspace, pl):
     assert receipt["grid"] == [GRID, GRID] and receipt["img_size"] == 28
     assert receipt["target_dim"] == TARGET_DIM
     assert receipt["manifest_digest"] == manifest_digest(select_split(manifest, "pretrain"))
-    assert Path(receipt["store"]) == Path(workspace.params["teacher_targets"]["output_dir"])
+    assert "store" not in receipt and receipt["fingerprint"]["manifest_digest"] == receipt["manifest_digest"]
+    targets = workspace.catalog.load("teacher_targets")  # what training gets
+    assert isinstance(targets, TeacherTargets) and targets.store_root == workspace.path("teacher_targets")
+    assert targets.store_root.is_relative_to(workspace.root)  # the catalog's folder, under the test's tmp
+    assert targets.receipt() == receipt and targets.reader().shape[-1] == TARGET_DIM
 
 
 def test_store_on_disk_holds_one_target_per_patch(workspace, pl):
     workspace.run("teacher_targets")
-    store = Path(_receipt(workspace)["store"])
+    store = workspace.path("teacher_targets")
 
     assert (store / "meta.json").is_file() and sorted(store.glob("shard_*.pt"))
     targets = TargetStore(store).load()
@@ -58,7 +66,7 @@ def test_store_on_disk_holds_one_target_per_patch(workspace, pl):
 
 def test_rerun_reuses_the_store_without_calling_the_teacher(workspace, monkeypatch):
     workspace.run("teacher_targets")
-    store = Path(_receipt(workspace)["store"])
+    store = workspace.path("teacher_targets")
     before, receipt_before = _store_files(store), _receipt(workspace)
     calls = []
     real_build = extract_mod.create_teacher
@@ -71,7 +79,9 @@ def test_rerun_reuses_the_store_without_calling_the_teacher(workspace, monkeypat
     workspace.run_again("teacher_targets")
 
     assert calls == []
-    assert _store_files(store) == before  # no shard or meta.json rewritten
+    assert {k: v for k, v in _store_files(store).items() if k != RECEIPT_FILE} == {
+        k: v for k, v in before.items() if k != RECEIPT_FILE
+    }  # no shard or meta.json rewritten (the receipt is saved again, the same)
     assert _receipt(workspace) == receipt_before
 
 
@@ -81,7 +91,8 @@ def test_validation_store_holds_the_teachers_targets_of_evenly_spaced_held_out_i
     validation = _receipt(workspace)["validation"]
     wanted = workspace.params["teacher_targets"]["validation"]["num_images"]
     assert validation["split"] == "probe" and validation["num_images"] == wanted
-    assert Path(validation["store"]) == Path(workspace.params["teacher_targets"]["output_dir"]) / "validation"
+    store = workspace.catalog.load("teacher_targets").validation_root
+    assert store == workspace.path("teacher_targets") / "validation"
 
     probe = select_split(pd.read_parquet(workspace.path("manifest")), "probe")
     rows = validation_rows(len(probe), wanted)
@@ -90,6 +101,6 @@ def test_validation_store_holds_the_teachers_targets_of_evenly_spaced_held_out_i
     inputs = to_model_input(torch.stack([resize_uint8(im, 28) for im in images]), 28)
     teacher = create_teacher("efficientnet_lite0", block_index=10)
     expected = teacher.targets(inputs, (GRID, GRID))
-    stored = TargetStore(validation["store"]).load()
+    stored = TargetStore(store).load(validation["fingerprint"])
     assert stored.shape == expected.shape == (wanted, GRID * GRID, TARGET_DIM)
     torch.testing.assert_close(stored.float(), expected.float(), atol=2e-2, rtol=1e-2)  # fp16 storage

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
+from eva_pipeline.datasets import TeacherTargetsDataset
 from eva_pipeline.loader.batches import BatchPlan, PretrainBatches
 from eva_pipeline.loader.pixels import ManifestPixels
 from eva_pipeline.loader.rows import FrameRows
@@ -36,21 +37,22 @@ def stored(workspace, tmp_path_factory):
             **params["teacher_targets"],
             "views_per_image": K,
             "shard_size": 20,
-            "output_dir": str(tmp_path_factory.mktemp("views")),
             "validation": {"num_images": 0},
         }  # no probe rows here
     )
     pretrain = PretrainParams.model_validate(
         {**params["pretrain"], "augmentation": {"enabled": True, "scale": [0.3, 1.0]}, "batch_size": 16}
     )
-    receipt = compute_teacher_targets(rows, teacher, pretrain)
-    return rows, teacher, pretrain, receipt
+    store = tmp_path_factory.mktemp("views")
+    dataset = TeacherTargetsDataset(filepath=str(store))
+    dataset.save(compute_teacher_targets(rows, store, teacher, pretrain))  # checks the store is complete
+    return rows, teacher, pretrain, dataset.load()
 
 
 def test_training_batches_carry_the_crop_and_target_the_teacher_made(stored):
-    rows, teacher_params, pretrain, receipt = stored
-    assert receipt["views_per_image"] == K
-    reader = TargetStore(receipt["store"]).reader()
+    rows, teacher_params, pretrain, targets = stored
+    assert targets.views_per_image == K and targets.fingerprint["views"]["k"] == K
+    reader = targets.reader()
     assert reader.num_items == IMAGES and reader.views_per_item == K and reader.has_crops
     plan = BatchPlan(
         pixels=ManifestPixels(FrameRows(rows)),
@@ -85,17 +87,14 @@ def test_training_batches_carry_the_crop_and_target_the_teacher_made(stored):
 
 
 def test_rerun_with_other_views_recomputes_and_same_views_reuses(stored, tmp_path):
-    rows, teacher_params, pretrain, receipt = stored
-    shutil.copytree(receipt["store"], tmp_path / "copy")  # the module's store stays as the other tests expect it
-    teacher_params = TeacherTargetsParams.model_validate(
-        {**teacher_params.model_dump(mode="json"), "output_dir": str(tmp_path / "copy")}
-    )
+    rows, teacher_params, pretrain, targets = stored
+    shutil.copytree(targets.store_root, tmp_path / "copy")  # the module's store stays as the other tests expect it
     store = TargetStore(tmp_path / "copy")
     before = {p.name: p.stat().st_mtime_ns for p in store.root.glob("shard_*")}
-    compute_teacher_targets(rows, teacher_params, pretrain)
+    compute_teacher_targets(rows, store.root, teacher_params, pretrain)
     assert {p.name: p.stat().st_mtime_ns for p in store.root.glob("shard_*")} == before  # reused, not recomputed
     other = PretrainParams.model_validate({**pretrain.model_dump(mode="json"), "seed": pretrain.seed + 1})
-    compute_teacher_targets(rows, teacher_params, other)
+    compute_teacher_targets(rows, store.root, teacher_params, other)
     after = {p.name: p.stat().st_mtime_ns for p in store.root.glob("shard_*")}
     assert set(after) != set(before)  # another seed draws other crops: a new store layout
 
@@ -114,31 +113,28 @@ def test_preflight_ties_views_to_augmentation(stored):
 def test_training_node_trains_on_stored_views(stored, tmp_path):
     from eva_pipeline.pipelines.train_student.nodes import pretrain_student
 
-    rows, teacher_params, pretrain, receipt = stored
-    params = PretrainParams.model_validate(
-        {**pretrain.model_dump(mode="json"), "max_steps": 4, "checkpoint": {"dir": str(tmp_path / "ckpt")}}
-    )
-    _model, history, summary, _ = pretrain_student(rows, receipt, params, teacher_params)
+    rows, teacher_params, pretrain, targets = stored
+    params = PretrainParams.model_validate({**pretrain.model_dump(mode="json"), "max_steps": 4})
+    _model, history, summary, _ = pretrain_student(rows, targets, tmp_path / "ckpt", params, teacher_params)
     assert list(history["step"]) == [1, 2, 3, 4] and np.isfinite(history["loss"]).all()
     assert summary["steps"] == 4.0
 
 
 @pytest.mark.slow
 def test_two_extraction_ranks_launched_by_the_node_write_the_same_store(stored, tmp_path):
-    rows, teacher_params, pretrain, receipt = stored
+    rows, teacher_params, pretrain, targets = stored
     ranks = TeacherTargetsParams.model_validate(
         {
             **teacher_params.model_dump(mode="json"),
-            "output_dir": str(tmp_path / "two"),
             "world_size": 2,
             "device": "cpu",
             "distributed": {"launcher": "torchrun", "master_port": 29611},
         }
     )
-    two = compute_teacher_targets(rows, ranks, pretrain)
+    two = compute_teacher_targets(rows, tmp_path / "two", ranks, pretrain)
     assert (tmp_path / ".two_launch" / "ranks.log").read_text().count("rank") >= 2  # one progress bar per rank
-    one_targets, one_crops = TargetStore(receipt["store"]).load(with_crops=True)
-    two_targets, two_crops = TargetStore(two["store"]).load(with_crops=True)
+    one_targets, one_crops = TargetStore(targets.store_root).load(with_crops=True)
+    two_targets, two_crops = TargetStore(tmp_path / "two").load(two["fingerprint"], with_crops=True)
     torch.testing.assert_close(two_crops, one_crops, rtol=0, atol=0)
     torch.testing.assert_close(two_targets, one_targets, rtol=1e-3, atol=1e-3)  # other thread counts: fp16 ulps
-    assert two["target_dim"] == receipt["target_dim"]
+    assert two["target_dim"] == targets.target_dim and two["fingerprint"] == targets.fingerprint

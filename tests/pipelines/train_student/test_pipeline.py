@@ -55,7 +55,7 @@ def test_summary_and_figures(workspace, pl):
     assert math.isfinite(summary["final_val_loss"])
     for figure in ("pretrain_loss_plot", "mask_examples_plot"):
         assert workspace.path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    resolved = yaml.safe_load(workspace.path("resolved_config").read_text())
+    resolved = yaml.safe_load(workspace.path("student_config").read_text())  # what this stage trained with
     assert resolved["pretrain"]["batch_size"] == pl.BATCH
     assert resolved["pretrain"]["augmentation"] == {  # defaults filled in
         "enabled": False,
@@ -63,13 +63,13 @@ def test_summary_and_figures(workspace, pl):
         "ratio": [0.75, 4 / 3],
         "flip_prob": 0.5,
     }
-    assert resolved["teacher_targets"]["teacher"]["kind"] == "efficientnet_lite0"
+    assert "dir" not in resolved["pretrain"]["checkpoint"]  # where checkpoints go is the catalog's
 
 
 def test_resumable_state_goes_to_the_configured_checkpoint_folder(workspace):
     workspace.run("train_student")
-    folder = workspace.root / "checkpoints"
-    assert any(p.is_file() for p in folder.rglob("*"))
+    folder = workspace.path("pretrain_checkpoints")
+    assert folder.is_relative_to(workspace.root) and any(p.is_file() for p in folder.rglob("*"))
 
 
 def test_rerun_over_a_finished_run_keeps_the_whole_history(workspace, pl):
@@ -143,9 +143,9 @@ def test_val_loss_is_the_fixed_mask_loss_of_the_held_out_images(workspace, pl):
     logged = history["val_loss"].dropna()
     assert list(logged.index) == [pl.STEPS - 1]  # every_steps (39) > STEPS: evaluated after the last step only
 
-    receipt = json.loads(workspace.path("teacher_targets_receipt").read_text())["validation"]
+    targets = workspace.catalog.load("teacher_targets")
     probe = select_split(pd.read_parquet(workspace.path("manifest")), "probe")
-    images = load_images(probe.iloc[validation_rows(len(probe), receipt["num_images"])])
+    images = load_images(probe.iloc[validation_rows(len(probe), targets.validation["num_images"])])
     x = to_model_input(torch.stack([resize_uint8(im, 28) for im in images]), 28)
     model = EvaMIM(get_config("eva_tiny_patch4_28", target_dim=TARGET_DIM)).eval()
     load_official_checkpoint(model, workspace.path("eva_student"))
@@ -153,6 +153,6 @@ def test_val_loss_is_the_fixed_mask_loss_of_the_held_out_images(workspace, pl):
     mask[:, ::2] = True
     with torch.no_grad():
         pred = model(x, mask)
-    target = TargetStore(receipt["store"]).load().float()[mask]
+    target = TargetStore(targets.validation_root).load().float()[mask]
     expected = -F.cosine_similarity(pred, target, dim=-1).mean().item()
     assert logged.iloc[0] == pytest.approx(expected, abs=2e-3)  # the saved weights are fp16

@@ -39,11 +39,14 @@ def linear_probe(
     manifest: Manifest | pd.DataFrame,
     student_state: dict[str, torch.Tensor],
     params: EvaluationParams,
-    pretrain: PretrainParams,
+    student: PretrainParams,
     teacher_params: TeacherTargetsParams,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Top-1 of one linear probe on held-out images: pre-trained student vs its random init, raw pixels (and the
     teacher), every encoder through the same readout, standardisation, classifier and split.
+
+    ``student``: the resolved student config (``student_config``), from which the probe rebuilds the student's
+    architecture and its initialisation (its seed).
 
     Returned twice: as plain JSON (DVC metrics) and in kedro-mlflow's metric format (logged to the run).
     """
@@ -54,7 +57,7 @@ def linear_probe(
     probe = _probe_config(params)
     train_idx, test_idx = split_probe(labels, probe)
     target_dim = int(student_state["lm_head.weight"].shape[0])
-    config = student_config(pretrain.model, target_dim=target_dim)
+    config = student_config(student.model, target_dim=target_dim)
     pixels = load_images(rows)
     images = to_model_input(pixels, config.img_size)
 
@@ -62,7 +65,7 @@ def linear_probe(
     load_official_checkpoint(pretrained, student_state)
     encoders = {  # key: (encoder, what it reads)
         "probe_top1_pretrained": (_patch_tokens(pretrained), images),
-        "probe_top1_random": (_patch_tokens(initial_student(pretrain, target_dim)), images),  # training's start
+        "probe_top1_random": (_patch_tokens(initial_student(student, target_dim)), images),  # training's start
         "probe_top1_raw_pixels": (_raw_pixels, pixels),
     }
     if params.include_teacher:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -15,30 +16,35 @@ from eva_pipeline.ingest.scan import SourceSpec
 from eva_pipeline.manifest import Manifest
 
 
-def build_manifest(params: IngestionParams) -> tuple[Manifest, dict]:
-    """Index every configured source into one manifest; the report counts what was found, kept and rejected.
+def build_manifest(params: IngestionParams, scan_cache: Path) -> tuple[Manifest, dict, Path]:
+    """Index every configured source into one manifest; the report counts what was found, kept and rejected, and
+    every rejected item (unreadable, corrupt, too small, ...) is listed with its reason in a JSON-lines file.
 
-    Every rejected item (unreadable, corrupt, too small, ...) is listed with its reason in ``rejections_path``.
-    With ``cache_dir`` a re-run reads only the files / shards that are new or changed since the last run.
+    ``scan_cache``: the folder of the incremental scan cache (``ingestion_scan_cache``), updated in place: a re-run
+    reads only the files / shards that are new or changed since the last run.
 
-    The manifest is written in row groups to a temporary Parquet file (next to ``cache_dir`` when set, so on the
-    data disk; else in the system temp folder) and returned as a :class:`~eva_pipeline.manifest.Manifest` handle that
-    owns it: the ``manifest`` dataset (``eva_pipeline.datasets.ManifestDataset``) moves the file into place.
-    Memory does not grow with the number of images.
+    The manifest is written in row groups to a temporary Parquet file and the rejections to a temporary file, both
+    next to the scan cache (on the data disk); the manifest returns as a :class:`~eva_pipeline.manifest.Manifest`
+    handle that owns its file, the rejections as the file's path, and their datasets (``manifest``,
+    ``ingestion_rejections``) move them into place. Memory does not grow with the number of images.
     """
     specs = [SourceSpec(**s.model_dump(), decode_workers=params.decode_workers) for s in params.sources]
-    work_root = None if params.cache_dir is None else Path(params.cache_dir).parent
-    if work_root is not None:
-        work_root.mkdir(parents=True, exist_ok=True)
+    work_root = Path(scan_cache).parent
+    work_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".manifest-", dir=work_root))
+    handle, name = tempfile.mkstemp(prefix=".rejections-", suffix=".jsonl", dir=work_root)
+    os.close(handle)
+    rejections = Path(name)
     try:
         built, report = write_manifest(
-            specs, tmp / "manifest.parquet", rejections_path=params.rejections_path, cache_dir=params.cache_dir
+            specs, tmp / "manifest.parquet", rejections_path=rejections, cache_dir=scan_cache
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        rejections.unlink(missing_ok=True)
         raise
-    return Manifest(built.path, owned_dir=tmp), report
+    report.pop("rejections_file", None)  # a temporary path: the listing is the ingestion_rejections dataset
+    return Manifest(built.path, owned_dir=tmp), report, rejections
 
 
 SOURCE_TABLE_COLUMNS: tuple[str, ...] = (

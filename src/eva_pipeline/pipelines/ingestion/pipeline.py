@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from eva_pipeline import preflight
 from eva_pipeline.pipelines.ingestion.nodes import build_manifest, source_metrics, source_table
 
 
@@ -8,9 +9,10 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 build_manifest,
-                inputs="params:ingestion",
-                outputs=["manifest", "ingestion_report"],
+                inputs=["params:ingestion", "ingestion_scan_cache"],
+                outputs=["manifest", "ingestion_report", "ingestion_rejections"],
                 name="build_manifest",
+                tags=[preflight.SOURCES],
             ),
             Node(source_table, inputs="ingestion_report", outputs="ingestion_sources", name="source_table"),
             Node(source_metrics, inputs="ingestion_sources", outputs="ingestion_metrics", name="source_metrics"),

@@ -1,4 +1,4 @@
-"""The full demo: ingestion -> teacher_targets -> train_student -> evaluation, as one pipeline.
+"""The full demo: ingestion -> student_config -> teacher_targets -> train_student -> evaluation, as one pipeline.
 
 A package of its own because Kedro loads only the requested pipeline packages (``kedro run --pipeline pretrain``).
 """

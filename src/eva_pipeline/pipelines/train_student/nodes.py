@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from eva_pipeline.config import PretrainParams, TeacherTargetsParams
+from eva_pipeline.datasets import TeacherTargets
 from eva_pipeline.evaluation import loss_curve, mask_overview
 from eva_pipeline.loader.batches import BatchPlan, PretrainBatches
 from eva_pipeline.loader.pixels import ManifestPixels
@@ -19,7 +20,6 @@ from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import build_teacher, manifest_file, split_source, student_config
 from eva_pipeline.preflight import check_augmentation, raise_if_problems
 from eva_pipeline.runtime.launch import launch
-from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.tracking import active_run_logger
 from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator, run_pretraining
 from eva_pipeline.training.validation import ValidationSet, open_validation_set
@@ -28,38 +28,47 @@ from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 
 def pretrain_student(
     manifest: Manifest | pd.DataFrame,
-    targets_receipt: dict,
+    teacher_targets: TeacherTargets,
+    checkpoints: Path,
     params: PretrainParams,
     teacher_params: TeacherTargetsParams,
 ) -> tuple[nn.Module, pd.DataFrame, dict, Figure]:
     """Pre-train the student; per-step metrics stream to the MLflow run while it trains.
 
-    World size 1 trains in this process; more ranks are launched as workers on a frozen run file (same loop).
+    ``params``: the resolved student config (``student_config``). ``teacher_targets``: what the teacher_targets
+    stage made (the stored targets' reader, or the teacher to run
+    online; the validation set's targets). ``checkpoints``: the folder (``pretrain_checkpoints``) the run resumes
+    from and checkpoints into, one sub-folder per training configuration. World size 1 trains in this process; more
+    ranks are launched as workers on a frozen run file (same loop), written with their log into
+    ``checkpoints/launch/``.
     """
     rows = split_source(manifest, "pretrain")  # streamed by the loader: the listing is never held in memory
     raise_if_problems(check_augmentation(params, teacher_params))
+    t = teacher_targets
     data_fingerprint = json.dumps(
-        {k: targets_receipt.get(k) for k in ("manifest_digest", "teacher", "mode", "views_per_image")}, sort_keys=True
+        {
+            "manifest_digest": t.manifest_digest,
+            "teacher": t.teacher,
+            "mode": t.mode,
+            "views_per_image": t.views_per_image,
+        },
+        sort_keys=True,
     )
-    cached = targets_receipt["mode"] == "cached"
-    if targets_receipt["num_items"] != len(rows):
+    if t.num_items != len(rows):
         raise ValueError(
-            f"the teacher_targets receipt covers {targets_receipt['num_items']} images but the manifest has "
-            f"{len(rows)} pre-training images: re-run the teacher_targets pipeline"
+            f"the teacher targets cover {t.num_items} images but the manifest has {len(rows)} pre-training images: "
+            "re-run the teacher_targets pipeline"
         )
-    if "target_dim" not in targets_receipt:
-        raise ValueError("the teacher_targets receipt predates target_dim: re-run the teacher_targets pipeline")
-    target_dim = int(targets_receipt["target_dim"])  # known without building the teacher (stored, or its config)
-    validation = targets_receipt.get("validation")
+    target_dim = t.target_dim  # known without building the teacher (stored, or its config)
     if params.world_size > 1:  # each rank builds its own online teacher, on its own GPU
         model, records, steps = _train_distributed(
-            manifest, targets_receipt, params, teacher_params, target_dim, data_fingerprint
+            manifest, t, checkpoints, params, teacher_params, target_dim, data_fingerprint
         )
     else:
-        if cached:
-            targets = TargetStore(targets_receipt["store"]).reader()  # read by the loader, with their crops
+        if t.cached:
+            targets = t.reader()  # read by the loader, with their crops
         else:
-            teacher, grid = build_teacher(teacher_params.teacher, teacher_params.device), tuple(targets_receipt["grid"])
+            teacher, grid = build_teacher(teacher_params.teacher, teacher_params.device), t.grid
 
             def targets(index: Tensor, x: Tensor) -> Tensor:
                 return teacher.targets(x, grid)
@@ -69,11 +78,12 @@ def pretrain_student(
             ManifestPixels(rows),
             targets,
             target_dim,
+            checkpoint_dir=checkpoints,
             metrics_fn=active_run_logger(prefix="pretrain/"),
             data_fingerprint=data_fingerprint,
             validation=None
-            if validation is None
-            else _validation_set(split_source(manifest, validation["split"]), validation, params),
+            if t.validation is None
+            else _validation_set(split_source(manifest, t.validation["split"]), t, params),
         )
         model, records, steps = result.model, result.run_history, result.steps  # the whole run, even resumed
     history = pd.DataFrame(records)
@@ -86,10 +96,14 @@ def pretrain_student(
     return model, history, _summary(records, steps), figure
 
 
-def _validation_set(rows, receipt: dict, params: PretrainParams) -> ValidationSet:
+def _validation_set(rows, teacher_targets: TeacherTargets, params: PretrainParams) -> ValidationSet:
     config = student_config(params.model)
     return open_validation_set(
-        rows, receipt["store"], config.img_size, params.validation.every_steps, params.validation.batch_size
+        rows,
+        str(teacher_targets.validation_root),
+        config.img_size,
+        params.validation.every_steps,
+        params.validation.batch_size,
     )
 
 
@@ -123,14 +137,15 @@ def _summary(records: list[dict], steps: int) -> dict[str, float]:
 
 def _train_distributed(
     manifest: Manifest | pd.DataFrame,
-    receipt: dict,
+    teacher_targets: TeacherTargets,
+    checkpoints: Path,
     params: PretrainParams,
     teacher_params: TeacherTargetsParams,
     target_dim: int,
     data_fingerprint: str,
 ) -> tuple[nn.Module, list[dict], int]:
     """Launch ``world_size`` ranks on a frozen run file; rank 0 writes the weights and history read back here."""
-    run_dir = Path(params.checkpoint.dir) / "launch"
+    run_dir = Path(checkpoints) / "launch"
     run_dir.mkdir(parents=True, exist_ok=True)
     mlflow_run = None
     logger = active_run_logger(prefix="pretrain/")
@@ -141,12 +156,13 @@ def _train_distributed(
         images=manifest_file(manifest, "pretrain", run_dir / "pretrain_images.parquet"),
         target_dim=target_dim,
         output_dir=str(run_dir),
-        targets_store=receipt.get("store") if receipt["mode"] == "cached" else None,
+        checkpoint_dir=str(checkpoints),
+        targets_store=None if teacher_targets.store_root is None else str(teacher_targets.store_root),
         teacher=teacher_params.teacher.model_dump(mode="json"),
         teacher_device=teacher_params.device,
         data_fingerprint=data_fingerprint,
         mlflow=mlflow_run,
-        validation=_validation_spec(manifest, receipt.get("validation"), run_dir),
+        validation=_validation_spec(manifest, teacher_targets, run_dir),
     )
     for stale in (WEIGHTS_FILE, HISTORY_FILE):
         (run_dir / stale).unlink(missing_ok=True)
@@ -157,12 +173,13 @@ def _train_distributed(
     return model, written["history"], int(written["steps"])
 
 
-def _validation_spec(manifest: Manifest | pd.DataFrame, receipt: dict | None, run_dir: Path) -> dict | None:
+def _validation_spec(manifest: Manifest | pd.DataFrame, teacher_targets: TeacherTargets, run_dir: Path) -> dict | None:
     """Where the ranks find the validation set: its target store and the held-out split's rows."""
-    if receipt is None:
+    validation = teacher_targets.validation
+    if validation is None:
         return None
-    rows = manifest_file(manifest, receipt["split"], run_dir / f"{receipt['split']}_images.parquet")
-    return {**receipt, "manifest": rows}
+    rows = manifest_file(manifest, validation["split"], run_dir / f"{validation['split']}_images.parquet")
+    return {"store": str(teacher_targets.validation_root), "split": validation["split"], "manifest": rows}
 
 
 def draw_mask_examples(manifest: Manifest | pd.DataFrame, params: PretrainParams) -> Figure:
@@ -186,13 +203,3 @@ def draw_mask_examples(manifest: Manifest | pd.DataFrame, params: PretrainParams
     batch = PretrainBatches(plan, 0, 1).batch(0)
     grid = config.grid_size
     return mask_overview(batch.images, batch.mask.numpy().reshape(-1, grid, grid), max_images=count)
-
-
-def resolve_run_config(params: PretrainParams, teacher_params: TeacherTargetsParams) -> dict:
-    """The settings that shape the student, every default filled in, as the run used them (an MLflow artifact).
-
-    Of the teacher block only what the student depends on (which teacher, cached or online) is recorded, so the
-    record changes exactly when DVC's tracked parameters of this stage do.
-    """
-    teacher = teacher_params.model_dump(mode="json", include={"teacher", "mode"})
-    return {"pretrain": params.model_dump(mode="json"), "teacher_targets": teacher}

@@ -1,0 +1,152 @@
+"""Which pre-flight checks a run gets: chosen from its nodes' tags and the datasets they consume, never their names.
+
+One function (``eva_pipeline.preflight.select_checks``) serves the pre-flight hook and the dry run; these tests run
+the hook on registered pipelines and slices of them with the check functions recorded (nothing is really checked).
+"""
+
+from __future__ import annotations
+
+import pytest
+from kedro.framework.project import configure_project
+from kedro.pipeline import Pipeline
+
+from eva_pipeline import preflight
+from eva_pipeline.hooks import PreflightHook
+from eva_pipeline.pipeline_registry import register_pipelines
+from eva_pipeline.preflight import SOURCES, STORED_STUDENT_CONFIG, TEACHER, TRAINING, PreflightError
+
+#: The check functions the selected checks run, by the name recorded.
+FUNCTIONS = ("check_sources", "check_model", "check_world_size", "check_augmentation", "check_teacher")
+
+
+@pytest.fixture(scope="module")
+def registry() -> dict[str, Pipeline]:
+    configure_project("eva_pipeline")
+    return register_pipelines()
+
+
+class _Catalog:
+    """The ``params:<block>`` entries a session's catalog holds (plain dicts, as before validation)."""
+
+    def __init__(self, params: dict[str, dict]) -> None:
+        self.params = params
+
+    def load(self, name: str):
+        return self.params[name.removeprefix("params:")]
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace the check functions by recorders: which ones a run calls (device checks by what they check)."""
+    calls: list[str] = []
+
+    def device(*args, what: str = "pretrain", **kwargs) -> list[str]:
+        calls.append(f"device:{what}")
+        return []
+
+    for name in FUNCTIONS:
+        monkeypatch.setattr(preflight, name, lambda *a, _name=name, **k: calls.append(_name) or [])
+    monkeypatch.setattr(preflight, "check_device", device)
+    return calls
+
+
+def _hook(pipeline: Pipeline, params: dict, runtime_params: dict | None = None) -> None:
+    PreflightHook().before_pipeline_run({"runtime_params": runtime_params or {}}, pipeline, _Catalog(params))
+
+
+def _renamed(pipeline: Pipeline) -> Pipeline:
+    return Pipeline([node._copy(name=f"step_{i}") for i, node in enumerate(pipeline.nodes)])
+
+
+SELECTED = {
+    "ingestion": [SOURCES],
+    "student_config": [],
+    "teacher_targets": [TEACHER, STORED_STUDENT_CONFIG],
+    "train_student": [TRAINING, STORED_STUDENT_CONFIG],
+    "evaluation": [TEACHER, STORED_STUDENT_CONFIG],
+    "pretrain": [SOURCES, TRAINING, TEACHER],
+}
+
+
+@pytest.mark.parametrize("name", list(SELECTED))
+def test_each_pipeline_selects_the_checks_its_nodes_declare(name, registry):
+    assert preflight.select_checks(registry[name].nodes) == SELECTED[name]
+
+
+@pytest.mark.parametrize("name", list(SELECTED))
+def test_renaming_the_nodes_changes_no_check(name, registry):
+    renamed = _renamed(registry[name])
+    assert {n.name for n in renamed.nodes}.isdisjoint(n.name for n in registry[name].nodes)
+    assert preflight.select_checks(renamed.nodes) == SELECTED[name]
+
+
+def test_slices_get_exactly_their_nodes_checks(registry):
+    pretrain = registry["pretrain"]
+    # --from-nodes pretrain_student: training and the probe; the stored student config, none of the sources
+    assert preflight.select_checks(pretrain.from_nodes("pretrain_student").nodes) == [
+        TRAINING,
+        TEACHER,
+        STORED_STUDENT_CONFIG,
+    ]
+    # --to-nodes compute_teacher_targets: ingestion, the config and the teacher
+    assert preflight.select_checks(pretrain.to_nodes("compute_teacher_targets").nodes) == [SOURCES, TEACHER]
+    assert preflight.select_checks(pretrain.only_nodes("plot_probe").nodes) == []  # draws a figure, needs nothing
+
+
+def test_the_hook_runs_the_selected_checks_only(registry, recorded, pl):
+    params = pl.base_params()
+    _hook(registry["evaluation"], params)
+    assert recorded == ["check_teacher", "device:teacher_targets"]
+    recorded.clear()
+    _hook(registry["ingestion"], params)
+    assert recorded == ["check_sources"]
+    recorded.clear()
+    _hook(registry["pretrain"].from_nodes("pretrain_student"), params)
+    assert recorded == [
+        "check_model",
+        "device:pretrain",
+        "check_world_size",
+        "check_augmentation",
+        "check_teacher",
+        "device:teacher_targets",
+    ]
+    recorded.clear()
+    _hook(_renamed(registry["pretrain"]), params)  # the whole run: every check, whatever the nodes are called
+    assert set(recorded) == {*FUNCTIONS, "device:pretrain", "device:teacher_targets"}
+
+
+def test_training_with_the_online_teacher_checks_the_teacher_too(registry, recorded, pl):
+    params = pl.base_params()
+    _hook(registry["train_student"], params)
+    assert "check_teacher" not in recorded  # cached targets: training never builds the teacher
+    recorded.clear()
+    params["teacher_targets"]["mode"] = "online"
+    _hook(registry["train_student"], params)
+    assert recorded[-2:] == ["check_teacher", "device:teacher_targets"]
+
+
+def test_pretrain_overrides_without_the_student_config_pipeline_are_refused(registry, recorded, pl):
+    params = pl.base_params()
+    with pytest.raises(PreflightError, match=r"--params pretrain\.epochs,pretrain\.optimizer\.lr.*student_config"):
+        _hook(registry["train_student"], params, {"pretrain": {"epochs": 2, "optimizer": {"lr": 5e-4}}})
+    _hook(registry["train_student"], params, {"teacher_targets": {"batch_size": 8}})  # not the pretrain block
+    _hook(registry["student_config"] + registry["train_student"], params, {"pretrain": {"epochs": 2}})  # resolved
+    _hook(registry["pretrain"], params, {"pretrain": {"epochs": 2}})
+
+
+def test_the_dry_run_uses_the_same_selection(registry, monkeypatch, pl):
+    from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
+    from eva_pipeline.dry_run import dry_run
+
+    seen: list[list[str]] = []
+    real = preflight.run_checks
+    monkeypatch.setattr(preflight, "run_checks", lambda checks, *a, **k: seen.append(list(checks)) or real(checks, *a))
+    params = pl.base_params()
+    blocks = (
+        IngestionParams.model_validate(params["ingestion"]),
+        TeacherTargetsParams.model_validate(params["teacher_targets"]),
+        PretrainParams.model_validate(params["pretrain"]),
+    )
+    for name in ("pretrain", "evaluation"):
+        dry_run(*blocks, num_images=10_000, nodes=_renamed(registry[name]).nodes)
+    assert seen == [SELECTED["pretrain"], SELECTED["evaluation"]]
