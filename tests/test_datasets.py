@@ -25,7 +25,8 @@ from eva_pipeline.datasets import (
     TeacherTargets,
     TeacherTargetsDataset,
 )
-from eva_pipeline.targets.store import TargetStore, TargetStoreError
+from eva_pipeline.targets.layout import TargetStoreError
+from eva_pipeline.targets.store import TargetStore
 from eva_test_support import make_params
 
 ITEMS, TOKENS, DIM = 6, 4, 3

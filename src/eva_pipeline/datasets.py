@@ -24,7 +24,8 @@ from torch import nn
 from eva_pipeline.config import PretrainParams
 from eva_pipeline.manifest import Manifest, write_frame
 from eva_pipeline.models import extract_state_dict, save_official_checkpoint
-from eva_pipeline.targets.store import TargetStore, TargetStoreError
+from eva_pipeline.targets.layout import TargetStoreError
+from eva_pipeline.targets.store import TargetStore
 
 
 class EvaCheckpointDataset(AbstractDataset[nn.Module, dict[str, torch.Tensor]]):
