@@ -10,7 +10,7 @@ Three training steps are timed in one process, on the same batch, masks and prec
     loss ``-cosine.mean()``; ``torch.optim.AdamW`` + ``clip_grad_norm_(3.0)``; autocast for bf16/fp16 (+ GradScaler
     for fp16).
 ``ours_online``
-    ``eva_pipeline.training.loop.train_step``, the very step ``run_pretraining`` runs (not a copy of it): ``EvaMIM``
+    ``eva_pipeline.training.step.train_step``, the very step ``run_pretraining`` runs (not a copy of it): ``EvaMIM``
     (lm_head on masked tokens only), ``mim_cosine_loss``, DeepSpeed engine (ZeRO-1) from ``initialize_engine`` over
     ``build_adamw(param_groups(..))``, targets from ``OpenClipTeacher.targets`` every step.
 ``ours_cached``
@@ -260,7 +260,7 @@ def make_batch(cfg: BenchConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 
 # train_step marks its own forward/backward/optimizer ranges with this prefix
-# (eva_pipeline.training.loop.STEP_PHASE_PREFIX); the reference step and the targets use it too.
+# (eva_pipeline.training.step.STEP_PHASE_PREFIX); the reference step and the targets use it too.
 PHASE_PREFIX = "step::"
 
 
@@ -395,7 +395,7 @@ def pretrain_params(cfg: BenchConfig, device: torch.device, precision: str, zero
 
 
 class OursStep:
-    """``eva_pipeline.training.loop.train_step`` (the step ``run_pretraining`` runs) over one engine, after the
+    """``eva_pipeline.training.step.train_step`` (the step ``run_pretraining`` runs) over one engine, after the
     loop's host->device copy; ``target_fns[targets](index, images)`` selects online or cached targets."""
 
     def __init__(
@@ -412,8 +412,8 @@ class OursStep:
         from eva_pipeline.models import EvaMIM
         from eva_pipeline.teachers import OpenClipTeacher
         from eva_pipeline.training.engine import check_precision, initialize_engine
-        from eva_pipeline.training.loop import cached_targets
         from eva_pipeline.training.optim import AdamWConfig, build_adamw, param_groups
+        from eva_pipeline.training.step import cached_targets
 
         check_precision(precision, device)
         self.device, self.dtype = device, PRECISIONS[precision]
@@ -438,7 +438,7 @@ class OursStep:
         self.step = 0  # train_step seeds drop path from (seed, rank, step), as the loop does
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor, targets: str) -> float:
-        from eva_pipeline.training.loop import train_step
+        from eva_pipeline.training.step import train_step
 
         device = self.device
         mask = masks.to(device, non_blocking=True)

@@ -28,7 +28,7 @@ from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.manifest import select_split
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import build_teacher, student_config
-from eva_pipeline.training.loop import initial_student
+from eva_pipeline.training.recipe import initial_student
 
 
 def load_params(conf: str, env: str, overrides: list[str]) -> dict:

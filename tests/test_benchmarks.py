@@ -130,16 +130,16 @@ def test_benchmark_runs_and_reports(bench_module, monkeypatch, tmp_path, capsys)
 
 
 def test_our_step_is_the_loops_train_step(bench_module, monkeypatch):
-    """``ours_*`` time ``eva_pipeline.training.loop.train_step`` itself, not a copy; its profiler ranges share the
+    """``ours_*`` time ``eva_pipeline.training.step.train_step`` itself, not a copy; its profiler ranges share the
     benchmark's prefix, so ``--profile`` names its phases."""
-    from eva_pipeline.training import loop
+    from eva_pipeline.training import step
 
     bm = bench_module
-    assert bm.PHASE_PREFIX == loop.STEP_PHASE_PREFIX
+    assert bm.PHASE_PREFIX == step.STEP_PHASE_PREFIX
     bench = bm.build_bench(tiny_config(bm), torch.device("cpu"), zero_stage=0)
     calls = []
-    real = loop.train_step
-    monkeypatch.setattr(loop, "train_step", lambda *a, **k: calls.append(k["step"]) or real(*a, **k))
+    real = step.train_step
+    monkeypatch.setattr(step, "train_step", lambda *a, **k: calls.append(k["step"]) or real(*a, **k))
     losses = [bench.steps["ours_cached"](), bench.steps["ours_online"]()]
     assert calls == [0, 1] and all(isinstance(v, float) for v in losses)
 

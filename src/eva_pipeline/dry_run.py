@@ -23,7 +23,7 @@ from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsP
 from eva_pipeline.loader.batches import batch_masks
 from eva_pipeline.teachers import create_teacher_skeleton
 from eva_pipeline.training.engine import deepspeed_config
-from eva_pipeline.training.loop import make_optimizer, make_plan, make_schedule, make_student
+from eva_pipeline.training.recipe import make_optimizer, make_plan, make_schedule, make_student
 from eva_pipeline.training.validation import validation_mask
 
 #: Sample indices of step 0 shown in the report.

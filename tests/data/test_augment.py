@@ -17,7 +17,7 @@ from eva_pipeline.loader.augment import RandomResizedCropFlip, View, view_rng
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import mask_rng
 from eva_pipeline.models import EvaMIM
-from eva_pipeline.training import loop
+from eva_pipeline.training import loop, recipe
 
 DRAWS = 2000
 
@@ -175,7 +175,7 @@ def test_teacher_sees_exactly_the_students_augmented_input(tmp_path, monkeypatch
         teacher_inputs.append((indices.clone(), x.clone()))
         return targets[indices]
 
-    monkeypatch.setattr(loop, "EvaMIM", RecordingMIM)
+    monkeypatch.setattr(recipe, "EvaMIM", RecordingMIM)  # make_student builds the student
     params = PretrainParams.model_validate(
         {
             "model": {

@@ -24,7 +24,8 @@ from eva_pipeline.models import CheckpointError, create_model, extract_state_dic
 from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.checkpointing import COMPLETE_MARKER
-from eva_pipeline.training.loop import cached_targets, run_pretraining
+from eva_pipeline.training.loop import run_pretraining
+from eva_pipeline.training.step import cached_targets
 from eva_pipeline.training.worker import WEIGHTS_FILE, RunSpec
 from eva_test_support import make_params
 

@@ -18,7 +18,8 @@ from eva_pipeline.loader.rows import ParquetRows
 from eva_pipeline.models import EvaMIM, get_config, load_official_checkpoint
 from eva_pipeline.runtime.launch import WORKER_MODULE, launch, launch_command
 from eva_pipeline.targets.store import TargetStore
-from eva_pipeline.training.loop import cached_targets, run_pretraining
+from eva_pipeline.training.loop import run_pretraining
+from eva_pipeline.training.step import cached_targets
 from eva_pipeline.training.validation import open_validation_set
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 from eva_test_support import make_params

@@ -17,10 +17,12 @@ from eva_pipeline.config import PretrainParams
 from eva_pipeline.models import EvaMIM, get_config, get_layer_id
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.tracking import MlflowStepLogger
-from eva_pipeline.training import loop
+from eva_pipeline.training import loop, recipe
 from eva_pipeline.training.engine import check_precision, deepspeed_config, initialize_engine
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
+from eva_pipeline.training.schedule import WarmupCosineSchedule
+from eva_pipeline.training.step import cached_targets
 from eva_test_support import TINY, merge_nested
 from eva_test_support import make_params as make_tiny_params
 
@@ -101,13 +103,13 @@ def test_fp16_on_cpu_is_refused_before_any_work(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("work started before the precision check")
 
-    monkeypatch.setattr(loop, "EvaMIM", must_not_run)
+    monkeypatch.setattr(recipe, "EvaMIM", must_not_run)
     monkeypatch.setattr(loop, "initialize_engine", must_not_run)
     params = make_params(precision="fp16")
     images = torch.zeros((16, 1, 28, 28), dtype=torch.uint8)
     with pytest.raises(ValueError, match="fp16"):
         loop.run_pretraining(
-            params, images, loop.cached_targets(torch.zeros(16, 49, 8)), 8, checkpoint_dir=tmp_path / "ckpt"
+            params, images, cached_targets(torch.zeros(16, 49, 8)), 8, checkpoint_dir=tmp_path / "ckpt"
         )
     assert not (tmp_path / "ckpt").exists()
 
@@ -122,14 +124,14 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("work started before the device check")
 
-    monkeypatch.setattr(loop, "EvaMIM", must_not_run)
+    monkeypatch.setattr(recipe, "EvaMIM", must_not_run)
     monkeypatch.setattr(loop, "initialize_engine", must_not_run)
     images = torch.zeros((16, 1, 28, 28), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="cuda"):
         loop.run_pretraining(
             make_params(device="cuda"),
             images,
-            loop.cached_targets(torch.zeros(16, 49, 8)),
+            cached_targets(torch.zeros(16, 49, 8)),
             8,
             checkpoint_dir=tmp_path / "ckpt",
             progress=False,
@@ -220,12 +222,12 @@ def test_loop_lr_is_the_schedule_and_reaches_the_zero_groups(tmp_path, monkeypat
     result = loop.run_pretraining(
         params,
         images,
-        loop.cached_targets(torch.randn(24, 49, 8, generator=gen)),
+        cached_targets(torch.randn(24, 49, 8, generator=gen)),
         8,
         checkpoint_dir=tmp_path / "ckpt",
         progress=False,
     )
-    schedule = loop.WarmupCosineSchedule.from_epochs(2e-3, 1e-4, epochs=3, steps_per_epoch=3, warmup_epochs=1)
+    schedule = WarmupCosineSchedule.from_epochs(2e-3, 1e-4, epochs=3, steps_per_epoch=3, warmup_epochs=1)
     lrs = [h["lr"] for h in result.history]
     assert len(lrs) == 9
     assert lrs == pytest.approx([schedule(s) for s in range(9)], rel=1e-12, abs=0)
@@ -273,7 +275,7 @@ def test_run_pretraining_logs_every_n_steps_and_the_last(tmp_path):
     result = loop.run_pretraining(
         params,
         images,
-        loop.cached_targets(torch.randn(16, 49, 8, generator=gen)),
+        cached_targets(torch.randn(16, 49, 8, generator=gen)),
         8,
         checkpoint_dir=tmp_path / "ckpt",
         metrics_fn=MlflowStepLogger(run_id, uri, prefix="pretrain/"),

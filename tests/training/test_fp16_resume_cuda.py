@@ -30,7 +30,8 @@ INITIAL_SCALE_POWER = 12  # doubles every 2 steps to 2**15 by the checkpoint; ov
 WORKER = string.Template(r"""
 import json, os, signal, sys
 import torch
-from eva_pipeline.training.loop import cached_targets, run_pretraining
+from eva_pipeline.training.loop import run_pretraining
+from eva_pipeline.training.step import cached_targets
 from eva_test_support import make_params
 
 root, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]

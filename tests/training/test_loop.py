@@ -17,16 +17,13 @@ from eva_pipeline.loader.batches import batch_masks
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.masking import mask_rng
 from eva_pipeline.models import EvaMIM, get_config
-from eva_pipeline.training import loop
-from eva_pipeline.training.loop import (
-    cached_targets,
-    epoch_permutation,
-    make_mask_generator,
-    run_pretraining,
-    training_fingerprint,
-)
+from eva_pipeline.training import loop, recipe
+from eva_pipeline.training import step as step_module
+from eva_pipeline.training.loop import run_pretraining
 from eva_pipeline.training.optim import param_groups
+from eva_pipeline.training.recipe import epoch_permutation, make_mask_generator, training_fingerprint
 from eva_pipeline.training.schedule import WarmupCosineSchedule
+from eva_pipeline.training.step import cached_targets
 from eva_test_support import make_params
 
 FMNIST = Path(__file__).resolve().parents[2] / "data" / "01_raw" / "fashion_mnist" / "train-images-idx3-ubyte.gz"
@@ -183,9 +180,9 @@ def test_initial_student_is_where_training_starts(tmp_path, data):
     """``initial_student`` (also the probe's random-init baseline) is the model step 1 starts from."""
     params = make_params(max_steps=1, seed=3)
     trained = _run(params, data, tmp_path / "i").model.state_dict()  # step 1's LR is 0 (warmup from 0): nothing moves
-    start = loop.initial_student(params, D).state_dict()
+    start = recipe.initial_student(params, D).state_dict()
     assert all(torch.equal(trained[k], v) for k, v in start.items())
-    other = loop.initial_student(make_params(seed=4), D).state_dict()
+    other = recipe.initial_student(make_params(seed=4), D).state_dict()
     assert not all(torch.equal(other[k], v) for k, v in start.items())
 
 
@@ -271,7 +268,7 @@ def _recorded_run(params: PretrainParams, data, monkeypatch, checkpoint_dir: Pat
         seen_indices.append(indices.clone().numpy())
         return targets[indices]
 
-    monkeypatch.setattr(loop, "EvaMIM", RecordingMIM)
+    monkeypatch.setattr(recipe, "EvaMIM", RecordingMIM)  # make_student builds the student
     run_pretraining(params, images, target_fn, D, checkpoint_dir=checkpoint_dir, progress=False)
     return seen_indices, seen_masks
 
@@ -353,20 +350,20 @@ def test_ranks_and_steps_draw_different_drop_path_masks():
     layer = DropPath(0.5).train()
 
     def kept(rank: int, step: int) -> torch.Tensor:
-        torch.manual_seed(loop.step_seed(0, rank, step))
+        torch.manual_seed(recipe.step_seed(0, rank, step))
         return layer(torch.ones(256, 1, 1)).flatten() != 0
 
     assert torch.equal(kept(0, 5), kept(0, 5))  # a function of (seed, rank, step): a restart draws it again
     assert not torch.equal(kept(0, 5), kept(1, 5))  # two ranks, same step
     assert not torch.equal(kept(0, 5), kept(0, 6))  # one rank, next step
-    assert loop.step_seed(0, 0, 5) != loop.step_seed(1, 0, 5)  # and the run's seed
+    assert recipe.step_seed(0, 0, 5) != recipe.step_seed(1, 0, 5)  # and the run's seed
 
 
 def test_every_step_is_seeded_from_seed_rank_and_step(tmp_path, data, monkeypatch):
     seen = []
-    real = loop.step_seed
-    monkeypatch.setattr(
-        loop, "step_seed", lambda seed, rank, step: seen.append((seed, rank, step)) or real(seed, rank, step)
+    real = recipe.step_seed
+    monkeypatch.setattr(  # train_step seeds drop path through its own module's name
+        step_module, "step_seed", lambda seed, rank, step: seen.append((seed, rank, step)) or real(seed, rank, step)
     )
     _run(make_params(seed=3, max_steps=5, **DROP_PATH), data, tmp_path / "a")
     assert seen == [(3, 0, step) for step in range(5)]
@@ -393,8 +390,8 @@ STEP_KEYS = {"step", "loss", "lr", "grad_norm", "images_per_second", "epoch", "s
 def _tiny_engine(params: PretrainParams):
     from eva_pipeline.training.engine import initialize_engine
 
-    model = loop.initial_student(params, D)
-    return initialize_engine(model, loop.make_optimizer(model, params), params, torch.device("cpu"))
+    model = recipe.initial_student(params, D)
+    return initialize_engine(model, recipe.make_optimizer(model, params), params, torch.device("cpu"))
 
 
 def _step_inputs(params: PretrainParams, data, step: int):
@@ -417,7 +414,9 @@ def test_train_step_records_and_is_a_function_of_its_inputs(tmp_path, data):
     for step, lr in enumerate([1e-3, 5e-4, 1e-3]):
         x, mask, target, num_masked = _step_inputs(params, data, step)
         for engine, out in zip(engines, records, strict=True):
-            out.append(loop.train_step(engine, x, mask, target, lr, num_masked=num_masked, step=step, seed=3, epoch=0))
+            out.append(
+                step_module.train_step(engine, x, mask, target, lr, num_masked=num_masked, step=step, seed=3, epoch=0)
+            )
             torch.rand(7)  # whatever else draws from the generator in between must not matter
     for record in records[0]:
         assert set(record) == STEP_KEYS
@@ -426,7 +425,7 @@ def test_train_step_records_and_is_a_function_of_its_inputs(tmp_path, data):
     assert [r["step"] for r in records[0]] == [1.0, 2.0, 3.0] and [r["lr"] for r in records[0]] == [1e-3, 5e-4, 1e-3]
     timeless = [[{k: v for k, v in r.items() if k != "images_per_second"} for r in out] for out in records]
     assert timeless[0] == timeless[1]  # bit for bit (CPU fp32)
-    initial = loop.initial_student(params, D).state_dict()
+    initial = recipe.initial_student(params, D).state_dict()
     for (name, a), b in zip(
         engines[0].module.state_dict().items(), engines[1].module.state_dict().values(), strict=True
     ):
@@ -435,7 +434,7 @@ def test_train_step_records_and_is_a_function_of_its_inputs(tmp_path, data):
 
 
 def test_the_loop_records_what_train_step_returns(tmp_path, data, monkeypatch):
-    """``run_pretraining`` runs :func:`loop.train_step` once per step and logs its records (benchmarks time it)."""
+    """``run_pretraining`` runs ``step.train_step`` once per step and logs its records (the benchmark times it)."""
     returned = []
     real = loop.train_step
     monkeypatch.setattr(loop, "train_step", lambda *a, **k: returned.append(real(*a, **k)) or returned[-1])

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eva_pipeline.training.loop import NonFiniteGuard, NonFiniteTrainingError, cached_targets, run_pretraining
+from eva_pipeline.training.loop import run_pretraining
+from eva_pipeline.training.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from eva_pipeline.training.step import cached_targets
 from eva_test_support import make_params
 
 N, D = 32, 16  # batch 8 -> 4 steps per epoch, 8 steps in all

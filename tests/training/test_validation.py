@@ -16,7 +16,8 @@ from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.models import EvaMIM, get_config
 from eva_pipeline.targets.extract import teacher_views
 from eva_pipeline.targets.store import TargetStore
-from eva_pipeline.training.loop import cached_targets, run_pretraining
+from eva_pipeline.training.loop import run_pretraining
+from eva_pipeline.training.step import cached_targets
 from eva_pipeline.training.validation import ValidationSet, validation_loss, validation_mask
 from eva_test_support import TINY, make_params
 

@@ -24,7 +24,8 @@ from eva_pipeline.runtime.launch import RunFile
 from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.teachers import create_teacher
 from eva_pipeline.tracking import MlflowStepLogger
-from eva_pipeline.training.loop import TargetFn, run_pretraining
+from eva_pipeline.training.loop import run_pretraining
+from eva_pipeline.training.step import TargetFn
 from eva_pipeline.training.validation import ValidationSet, open_validation_set
 
 WEIGHTS_FILE = "student_fp32.pt"

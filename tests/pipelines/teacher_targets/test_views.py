@@ -21,7 +21,7 @@ from eva_pipeline.pipelines.common import build_teacher
 from eva_pipeline.pipelines.teacher_targets.nodes import compute_teacher_targets
 from eva_pipeline.preflight import PreflightError, check_augmentation, raise_if_problems
 from eva_pipeline.targets.store import TargetStore
-from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator
+from eva_pipeline.training.recipe import epoch_order, make_augmentation, make_mask_generator
 
 K, IMAGES = 2, 48
 

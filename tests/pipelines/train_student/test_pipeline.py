@@ -97,7 +97,7 @@ def test_mask_picture_shows_the_first_training_views(workspace):
     from eva_pipeline.loader.pixels import ManifestPixels
     from eva_pipeline.loader.rows import FrameRows
     from eva_pipeline.pipelines.train_student.nodes import draw_mask_examples
-    from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator
+    from eva_pipeline.training.recipe import epoch_order, make_augmentation, make_mask_generator
 
     workspace.run("ingestion")
     manifest = pd.read_parquet(workspace.path("manifest"))

@@ -13,7 +13,7 @@ from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.manifest import Manifest
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import build_teacher, split_rows, student_config
-from eva_pipeline.training.loop import initial_student
+from eva_pipeline.training.recipe import initial_student
 
 _LABELS = {
     "probe_top1_pretrained": "EVA student (pre-trained)",

@@ -21,7 +21,8 @@ from eva_pipeline.pipelines.common import build_teacher, manifest_file, split_so
 from eva_pipeline.preflight import check_augmentation, raise_if_problems
 from eva_pipeline.runtime.launch import launch
 from eva_pipeline.tracking import active_run_logger
-from eva_pipeline.training.loop import epoch_order, make_augmentation, make_mask_generator, run_pretraining
+from eva_pipeline.training.loop import run_pretraining
+from eva_pipeline.training.recipe import epoch_order, make_augmentation, make_mask_generator
 from eva_pipeline.training.validation import ValidationSet, open_validation_set
 from eva_pipeline.training.worker import HISTORY_FILE, WEIGHTS_FILE, RunSpec
 

@@ -1,0 +1,60 @@
+"""The per-step records of a whole run, kept next to its checkpoints so that a resumed run's curve is whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RUN_HISTORY_FILE = "history.jsonl"
+
+
+class RunHistory:
+    """The per-step records of a whole run, kept next to its checkpoints (JSON lines, rank 0).
+
+    A resumed run first drops the records after the checkpoint it resumed from (a crashed run logged steps that its
+    checkpoint does not contain), then appends; so the file always describes the trajectory that led to the current
+    weights, however many times the run was interrupted or rolled back, and the loss curve of a resumed run is whole.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        self._fh = None
+
+    def truncate(self, step: int) -> None:
+        """Keep the records of steps <= ``step`` (none for 0); written atomically."""
+        if not self.enabled:
+            return
+        self.close()
+        kept = [r for r in self.read() if r["step"] <= step] if step > 0 else []
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
+    def append(self, record: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self._fh is None:
+            self._fh = self.path.open("a")
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def read(self) -> list[dict[str, float]]:
+        if not self.enabled:
+            return []
+        self.close()
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash: the rest is intact
+                continue
+        return out
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,39 @@
+"""What the loop does when steps keep coming out non-finite: count them, roll back, and stop with advice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training kept producing non-finite losses or gradients even after rolling back; the message says what to try."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; asks for a rollback after ``max_consecutive_skips``.
+
+    DeepSpeed already skips a step whose gradients are not finite (and lowers the fp16 loss scale); a run that keeps
+    skipping is stuck, so it is rolled back to the last checkpoint, at most ``max_rollbacks`` times. (The public EVA
+    code's equivalent path reloads a checkpoint it never saved.)
+    """
+
+    max_consecutive_skips: int
+    max_rollbacks: int
+    consecutive: int = 0
+    rollbacks: int = 0
+
+    def observe(self, applied: bool) -> bool:
+        """Record one step; True when the caller must roll back now."""
+        self.consecutive = 0 if applied else self.consecutive + 1
+        if self.consecutive < self.max_consecutive_skips:
+            return False
+        if self.rollbacks >= self.max_rollbacks:
+            raise NonFiniteTrainingError(
+                f"{self.consecutive} consecutive non-finite steps after {self.rollbacks} rollback(s): training is "
+                f"stuck. Lower pretrain.optimizer.lr, use precision bf16 instead of fp16, or check the inputs and "
+                f"teacher targets for NaN/inf; the last good checkpoint is kept"
+            )
+        self.consecutive = 0
+        self.rollbacks += 1
+        return True
