@@ -11,6 +11,7 @@ from eva_pipeline.models import get_config
 from eva_pipeline.models.eva import EvaMIM
 from eva_pipeline.pipelines.evaluation import nodes
 from eva_pipeline.pipelines.evaluation.nodes import plot_probe
+from png_checks import assert_png_of
 
 TOP1 = ("probe_top1_pretrained", "probe_top1_random", "probe_top1_raw_pixels", "probe_top1_teacher")
 
@@ -33,8 +34,8 @@ def test_probe_metrics(workspace):
 
 def test_probe_figure(workspace):
     workspace.run("evaluation")
-    assert workspace.path("probe_plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     figure = plot_probe(json.loads(workspace.path("probe_metrics").read_text()))
+    assert_png_of(workspace.path("probe_plot"), figure, dpi=120, bbox_inches="tight")  # the catalog's save_args
     assert isinstance(figure, Figure)
     (ax,) = figure.axes
     bars = [t.get_text() for t in ax.get_yticklabels()]
