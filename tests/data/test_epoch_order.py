@@ -57,6 +57,7 @@ def _statistics(order: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> d
     }
 
 
+@pytest.mark.slow
 def test_batches_are_as_mixed_as_a_full_shuffle(sorted_manifest):
     """Per batch of 4096: distinct classes and shards within 2 % of torch.randperm's (measured: 2188.8 and 2191.4
     vs 2188.6 classes, 1027.6 and 1028.1 vs 1027.8 shards); no correlation of position with sample, source or the

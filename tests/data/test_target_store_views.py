@@ -250,6 +250,7 @@ def _assert_same_store(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_two_concurrent_rank_processes_over_a_stale_store(tmp_path, worker) -> None:
     script, ns = worker
     single = tmp_path / "single"

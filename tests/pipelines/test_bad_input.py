@@ -86,6 +86,7 @@ def test_idx_file_with_a_short_payload_is_named(kedro_project, tmp_path, pl):
     _assert_nothing_written(root, pl)
 
 
+@pytest.mark.slow
 def test_absent_teacher_weights_say_how_to_supply_them(kedro_project, tmp_path, pl):
     root = kedro_project()
     missing = tmp_path / "weights" / "efficientnet-lite0.pth"
@@ -120,6 +121,7 @@ def test_invalid_parameters_name_the_field(kedro_project, pl, runtime_params, ex
     assert _run_statuses(root) == []
 
 
+@pytest.mark.slow
 def test_more_masked_patches_than_the_grid_stops_before_ingestion(kedro_project, pl):
     root = kedro_project()
     with pytest.raises(PreflightError) as error:

@@ -27,6 +27,9 @@ EVA01_DATA = (
     "data/01_raw/imagenet1k/val",
 )
 
+# every test reads one whole `kedro run --env eva01` (its module fixture): `make test-fast` skips them
+pytestmark = pytest.mark.slow
+
 
 def _run_ids(store) -> set[str]:
     """Ids of the runs in the project's MLflow sqlite store (kedro-mlflow may create the empty store itself)."""
@@ -79,7 +82,6 @@ def _message(run: dict) -> str:
     return " ".join(output[start:].split())
 
 
-@pytest.mark.slow
 def test_stops_before_any_node_with_nothing_written(eva01_run):
     assert eva01_run["returncode"] != 0
     assert "Running node" not in eva01_run["output"]  # stopped in the preflight: no model, no teacher built

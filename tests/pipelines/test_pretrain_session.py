@@ -18,6 +18,9 @@ from mlflow.tracking import MlflowClient
 STEP_METRICS = ("pretrain/loss", "pretrain/lr", "pretrain/grad_norm", "pretrain/images_per_second")
 TOP1 = ("probe_top1_pretrained", "probe_top1_random", "probe_top1_teacher")
 
+# every test reads one whole KedroSession run (its module fixture): `make test-fast` skips them
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory, pl) -> dict:
@@ -38,7 +41,6 @@ def pretrain_run(tmp_path_factory, pl) -> dict:
     }
 
 
-@pytest.mark.slow
 def test_pretrain_session_run_end_to_end(pretrain_run, pl):
     root: Path = pretrain_run["root"]
     data = root / "data"

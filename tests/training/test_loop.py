@@ -322,6 +322,7 @@ def test_schedule_helper_matches_the_reference_formula():
     assert values[5] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * 1 / 4)))
 
 
+@pytest.mark.slow
 def test_compiled_student_trains_like_the_eager_one(tmp_path, data):
     """``pretrain.compile: true`` really runs through torch.compile (inductor on CPU) and follows the eager run."""
     params = {"epochs": 1, "checkpoint": {"resume": "never"}, "max_steps": 3}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from matplotlib.figure import Figure
 
@@ -50,6 +51,7 @@ def _probe_inputs(workspace, **pretrain_changes):
     return c.load("manifest"), c.load("eva_student"), evaluation, pretrain, c.load("params:teacher_targets")
 
 
+@pytest.mark.slow
 def test_random_baseline_is_the_student_at_its_training_seed(workspace, monkeypatch):
     """The random-init row is the student's own starting point: seeded by pretrain.seed, whatever else is seeded."""
     seen: list[EvaMIM] = []
@@ -68,6 +70,7 @@ def test_random_baseline_is_the_student_at_its_training_seed(workspace, monkeypa
     assert not torch.equal(pretrained.pos_embed, random_init.pos_embed)
 
 
+@pytest.mark.slow
 def test_readout_and_standardisation_reach_the_probe(workspace, monkeypatch):
     """``evaluation.probe.readout`` decides the feature width every encoder hands the probe."""
     widths: dict[str, list[int]] = {"concat": [], "mean": []}
