@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -46,3 +47,27 @@ def test_settings_register_the_project_hooks_and_soft_parameter_merge():
     assert {type(h) for h in settings.HOOKS} == {PreflightHook, MlflowRunHook}
     assert settings.CONFIG_LOADER_ARGS["merge_strategy"] == {"parameters": "soft"}
     assert settings.CONFIG_LOADER_ARGS["base_env"] == "base"
+
+
+def _readme_layout() -> str:
+    """The code block of the README's "## Layout" section."""
+    section = (PROJECT_ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1]
+
+
+UPSTREAM_FILES = {"main_pretrain.py", "engine_pretrain.py"}  # MAE's files, named as the model the layout follows
+
+
+def test_readme_layout_names_every_module_and_no_missing_file():
+    """A newcomer finds each concept's file from the README alone: every library module and package is named there,
+    and every file it names exists."""
+    layout = _readme_layout()
+    src = PROJECT_ROOT / "src" / "eva_pipeline"
+    library = [p for p in src.rglob("*.py") if "pipelines" not in p.relative_to(src).parts[:-1]]
+    unnamed = sorted(str(p.relative_to(src)) for p in library if p.name != "__init__.py" and p.name not in layout)
+    assert not unnamed, f"README layout does not name {unnamed}"
+    packages = sorted({p.parent.name for p in library if p.name == "__init__.py" and p.parent != src})
+    assert not [name for name in packages if f"{name}/" not in layout], packages
+    named = set(re.findall(r"[\w]+\.py\b", layout)) - UPSTREAM_FILES
+    existing = {p.name for folder in ("src", "scripts", "benchmarks") for p in (PROJECT_ROOT / folder).rglob("*.py")}
+    assert not sorted(named - existing), f"README layout names files that do not exist: {sorted(named - existing)}"
