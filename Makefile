@@ -42,9 +42,9 @@ test: lint
 	$(BIN)/python -m pytest
 
 # The edit-test loop: everything but the tests marked slow (multi-process launches, SIGKILL restarts, whole
-# sessions). `make test` and .ci/run still run everything.
+# sessions), spread over the cores by pytest-xdist. `make test` and .ci/run still run everything, in one process.
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n auto
 
 viz: $(STAMP)
 	$(BIN)/kedro viz build

@@ -187,7 +187,12 @@ def test_kinds_registered() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["eva_pipeline.ingest.readers", "eva_pipeline.ingest.build", "eva_pipeline.preflight"]
+    "module",
+    [
+        "eva_pipeline.ingest.readers",
+        "eva_pipeline.ingest.build",
+        pytest.param("eva_pipeline.preflight", marks=pytest.mark.slow),  # imports torch and the teachers: ~10 s
+    ],
 )
 def test_importing_registers_the_builtin_kinds(module) -> None:
     """In a fresh interpreter: the readers package, the build and preflight's source check see every built-in kind."""

@@ -106,8 +106,16 @@ def test_absent_teacher_weights_say_how_to_supply_them(kedro_project, tmp_path, 
     ("runtime_params", "expected"),
     [
         ({"pretrain": {"batch_size": 0}}, ["pretrain", "batch_size", "greater than or equal to 1"]),
-        ({"pretrain": {"optimizer": {"learning_rate": 0.1}}}, ["pretrain", "learning_rate", "Extra inputs"]),
-        ({"teacher_targets": {"mode": "sometimes"}}, ["teacher_targets", "mode", "'cached' or 'online'"]),
+        pytest.param(
+            {"pretrain": {"optimizer": {"learning_rate": 0.1}}},
+            ["pretrain", "learning_rate", "Extra inputs"],
+            marks=pytest.mark.slow,  # one Kedro session each: the fast subset keeps the first
+        ),
+        pytest.param(
+            {"teacher_targets": {"mode": "sometimes"}},
+            ["teacher_targets", "mode", "'cached' or 'online'"],
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["batch_size_0", "unknown_key", "bad_choice"],
 )
