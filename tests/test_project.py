@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 import eva_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,33 @@ def test_readme_layout_names_every_module_and_no_missing_file():
     named = set(re.findall(r"[\w]+\.py\b", layout)) - UPSTREAM_FILES
     existing = {p.name for folder in ("src", "scripts", "benchmarks") for p in (PROJECT_ROOT / folder).rglob("*.py")}
     assert not sorted(named - existing), f"README layout names files that do not exist: {sorted(named - existing)}"
+
+
+def _cycles(imports: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of a module graph (one per back edge of a depth-first search)."""
+    state: dict[str, int] = {}
+    found: list[list[str]] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        path.append(module)
+        for imported in sorted(imports.get(module, ())):
+            if state.get(imported) == 1:
+                found.append([*path[path.index(imported) :], imported])
+            elif imported in imports and not state.get(imported):
+                visit(imported, path)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(imports):
+        if not state.get(module):
+            visit(module, [])
+    return found
+
+
+def test_no_import_cycle_anywhere_in_src():
+    grimp = pytest.importorskip("grimp")  # installed with import-linter (test extras)
+    graph = grimp.build_graph("eva_pipeline")
+    imports = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]  # the search finds one
+    assert _cycles(imports) == []
