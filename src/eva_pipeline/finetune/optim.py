@@ -1,5 +1,6 @@
-"""AdamW with layer-wise LR decay for fine-tuning (EVA paper Sec. 3.1; EVA-01 ``run_class_finetuning.py`` and
-``optim_factory.py``, inherited from BEiT), built with timm's ``param_groups_layer_decay``.
+"""AdamW with layer-wise LR decay for fine-tuning (EVA paper, image classification; EVA-01
+``run_class_finetuning.py`` and ``optim_factory.py``, inherited from BEiT), built with timm's
+``param_groups_layer_decay``.
 
 The model's ``group_matcher()`` gives timm EVA-01's layer ids (embeddings 0, ``blocks.i`` i + 1, the rest depth + 1),
 and timm scales layer ``i`` by ``layer_decay ** (max_id - i)``, which is the official ``lrd ** (depth + 1 - i)`` once
