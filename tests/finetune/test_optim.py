@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.eva import Eva
+from timm.optim import param_groups_layer_decay
 
 from eva_pipeline.finetune.optim import build_finetune_adamw, frozen_parameter_names, layer_decay_param_groups
 from eva_pipeline.models import EvaViT, create_classifier, create_model, get_config, get_layer_id
@@ -69,6 +71,26 @@ def test_same_groups_as_the_pretraining_helper_with_get_layer_id(small: dict) ->
         assert timm_route[name] == (pytest.approx(scale, rel=1e-12), wd), name
     assert timm_route["mask_token"] == (pytest.approx(LRD**3), WD)
     assert timm_route["norm.weight"][0] == 1.0
+
+
+def test_same_groups_as_timms_own_eva(classifier) -> None:
+    """timm's ``Eva`` (global_pool avg, our weights' keys) grouped by its own group_matcher and no_weight_decay gives
+    the same scale and decay for every parameter name (its frozen patch embedding excluded like ours)."""
+    cfg = classifier.config
+    theirs = Eva(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim, qkv_bias=True, global_pool="avg",
+        num_classes=5,
+    )  # fmt: skip
+    theirs.patch_embed.requires_grad_(False)
+    timm_groups = param_groups_layer_decay(
+        theirs, weight_decay=WD, no_weight_decay_list=theirs.no_weight_decay(), layer_decay=LRD
+    )
+    name_of = {id(p): n for n, p in theirs.named_parameters()}
+    want = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in timm_groups for p in g["params"]}
+    got = _by_name(layer_decay_param_groups(classifier, WD, LRD))
+    assert got.keys() == want.keys()
+    assert all(got[n] == (pytest.approx(want[n][0], rel=1e-12), want[n][1]) for n in got)
 
 
 def test_layer_decay_one_is_flat(classifier) -> None:

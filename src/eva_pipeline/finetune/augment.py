@@ -5,9 +5,10 @@ colour jitter off, as in the official code), CLIP mean/std, no random erasing (`
 Eval: shorter side resized to ``size / crop_pct`` (bicubic), centre crop, CLIP mean/std. Both convert any image to
 RGB first, so grayscale data (the demo's) gives three equal channels and RandAugment's RGB fill colour applies.
 
-Pillow 13 trap: RandAugment's ``PosterizeIncreasing`` at magnitude 10 (drawn at ``m9-mstd0.5`` for ~2% of the ops,
-~0.16% of the images) calls ``ImageOps.posterize(img, 0)``, which now raises where older Pillow returned a black
-image. The transforms built here carry a posterize op that keeps the old result; timm's module is left untouched.
+Pillow 13 trap: RandAugment's ``PosterizeIncreasing`` at magnitude 10 (``m9-mstd0.5`` draws it for ~2% of the
+posterize ops, ~0.15% of the images) calls ``ImageOps.posterize(img, 0)``, which now raises where older Pillow
+returned a black image. The transforms built here carry a posterize op that keeps the old result; timm's module is
+left untouched.
 
 The official ``build_transform`` swaps the crop for ``RandomCrop(padding=4)`` at ``input_size <= 32`` and skips the
 eval resize there (CIFAR settings); here the paper's RandomResizedCrop and resize are kept at every size.
@@ -15,7 +16,6 @@ eval resize there (CIFAR settings); here the paper's RandomResizedCrop and resiz
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -117,8 +117,6 @@ def eval_transform(
     """
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    if math.floor(size / crop_pct) < size:
-        raise ValueError(f"size {size} / crop_pct {crop_pct} rounds below the crop size")
     tf = create_transform(
         size, is_training=False, crop_pct=crop_pct, crop_mode="center", interpolation=INTERPOLATION, mean=mean, std=std
     )
