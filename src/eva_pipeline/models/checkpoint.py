@@ -88,15 +88,18 @@ def _shape(t: torch.Tensor | torch.Size) -> tuple[int, ...]:
     return tuple(t.shape if isinstance(t, torch.Tensor) else t)
 
 
-def _resample_pos_embed(
-    value: torch.Tensor, target: torch.Size, grid: tuple[int, int], antialias: bool
-) -> torch.Tensor:
-    old_tokens = value.shape[1] - _NUM_PREFIX_TOKENS if value.ndim == 3 else -1
-    old_side = math.isqrt(max(old_tokens, 0))
-    if value.ndim != 3 or value.shape[2] != target[2] or old_tokens <= 0 or old_side**2 != old_tokens:
-        raise CheckpointError(
-            f"cannot resample pos_embed: expected {_shape(target)}, got {_shape(value)} (not 1 + a square grid)"
-        )
+def _resample_problem(value: torch.Tensor, target: torch.Size) -> str | None:
+    """Why a checkpoint pos_embed cannot be resampled to ``target``'s grid, or None when it can."""
+    if value.ndim != 3 or value.shape[2] != target[2]:
+        return "its width differs (a checkpoint of another model size?)"
+    old_tokens = value.shape[1] - _NUM_PREFIX_TOKENS
+    if old_tokens <= 0 or math.isqrt(old_tokens) ** 2 != old_tokens:
+        return "it is not 1 + a square grid of tokens"
+    return None
+
+
+def _resample_pos_embed(value: torch.Tensor, grid: tuple[int, int], antialias: bool) -> torch.Tensor:
+    old_side = math.isqrt(value.shape[1] - _NUM_PREFIX_TOKENS)
     return resample_abs_pos_embed(
         value,
         new_size=list(grid),
@@ -136,6 +139,7 @@ def load_official_checkpoint(
     unexpected = sorted(set(state) - set(expected))
     mismatched: list[str] = []
     resampled: list[str] = []
+    pos_hint = " (pass resample_pos_embed=True to resize pos_embed)"
     out: dict[str, torch.Tensor] = {}
     for name, value in state.items():
         if name not in expected:
@@ -144,18 +148,21 @@ def load_official_checkpoint(
         if value.is_floating_point():  # cast first, so a resample of fp16 weights is not rounded to fp16 again
             value = value.to(dtype=target.dtype)
         if value.shape != target.shape:
-            if name == "pos_embed" and resample_pos_embed:
-                value = _resample_pos_embed(value, target.shape, tuple(model.patch_embed.grid_size), antialias)
-                resampled.append(name)
-            else:
+            if name != "pos_embed" or not resample_pos_embed:
                 mismatched.append(name)
                 continue
+            problem = _resample_problem(value, target.shape)
+            if problem is not None:  # listed with every other mismatch rather than raised alone
+                pos_hint = f" (pos_embed not resampled: {problem})"
+                mismatched.append(name)
+                continue
+            value = _resample_pos_embed(value, tuple(model.patch_embed.grid_size), antialias)
+            resampled.append(name)
         out[name] = value
 
     problems: list[str] = []
     if mismatched:
-        hint = " (pass resample_pos_embed=True to resize pos_embed)" if "pos_embed" in mismatched else ""
-        problems.append(f"shape mismatch{hint}:")
+        problems.append(f"shape mismatch{pos_hint if 'pos_embed' in mismatched else ''}:")
         problems += [f"  {k}: expected {_shape(expected[k])}, got {_shape(state[k])}" for k in mismatched]
     if strict and missing:
         problems.append("missing from checkpoint:")

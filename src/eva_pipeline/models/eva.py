@@ -150,6 +150,22 @@ class EvaViT(nn.Module):
         """Recompute block activations in backward (training only) to trade compute for memory."""
         self.grad_checkpointing = enable
 
+    # ---- timm optimiser interface (timm/models/eva.py: ``no_weight_decay``, ``group_matcher``) ---------------------
+    def no_weight_decay(self) -> set[str]:
+        """Non-1-D parameters never decayed (EVA-01 ``modeling_finetune.py``); mask_token is absent: EVA decays it."""
+        return {"pos_embed", "cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Layer groups for ``timm.optim.param_groups_layer_decay``, giving EVA-01's layer ids (``get_layer_id``).
+
+        Embeddings form group 0, ``blocks.i`` group i + 1, and every unmatched parameter (final norm, fc_norm, head,
+        lm_head) timm's last group, depth + 1. Unlike timm's ``Eva``, the final ``norm`` is not folded into the last
+        block: EVA-01's ``optim_factory.py`` gives it depth + 1. Each block is one group already, so ``coarse`` changes
+        nothing.
+        """
+        del coarse
+        return {"stem": r"^(?:cls_token|mask_token|pos_embed|patch_embed\.)", "blocks": r"^blocks\.(\d+)\."}
+
     # ---- forward pieces -------------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> None:
         cfg = self.config

@@ -1,0 +1,176 @@
+"""The starting weights of a fine-tune stage (EVA-01 ``run_class_finetuning.py --finetune``): a MIM checkpoint or the
+previous stage's classifier, with pos_embed resampled bicubically to the stage's grid (224 -> 336/560).
+
+What the official loader does and what is kept: the MIM-only tensors (mask_token, final norm, lm_head) are ignored
+and fc_norm starts fresh (timm's filter instead moves norm into fc_norm); a head of another size is dropped and
+re-initialised (``reinit_head``). Added here: the head can be mapped by class name, keeping the trained rows of the
+classes both stages share (:func:`remap_head`), and the official loader's silent ``strict=False`` is narrowed to
+exactly those keys, so a checkpoint of another depth is an error instead of a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from eva_pipeline.models import CheckpointError, EvaClassifier, LoadReport, extract_state_dict, load_official_checkpoint
+from eva_pipeline.models.eva import HEAD_INIT_SCALE, HEAD_INIT_STD
+
+HEAD_KEYS: tuple[str, str] = ("head.weight", "head.bias")
+#: Checkpoint tensors a classifier has no use for (pre-training only), ignored as the official loader does.
+MIM_ONLY_KEYS: frozenset[str] = frozenset({"mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"})
+#: Classifier tensors a MIM checkpoint (or a dropped head) does not provide: they keep the model's fresh init.
+FRESH_KEYS: frozenset[str] = frozenset({"fc_norm.weight", "fc_norm.bias", *HEAD_KEYS})
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_LISTED = 10
+
+
+class HeadMappingError(CheckpointError):
+    """The target classes cannot be taken from the checkpoint's head by name (the message names them)."""
+
+
+@dataclass(frozen=True)
+class StartReport:
+    """How a stage's model was initialised: the load, what happened to the head, which classes got fresh rows."""
+
+    load: LoadReport
+    head: str  # "loaded", "mapped", "reinitialised" or "new" (the checkpoint has none)
+    new_classes: list[str] = field(default_factory=list)
+
+
+def _names(items: Sequence[str]) -> str:
+    shown = ", ".join(repr(x) for x in items[:_LISTED])
+    return shown + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
+def _index(classes: Sequence[str], what: str) -> dict[str, int]:
+    index: dict[str, int] = {}
+    duplicates = []
+    for i, name in enumerate(classes):
+        if name in index:
+            duplicates.append(name)
+        index.setdefault(name, i)
+    if duplicates:
+        raise HeadMappingError(f"{what} classes repeat names: {_names(duplicates)}")
+    return index
+
+
+def remap_head(
+    state: Mapping[str, torch.Tensor],
+    source_classes: Sequence[str],
+    target_classes: Sequence[str],
+    *,
+    reinit_missing: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` with its head rows reordered to ``target_classes`` by name; returns it and the classes not found.
+
+    A target class missing from ``source_classes`` is an error naming every such class, unless ``reinit_missing``:
+    its row then gets EVA's head init (trunc-normal 0.02 times 0.001, bias 0), drawn from ``generator``.
+    """
+    if "head.weight" not in state or "head.bias" not in state:
+        raise HeadMappingError("checkpoint has no head (head.weight, head.bias) to map by class name")
+    weight, bias = state["head.weight"], state["head.bias"]
+    if weight.shape[0] != len(source_classes):
+        raise HeadMappingError(
+            f"checkpoint head has {weight.shape[0]} rows but {len(source_classes)} source class names were given"
+        )
+    source = _index(source_classes, "source")
+    _index(target_classes, "target")
+    missing = [name for name in target_classes if name not in source]
+    if missing and not reinit_missing:
+        raise HeadMappingError(
+            f"{len(missing)} of the {len(target_classes)} target classes are not in the checkpoint's head: "
+            f"{_names(missing)}; pass reinit_missing=True to give them freshly initialised rows"
+        )
+    new_weight = torch.empty((len(target_classes), weight.shape[1]), dtype=weight.dtype)
+    new_bias = torch.zeros(len(target_classes), dtype=bias.dtype)
+    fresh = torch.empty((len(missing), weight.shape[1]), dtype=torch.float32)
+    torch.nn.init.trunc_normal_(fresh, std=HEAD_INIT_STD, a=-2.0, b=2.0, generator=generator)
+    fresh_rows = iter(fresh.mul_(HEAD_INIT_SCALE).to(weight.dtype))
+    for row, name in enumerate(target_classes):
+        if name in source:
+            new_weight[row], new_bias[row] = weight[source[name]], bias[source[name]]
+        else:
+            new_weight[row] = next(fresh_rows)
+    out = dict(state)
+    out["head.weight"], out["head.bias"] = new_weight, new_bias
+    return out, missing
+
+
+def _depth(keys: object) -> int:
+    return 1 + max((int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))), default=-1)
+
+
+def _check_keys(model: EvaClassifier, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse any missing or unexpected key besides the MIM-only and fresh ones, before anything is loaded."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - FRESH_KEYS)
+    unexpected = sorted(set(state) - set(expected) - MIM_ONLY_KEYS)
+    if not missing and not unexpected:
+        return
+    lines = [f"checkpoint does not fit {type(model).__name__} (a checkpoint of another model size?)"]
+    if _depth(state) != _depth(expected):
+        lines.append(f"  checkpoint has {_depth(state)} blocks, the model {_depth(expected)}")
+    if missing:
+        lines.append(f"  missing from checkpoint: {_names(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected in checkpoint: {_names(unexpected)}")
+    raise CheckpointError("\n".join(lines))
+
+
+def load_finetune_start(
+    model: EvaClassifier,
+    checkpoint: str | os.PathLike | Mapping[str, object],
+    *,
+    source_classes: Sequence[str] | None = None,
+    target_classes: Sequence[str] | None = None,
+    reinit_missing: bool = False,
+    reinit_head: bool = False,
+    antialias: bool = False,
+    generator: torch.Generator | None = None,
+    weights_only: bool = True,
+) -> StartReport:
+    """Initialise ``model`` from a MIM or classifier checkpoint (file or mapping, official format).
+
+    A checkpoint head is loaded as is when it fits; mapped by name with ``source_classes`` (its rows) and
+    ``target_classes`` (the model's); dropped with ``reinit_head`` (the official choice when sizes differ). A head of
+    another size without either is an error. ``antialias=False`` resamples pos_embed as the EVA code does;
+    ``weights_only=False`` reads trusted files that also pickle training arguments.
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(Path(checkpoint), map_location="cpu", weights_only=weights_only)
+    state = extract_state_dict(checkpoint)
+    head, new_classes = "new", []
+    if (source_classes is None) != (target_classes is None):
+        raise ValueError("give both source_classes and target_classes, or neither")
+    if "head.weight" in state:
+        if reinit_head:
+            state, head = {k: v for k, v in state.items() if k not in HEAD_KEYS}, "reinitialised"
+        elif target_classes is not None:
+            if len(target_classes) != model.num_classes:
+                raise HeadMappingError(
+                    f"{len(target_classes)} target class names for a model with {model.num_classes} classes"
+                )
+            state, new_classes = remap_head(
+                state, source_classes, target_classes, reinit_missing=reinit_missing, generator=generator
+            )
+            head = "mapped"
+        elif state["head.weight"].shape[0] != model.num_classes:
+            raise CheckpointError(
+                f"checkpoint head has {state['head.weight'].shape[0]} classes, the model {model.num_classes}: pass "
+                "source_classes and target_classes to keep the rows of shared classes by name, or reinit_head=True "
+                "for a fresh head (the official code's choice)"
+            )
+        else:
+            head = "loaded"
+    elif target_classes is not None:
+        raise HeadMappingError("checkpoint has no head (head.weight, head.bias) to map by class name")
+    _check_keys(model, state)
+    report = load_official_checkpoint(model, state, strict=False, resample_pos_embed=True, antialias=antialias)
+    return StartReport(load=report, head=head, new_classes=new_classes)
