@@ -1,5 +1,5 @@
-"""Evaluation: frozen-feature extraction, the linear probe, classification scores and the report's figures (no Kedro
-here)."""
+"""Evaluation: frozen-feature extraction, the linear probe, classification scores, robustness stand-ins and the
+report's figures (no Kedro here)."""
 
 from eva_pipeline.evaluation.classification import (
     PAPER_AVERAGE_SETS,
@@ -28,26 +28,40 @@ from eva_pipeline.evaluation.probe import (
     linear_probe_top1,
     split_probe,
 )
+from eva_pipeline.evaluation.robustness import (
+    NATURAL_ADVERSARIAL_CLASSES,
+    ROBUSTNESS_SETS,
+    RobustnessSet,
+    inverted,
+    natural_adversarial,
+    sketch,
+)
 
 __all__ = [
     "DEFAULT_PROBE_CONFIG",
     "DEFAULT_STYLE",
+    "NATURAL_ADVERSARIAL_CLASSES",
     "PAPER_AVERAGE_SETS",
+    "ROBUSTNESS_SETS",
     "PlotStyle",
     "ProbeConfig",
+    "RobustnessSet",
     "build_probe",
     "extract_features",
+    "inverted",
     "linear_probe_top1",
     "load_real_labels",
     "load_subset_indices",
     "loss_curve",
     "mask_overlay",
     "mask_overview",
+    "natural_adversarial",
     "probe_bar_chart",
     "readable_name",
     "real_accuracy",
     "robustness_average",
     "robustness_gap",
+    "sketch",
     "split_probe",
     "subset_accuracy",
     "topk_accuracy",
