@@ -8,4 +8,6 @@
 - :mod:`~eva_pipeline.loader.augment` (EVA's RandomResizedCrop + flip, seeded per sample) and
   :mod:`~eva_pipeline.loader.transforms` (model input: resize, CLIP normalisation).
 - :mod:`~eva_pipeline.loader.batches`: :class:`BatchPlan` and :func:`batch_loader`, the pre-training batches.
+- :mod:`~eva_pipeline.loader.classification`: :class:`ClassificationDataset` and :func:`classification_loader`,
+  labelled fine-tuning and evaluation batches (the transform is the caller's, e.g. ``finetune.augment``'s).
 """
