@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from eva_pipeline.finetune.augment import apply_seeded, eval_transform, train_transform
+from eva_pipeline.finetune.augment import eval_transform, train_transform
 from eva_pipeline.ingest.build import build_manifest
 from eva_pipeline.ingest.readers.idx import read_idx
 from eva_pipeline.loader.classification import (
     ClassificationDataset,
     classification_loader,
     sample_seed,
+    seeded_call,
     to_pil,
 )
 from eva_pipeline.loader.order import EpochOrder
@@ -92,11 +93,11 @@ def test_another_epoch_gives_another_order_and_augmentation():
     assert not torch.equal(image0, dataset[3][0])
 
 
-def test_item_is_apply_seeded_with_a_pure_function_of_seed_epoch_index():
+def test_item_is_seeded_call_with_a_pure_function_of_seed_epoch_index():
     dataset = train_dataset(seed=9)
     dataset.set_epoch(2)
     image = to_pil(index_images(16, 1, 16)[4])
-    expected = apply_seeded(dataset.transform, image, sample_seed(9, 2, 4))
+    expected = seeded_call(dataset.transform, image, sample_seed(9, 2, 4))
     torch.manual_seed(123)  # the global RNG state does not matter
     assert torch.equal(dataset[4][0], expected)
     assert sample_seed(9, 2, 4) == sample_seed(9, 2, 4) != sample_seed(9, 2, 5)

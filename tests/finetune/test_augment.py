@@ -17,12 +17,12 @@ from torchvision import transforms
 from eva_pipeline.finetune import augment
 from eva_pipeline.finetune.augment import (
     EVA_RAND_AUGMENT,
-    apply_seeded,
     eval_transform,
     make_posterize_safe,
     safe_posterize,
     train_transform,
 )
+from eva_pipeline.loader.classification import seeded_call
 from eva_pipeline.loader.transforms import CLIP_MEAN, CLIP_STD
 
 
@@ -143,11 +143,11 @@ def test_train_transform_is_evas_recipe() -> None:
 def test_train_transform_outputs_rgb_tensors(mode: str) -> None:
     tf = train_transform(28, (0.08, 1.0))
     for seed in range(20):
-        out = apply_seeded(tf, _image(28, 28, mode, seed=seed), seed)
+        out = seeded_call(tf, _image(28, 28, mode, seed=seed), seed)
         assert out.shape == (3, 28, 28) and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_apply_seeded_is_a_function_of_the_seed_and_restores_the_rngs() -> None:
+def test_seeded_call_is_a_function_of_the_seed_and_restores_the_rngs() -> None:
     tf, image = train_transform(28, (0.08, 1.0)), _image(40, 30)
     random.seed(5)
     np.random.seed(5)
@@ -156,7 +156,7 @@ def test_apply_seeded_is_a_function_of_the_seed_and_restores_the_rngs() -> None:
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
-    a, b, c = apply_seeded(tf, image, 11), apply_seeded(tf, image, 11), apply_seeded(tf, image, 12)
+    a, b, c = seeded_call(tf, image, 11), seeded_call(tf, image, 11), seeded_call(tf, image, 12)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
     assert torch.equal(a, b) and not torch.equal(a, c)
 

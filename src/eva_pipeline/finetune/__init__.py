@@ -3,7 +3,6 @@ groups with layer decay, augmentation, CutMix and label smoothing, EMA, and the 
 
 from eva_pipeline.finetune.augment import (
     EVA_RAND_AUGMENT,
-    apply_seeded,
     eval_transform,
     make_posterize_safe,
     safe_posterize,
@@ -20,7 +19,6 @@ __all__ = [
     "EvenBatchMixup",
     "HeadMappingError",
     "StartReport",
-    "apply_seeded",
     "build_finetune_adamw",
     "build_mixing",
     "create_ema",

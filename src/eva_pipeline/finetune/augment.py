@@ -16,12 +16,9 @@ eval resize there (CIFAR settings); here the paper's RandomResizedCrop and resiz
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import AugmentOp
@@ -121,19 +118,3 @@ def eval_transform(
         size, is_training=False, crop_pct=crop_pct, crop_mode="center", interpolation=INTERPOLATION, mean=mean, std=std
     )
     return transforms.Compose([ToRGB(), *tf.transforms])
-
-
-def apply_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
-    """``transform(image)`` with Python's, NumPy's and torch's global RNGs seeded from ``seed`` (timm's ops draw from
-    all three), restored afterwards: an augmentation that is a function of (seed, epoch, index) like every other draw
-    in this project."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-            return transform(image)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)

@@ -2,7 +2,7 @@
 
 :class:`ClassificationDataset` is map-style: item ``i`` at epoch ``e`` is ``transform`` applied to image ``i`` with
 Python's, NumPy's and torch's global RNGs seeded from :func:`sample_seed` ``(seed, e, i)`` and restored afterwards
-(the semantics of ``eva_pipeline.finetune.augment.apply_seeded``; the loader sits below ``finetune`` in the layers,
+(the one seeded application of a transform in the project; ``finetune`` sits above ``loader`` in the layers,
 so the transform is an argument and the seeding is done here). An item therefore does not depend on which worker
 draws it, on how many workers there are, or on what ran before: batches are the same with 0 or N workers and after
 a restart at any epoch.
@@ -47,7 +47,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def seeded_call(transform: Transform, image: Image.Image, seed: int) -> torch.Tensor:
     """``transform(image)`` with Python's, NumPy's and torch's global RNGs seeded from ``seed`` (timm's ops draw
-    from all three) and restored afterwards: the same as ``finetune.augment.apply_seeded``."""
+    from all three) and restored afterwards: an augmentation that is a function of (seed, epoch, index) like every
+    other draw in this project."""
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
