@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,6 +26,18 @@ from eva_pipeline.manifest import Manifest, write_frame
 from eva_pipeline.models import extract_state_dict, save_official_checkpoint
 from eva_pipeline.targets.layout import TargetStoreError
 from eva_pipeline.targets.store import TargetStore
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, then rename it over ``path``: a reader sees the old file or
+    the whole new one, never half of it; the temporary is gone either way."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class EvaCheckpointDataset(AbstractDataset[nn.Module, dict[str, torch.Tensor]]):
@@ -143,26 +155,23 @@ class JsonLinesDataset(AbstractDataset[Path | Iterable[Mapping[str, Any]], list[
             return [json.loads(line) for line in fh if line.strip()]
 
     def save(self, data: Path | Iterable[Mapping[str, Any]]) -> None:
-        path = Path(self._filepath)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            if isinstance(data, Path):
-                if not data.is_file():
-                    raise DatasetError(f"JsonLinesDataset: the file to save, {data}, does not exist")
-                shutil.move(data, tmp)
-            elif isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
-                raise DatasetError(
-                    f"JsonLinesDataset saves a Path of a finished file or an iterable of mappings, got "
-                    f"{type(data).__name__}"
-                )
-            else:
+        if isinstance(data, Path):
+            if not data.is_file():
+                raise DatasetError(f"JsonLinesDataset: the file to save, {data}, does not exist")
+            _replace_atomically(Path(self._filepath), lambda tmp: shutil.move(data, tmp))
+        elif isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+            raise DatasetError(
+                f"JsonLinesDataset saves a Path of a finished file or an iterable of mappings, got "
+                f"{type(data).__name__}"
+            )
+        else:
+
+            def write(tmp: Path) -> None:
                 with tmp.open("w", encoding="utf-8") as fh:
                     for record in data:
                         fh.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+            _replace_atomically(Path(self._filepath), write)
 
     def _exists(self) -> bool:
         return Path(self._filepath).is_file()
@@ -377,15 +386,8 @@ class StudentConfigDataset(AbstractDataset[PretrainParams | Mapping[str, Any], P
             params = data if isinstance(data, PretrainParams) else PretrainParams.model_validate(data)
         except ValidationError as exc:
             raise DatasetError(f"not a valid pretrain block:\n{exc}") from None
-        path = Path(self._filepath)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump({self.KEY: params.model_dump(mode="json")}, sort_keys=False)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _replace_atomically(Path(self._filepath), lambda tmp: tmp.write_text(text))
 
     def _exists(self) -> bool:
         return Path(self._filepath).is_file()
