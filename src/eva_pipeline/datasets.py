@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,22 +22,11 @@ from pydantic import ValidationError
 from torch import nn
 
 from eva_pipeline.config import PretrainParams
+from eva_pipeline.fileio import replace_atomically
 from eva_pipeline.manifest import Manifest, write_frame
 from eva_pipeline.models import extract_state_dict, save_official_checkpoint
 from eva_pipeline.targets.layout import TargetStoreError
 from eva_pipeline.targets.store import TargetStore
-
-
-def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` a temporary file beside ``path``, then rename it over ``path``: a reader sees the old file or
-    the whole new one, never half of it; the temporary is gone either way."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class EvaCheckpointDataset(AbstractDataset[nn.Module, dict[str, torch.Tensor]]):
@@ -158,7 +147,7 @@ class JsonLinesDataset(AbstractDataset[Path | Iterable[Mapping[str, Any]], list[
         if isinstance(data, Path):
             if not data.is_file():
                 raise DatasetError(f"JsonLinesDataset: the file to save, {data}, does not exist")
-            _replace_atomically(Path(self._filepath), lambda tmp: shutil.move(data, tmp))
+            replace_atomically(Path(self._filepath), lambda tmp: shutil.move(data, tmp))
         elif isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
             raise DatasetError(
                 f"JsonLinesDataset saves a Path of a finished file or an iterable of mappings, got "
@@ -171,7 +160,7 @@ class JsonLinesDataset(AbstractDataset[Path | Iterable[Mapping[str, Any]], list[
                     for record in data:
                         fh.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
 
-            _replace_atomically(Path(self._filepath), write)
+            replace_atomically(Path(self._filepath), write)
 
     def _exists(self) -> bool:
         return Path(self._filepath).is_file()
@@ -331,14 +320,8 @@ class TeacherTargetsDataset(AbstractDataset[Mapping[str, Any] | TeacherTargets, 
                 problems.append(f"the validation store {validation.root} is not complete for its fingerprint")
         if problems:
             raise DatasetError(f"refusing to save the teacher_targets receipt: {'; '.join(problems)}")
-        self._root.mkdir(parents=True, exist_ok=True)
-        path = self._root / RECEIPT_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(targets.receipt(), indent=2, sort_keys=True))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        text = json.dumps(targets.receipt(), indent=2, sort_keys=True)
+        replace_atomically(self._root / RECEIPT_FILE, lambda tmp: tmp.write_text(text))
 
     def _exists(self) -> bool:
         return (self._root / RECEIPT_FILE).is_file()
@@ -387,7 +370,7 @@ class StudentConfigDataset(AbstractDataset[PretrainParams | Mapping[str, Any], P
         except ValidationError as exc:
             raise DatasetError(f"not a valid pretrain block:\n{exc}") from None
         text = yaml.safe_dump({self.KEY: params.model_dump(mode="json")}, sort_keys=False)
-        _replace_atomically(Path(self._filepath), lambda tmp: tmp.write_text(text))
+        replace_atomically(Path(self._filepath), lambda tmp: tmp.write_text(text))
 
     def _exists(self) -> bool:
         return Path(self._filepath).is_file()

@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from eva_pipeline.fileio import replace_atomically
+
 #: What images are for. Probe images are held out: never used in pre-training.
 SPLITS: tuple[str, ...] = ("pretrain", "probe")
 
@@ -277,16 +279,8 @@ class Manifest:
         target = Path(path)
         if target.exists() and self.path.exists() and os.path.samefile(target, self.path):
             return self
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            if self._owned_dir is not None:
-                shutil.move(self.path, tmp)
-            else:
-                shutil.copyfile(self.path, tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        place = shutil.move if self._owned_dir is not None else shutil.copyfile
+        replace_atomically(target, lambda tmp: place(self.path, tmp))
         self.path = target
         if self._finalizer is not None:
             self._finalizer()  # the temporary folder is no longer needed
@@ -306,12 +300,5 @@ def write_frame(df: pd.DataFrame, path: str | os.PathLike[str], row_group_rows: 
     schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in cols])
     table = pa.Table.from_pandas(df[list(cols)], schema=schema, preserve_index=False)
     table = table.replace_schema_metadata(manifest_file_schema(cols).metadata)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    target = replace_atomically(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_rows))
     return Manifest(target)

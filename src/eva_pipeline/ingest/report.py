@@ -10,11 +10,11 @@ each split. The rejections file lists every rejection of every source, one JSON 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from eva_pipeline.fileio import replace_atomically
 from eva_pipeline.ingest.dedup import DedupPass
 from eva_pipeline.ingest.scan import SourceScan, SourceSpec
 from eva_pipeline.ingest.write import WritePass
@@ -23,13 +23,14 @@ from eva_pipeline.manifest import SPLITS
 
 def write_rejections(path: Path, specs: Sequence[SourceSpec], scans: Sequence[SourceScan]) -> None:
     """Every rejection as one JSON line (written to a temporary file, then moved into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for spec, scan in zip(specs, scans, strict=True):
-            for rejection in scan.iter_rejections():
-                fh.write(json.dumps({"source": spec.name, **rejection}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for spec, scan in zip(specs, scans, strict=True):
+                for rejection in scan.iter_rejections():
+                    fh.write(json.dumps({"source": spec.name, **rejection}, ensure_ascii=False) + "\n")
+
+    replace_atomically(path, write)
 
 
 def ingestion_report(

@@ -12,6 +12,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from eva_pipeline.fileio import replace_atomically
+
 # Top-level keys under which EVA / BEiT / DeepSpeed files keep the weights, in the order they are tried.
 STATE_DICT_KEYS: tuple[str, ...] = ("model", "module", "model_ema")
 _WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
@@ -45,22 +47,18 @@ def save_official_checkpoint(
 
     Written to a temporary file in the same folder and renamed, so a crash never leaves a truncated checkpoint.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         k: v.detach().to(device="cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
         for k, v in model.state_dict().items()
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save({"model": state}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return replace_atomically(path, write)
 
 
 def extract_state_dict(checkpoint: Mapping[str, object], key: str | None = None) -> dict[str, torch.Tensor]:

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from eva_pipeline.fileio import replace_atomically
 from eva_pipeline.loader.augment import CROP_DTYPE, CROP_FIELDS
 from eva_pipeline.targets.layout import (
     META_FILE,
@@ -65,20 +65,6 @@ _STALE_META_TMP_S = 60.0  # a meta.json temporary older than this is a leftover 
 
 #: What ``batch_fn`` returns: model-input images, or (images, int32 crops (n, 5)).
 BatchFnResult = Tensor | tuple[Tensor, Tensor]
-
-
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``write(tmp)`` then rename over ``path``: readers see the old file or the whole new one.
-
-    The temporary name is unique per call (pid plus random token), so ranks on several hosts sharing the folder
-    never write into one another's temporary file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _describe_crops_problem(rows: int, problem: str) -> str:
@@ -131,7 +117,7 @@ class TargetStore:
 
     def _write_meta(self, meta: dict[str, Any]) -> None:
         text = json.dumps(meta, indent=2, sort_keys=True)
-        _atomic_write_bytes(self.meta_path, lambda tmp: tmp.write_text(text))
+        replace_atomically(self.meta_path, lambda tmp: tmp.write_text(text))
 
     @staticmethod
     def _meta_usable(meta: Mapping[str, Any] | None) -> bool:
@@ -349,7 +335,7 @@ class TargetStore:
                 }
                 if crop_parts:
                     payload["crops"] = crop_parts[0] if len(crop_parts) == 1 else torch.cat(crop_parts)
-                _atomic_write_bytes(self.shard_path(index, layout), lambda tmp, p=payload: torch.save(p, tmp))
+                replace_atomically(self.shard_path(index, layout), lambda tmp, p=payload: torch.save(p, tmp))
         return self.root
 
     def _check_targets(

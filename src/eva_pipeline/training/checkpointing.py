@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 # The one checkpoint error class lives in the lower layer (models); saving/resuming raises it too.
+from eva_pipeline.fileio import replace_atomically
 from eva_pipeline.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def ensure_writable(root: Path) -> None:
 
 
 def _write_latest(root: Path, tag: str) -> None:
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.write_text(tag)
-    os.replace(tmp, root / LATEST)
+    replace_atomically(root / LATEST, lambda tmp: tmp.write_text(tag))
 
 
 def save(engine: Any, root: Path, step: int, keep_last: int, client_state: dict) -> None:

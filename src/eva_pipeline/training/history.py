@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eva_pipeline.fileio import replace_atomically
+
 RUN_HISTORY_FILE = "history.jsonl"
 
 
@@ -26,9 +28,8 @@ class RunHistory:
             return
         self.close()
         kept = [r for r in self.read() if r["step"] <= step] if step > 0 else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        replace_atomically(self.path, lambda tmp: tmp.write_text(text))
 
     def append(self, record: dict[str, float]) -> None:
         if not self.enabled:

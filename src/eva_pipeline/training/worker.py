@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from eva_pipeline.config import PretrainParams, TeacherParams
+from eva_pipeline.fileio import replace_atomically
 from eva_pipeline.loader.pixels import ManifestPixels
 from eva_pipeline.loader.rows import ParquetRows
 from eva_pipeline.models import save_official_checkpoint
@@ -99,9 +100,8 @@ def run(spec: RunSpec) -> None:
     if rank == 0:
         out = Path(spec.output_dir)
         save_official_checkpoint(result.model, out / WEIGHTS_FILE, dtype=None)
-        tmp = out / f".{HISTORY_FILE}.tmp"
-        tmp.write_text(json.dumps({"history": result.run_history, "steps": result.steps}))
-        os.replace(tmp, out / HISTORY_FILE)
+        text = json.dumps({"history": result.run_history, "steps": result.steps})
+        replace_atomically(out / HISTORY_FILE, lambda tmp: tmp.write_text(text))
 
 
 def main(argv: list[str] | None = None) -> None:
