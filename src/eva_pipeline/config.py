@@ -270,16 +270,15 @@ class PretrainValidationParams(_Params):
     batch_size: int = Field(default=64, ge=1, description="images per forward pass on each rank")
 
 
-class PretrainParams(_Params):
-    model: ModelParams
-    masking: MaskingParams
-    optimizer: OptimizerParams
-    augmentation: AugmentationParams = AugmentationParams()
+class EngineParams(_Params):
+    """What every training run over the DeepSpeed engine shares (pre-training and each fine-tune stage): epochs and
+    global batch, precision and device, ranks, seed, ZeRO, checkpoints, non-finite recovery, logging, smoke cut-off."""
+
     loader: LoaderParams = LoaderParams()
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1, description="global batch size (all ranks)")
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    compile: bool = Field(default=False, description="torch.compile the student through DeepSpeed (GPU runs)")
+    compile: bool = Field(default=False, description="torch.compile the model through DeepSpeed (GPU runs)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     world_size: int = Field(default=1, ge=1)
     distributed: DistributedParams = DistributedParams()
@@ -287,15 +286,181 @@ class PretrainParams(_Params):
     deepspeed: DeepSpeedParams = DeepSpeedParams()
     checkpoint: CheckpointParams = CheckpointParams()
     nonfinite: NonFiniteParams = NonFiniteParams()
-    validation: PretrainValidationParams = PretrainValidationParams()
     log_every_steps: int = Field(default=10, ge=1)
-    mask_examples: int = Field(default=8, ge=1, description="images in the mask picture logged with the run")
     max_steps: int | None = Field(default=None, ge=1, description="stop early (smoke runs); the schedule is unchanged")
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> PretrainParams:
+    def _batch_divides(self) -> EngineParams:
         if self.batch_size % self.world_size:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by world_size {self.world_size}")
+        return self
+
+
+class PretrainParams(EngineParams):
+    model: ModelParams
+    masking: MaskingParams
+    optimizer: OptimizerParams
+    augmentation: AugmentationParams = AugmentationParams()
+    validation: PretrainValidationParams = PretrainValidationParams()
+    mask_examples: int = Field(default=8, ge=1, description="images in the mask picture logged with the run")
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tuning
+class StageDataParams(_Params):
+    """The labelled images of a fine-tune stage: the rows of manifest sources, labelled by class name (the
+    ``class_names`` of ingestion), so that sources with label spaces of their own (Fashion-MNIST, Animal-MNIST;
+    IN-21K, IN-1K) combine by name into one label space, classes in order of first appearance."""
+
+    sources: list[str] = Field(min_length=1)
+    per_class: int | None = Field(
+        default=None, ge=1, description="label budget: the first k images of each class (manifest order); null: all"
+    )
+
+
+class FinetuneAugmentationParams(_Params):
+    """EVA-01 ``build_transform`` for training (timm ``create_transform``): RandomResizedCrop, flip, RandAugment."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    re_prob: float = Field(default=0.0, ge=0, le=1, description="random erasing (0 in both EVA stages)")
+
+
+class MixingParams(_Params):
+    """CutMix / Mixup (timm ``Mixup``, per batch) and label smoothing; the loss follows (soft-target CE or LS-CE)."""
+
+    cutmix_alpha: float = Field(default=0.0, ge=0)
+    mixup_alpha: float = Field(default=0.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+
+
+class EmaParams(_Params):
+    """EMA of the weights (timm ``ModelEmaV3``), updated after every applied step; saved as ``model_ema``.
+
+    ``run_fraction``: use a decay whose averaging window is that fraction of the run (at most ``decay``) instead
+    of ``decay`` itself: 0.9999 averages ~10,000 steps, longer than a short run (finetune.ema.decay_for_run)."""
+
+    enabled: bool = False
+    decay: float = Field(default=0.9999, ge=0, lt=1)
+    warmup: bool = Field(default=False, description="timm's warm-up: decay_k = min(decay, 1 - k^-2/3)")
+    run_fraction: float | None = Field(default=None, gt=0, le=1)
+
+
+class FinetuneOptimizerParams(OptimizerParams):
+    """AdamW with layer-wise LR decay: layer i's LR is scaled by ``layer_decay ** (depth + 1 - i)``."""
+
+    layer_decay: float = Field(gt=0, le=1)
+
+
+class FinetuneValidationParams(_Params):
+    """Top-1 on held-out labelled images, logged during training (EVA-01's 21K stage evaluates nothing)."""
+
+    sources: list[str] = Field(default_factory=list, description="held-out sources; empty: no validation")
+    num_images: int = Field(default=1000, ge=1, description="evenly spaced images of those sources")
+    every_steps: int = Field(default=1000, ge=1, description="also evaluated after the last step")
+    batch_size: int = Field(default=256, ge=1)
+
+
+class FinetuneParams(EngineParams):
+    """One image fine-tune stage (EVA-01 ``run_class_finetuning.py``). The architecture is the student's
+    (``student_config``) at ``img_size``; the head has one row per class of ``data``."""
+
+    img_size: int = Field(ge=1, description="must be divisible by the student's patch size")
+    data: StageDataParams
+    optimizer: FinetuneOptimizerParams
+    augmentation: FinetuneAugmentationParams = FinetuneAugmentationParams()
+    mixing: MixingParams = MixingParams()
+    ema: EmaParams = EmaParams()
+    validation: FinetuneValidationParams = FinetuneValidationParams()
+    drop_path_rate: float = Field(default=0.4, ge=0, lt=1)
+    freeze_patch_embed: bool = True
+    grad_checkpointing: bool = Field(default=False, description="activation checkpointing of the blocks")
+    crop_pct: float = Field(default=1.0, gt=0, le=1, description="evaluation resize: size / crop_pct, centre crop")
+    head: Literal["by_name", "reinit"] = Field(
+        default="by_name",
+        description="a start checkpoint's head: rows taken by class name (a class it lacks is an error), or dropped",
+    )
+
+    @model_validator(mode="after")
+    def _even_mixing_batch(self) -> FinetuneParams:
+        mixing = self.mixing.cutmix_alpha > 0 or self.mixing.mixup_alpha > 0
+        if mixing and (self.batch_size // self.world_size) % 2:
+            raise ValueError(
+                f"CutMix/Mixup pairs image i with image B-1-i: the per-rank batch {self.batch_size // self.world_size} "
+                "must be even"
+            )
+        return self
+
+
+#: Where a target-stage run starts: the intermediate model, the pre-trained student, or random init (a baseline).
+FinetuneStart = Literal["intermediate", "student", "random"]
+
+
+class TargetFinetuneParams(FinetuneParams):
+    """The target stage (IN-1K): one run per start in ``runs``, same budget each; the first is the released model."""
+
+    runs: list[FinetuneStart] = Field(default_factory=lambda: ["intermediate", "student", "random"], min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_runs(self) -> TargetFinetuneParams:
+        if len(set(self.runs)) != len(self.runs):
+            raise ValueError(f"finetune.runs repeats a start: {self.runs}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- classification eval
+class EvalSetParams(_Params):
+    """One evaluation set of the classification table: labelled rows of manifest sources, optionally rendered,
+    selected or relabelled. ``kind`` marks it real (real images, possibly selected) or synthetic (computed)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["real", "synthetic"] = "real"
+    sources: list[str] = Field(min_length=1)
+    rendition: Literal["none", "sketch", "inverted"] = "none"
+    natural_adversarial: bool = Field(
+        default=False, description="keep the images the reference classifier (on reference_sources) gets wrong"
+    )
+    classes: list[str] | None = Field(
+        default=None, description="keep these classes only and score over them (A/R style); null: every class"
+    )
+    score_over_set_classes: bool = Field(
+        default=False, description="restrict the head to the classes the set's images have (IN-A/IN-R: 200 of 1000)"
+    )
+    real_labels: Path | None = Field(default=None, description="ReaL json: multi-label correctness (timm's file)")
+    class_map: Path | None = Field(
+        default=None, description="ObjectNet: JSON {set class: [model classes]}; correct when the top-1 is one of them"
+    )
+    in_average: bool = Field(default=True, description="part of the robustness average (ObjectNet is not)")
+    max_images: int | None = Field(default=None, ge=1, description="evenly spaced images; null: the default")
+
+
+class ClassificationEvalParams(_Params):
+    """The classification table: every fine-tuned run scored on every set through the evaluation transform.
+
+    ``target``: the set whose top-1 is the headline (IN-1K val); the robustness average is the mean top-1 over the
+    sets with ``in_average`` (the target included, as the paper does) and the gap is target top-1 minus it."""
+
+    target: str
+    sets: list[EvalSetParams] = Field(min_length=1)
+    reference_sources: list[str] = Field(
+        default_factory=list, description="training images of the natural-adversarial reference classifier"
+    )
+    max_images: int | None = Field(default=1000, ge=1, description="per set, evenly spaced; null: all")
+    batch_size: int = Field(default=256, ge=1)
+    use_ema: bool = Field(default=True, description="score the EMA weights when a run kept them (the released ones)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _target_is_a_set(self) -> ClassificationEvalParams:
+        names = [s.name for s in self.sets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"evaluation set names must be unique, repeated: {dupes}")
+        if self.target not in names:
+            raise ValueError(f"target {self.target!r} is not one of the sets {names}")
+        if any(s.natural_adversarial for s in self.sets) and not self.reference_sources:
+            raise ValueError("a natural_adversarial set needs reference_sources (the reference classifier's images)")
         return self
 
 
