@@ -350,6 +350,7 @@ class FinetuneOptimizerParams(OptimizerParams):
     """AdamW with layer-wise LR decay: layer i's LR is scaled by ``layer_decay ** (depth + 1 - i)``."""
 
     layer_decay: float = Field(gt=0, le=1)
+    warmup_lr: float = Field(default=0.0, ge=0, description="LR at the first warmup step (EVA-01 21K stage: 1e-6)")
 
 
 class FinetuneValidationParams(_Params):

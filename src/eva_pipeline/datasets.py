@@ -24,7 +24,13 @@ from torch import nn
 from eva_pipeline.config import PretrainParams
 from eva_pipeline.fileio import replace_atomically
 from eva_pipeline.manifest import Manifest, write_frame
-from eva_pipeline.models import extract_state_dict, save_official_checkpoint
+from eva_pipeline.models import (
+    ClassifierCheckpoint,
+    extract_state_dict,
+    load_classifier_checkpoint,
+    save_classifier_checkpoint,
+    save_official_checkpoint,
+)
 from eva_pipeline.targets.layout import TargetStoreError
 from eva_pipeline.targets.store import TargetStore
 
@@ -55,6 +61,30 @@ class EvaCheckpointDataset(AbstractDataset[nn.Module, dict[str, torch.Tensor]]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "dtype": str(self._dtype)}
+
+
+class ClassifierCheckpointDataset(AbstractDataset[ClassifierCheckpoint, ClassifierCheckpoint]):
+    """A fine-tuned classifier: EVA-01's fine-tune format (``model``, ``model_ema``) plus its class names and
+    architecture (:class:`~eva_pipeline.models.ClassifierCheckpoint`), so the next stage maps its head by name."""
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = PurePosixPath(filepath)
+        self.metadata = metadata
+
+    def load(self) -> ClassifierCheckpoint:
+        path = Path(self._filepath)
+        if not path.exists():
+            raise DatasetError(f"no fine-tuned classifier at {path}: run the fine-tune stage that writes it (README)")
+        return load_classifier_checkpoint(path)
+
+    def save(self, data: ClassifierCheckpoint) -> None:
+        save_classifier_checkpoint(data, Path(self._filepath))
+
+    def _exists(self) -> bool:
+        return Path(self._filepath).exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
 
 
 class ManifestDataset(AbstractDataset[Manifest | pd.DataFrame, Manifest]):

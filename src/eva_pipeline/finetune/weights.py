@@ -18,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from eva_pipeline.models import CheckpointError, EvaClassifier, LoadReport, extract_state_dict, load_official_checkpoint
+from eva_pipeline.models import (
+    CheckpointError,
+    EvaClassifier,
+    LoadReport,
+    create_classifier,
+    extract_state_dict,
+    get_config,
+    load_official_checkpoint,
+)
 from eva_pipeline.models.eva import HEAD_INIT_SCALE, HEAD_INIT_STD
 
 HEAD_KEYS: tuple[str, str] = ("head.weight", "head.bias")
@@ -174,3 +182,32 @@ def load_finetune_start(
     _check_keys(model, state)
     report = load_official_checkpoint(model, state, strict=False, resample_pos_embed=True, antialias=antialias)
     return StartReport(load=report, head=head, new_classes=new_classes)
+
+
+def stage_classifier(
+    model_name: str,
+    overrides: Mapping[str, object],
+    num_classes: int,
+    img_size: int,
+    *,
+    drop_path_rate: float,
+    freeze_patch_embed: bool = True,
+) -> EvaClassifier:
+    """The student's architecture (``model_name`` + the student's ``overrides``) as a classifier of ``num_classes``
+    at ``img_size``, with the stage's drop path; an image size the patch does not divide is refused by name."""
+    fields = {k: v for k, v in overrides.items() if k not in ("img_size", "drop_path_rate", "target_dim")}
+    patch = int(fields.get("patch_size", get_config(model_name).patch_size))
+    if img_size % patch:
+        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
+        raise ValueError(
+            f"img_size {img_size} is not divisible by the patch size {patch} of {model_name}: use a multiple of "
+            f"{patch} (e.g. {lower or upper} or {upper})"
+        )
+    return create_classifier(
+        model_name,
+        num_classes,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        freeze_patch_embed=freeze_patch_embed,
+        **fields,
+    )

@@ -138,16 +138,42 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
-    """The indices of one epoch in :class:`EpochOrder` ``(num_items, seed)`` order."""
+    """The indices of one epoch in :class:`EpochOrder` ``(num_items, seed)`` order.
 
-    def __init__(self, num_items: int, seed: int, epoch: int) -> None:
+    With ``global_batch``: only whole global batches, from batch ``start_batch`` on (a resumed run skips what it
+    trained on without building those items), each giving rank ``rank`` of ``world`` its contiguous share.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        seed: int,
+        epoch: int,
+        *,
+        global_batch: int | None = None,
+        start_batch: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.order, self.epoch = EpochOrder(num_items, seed), int(epoch)
+        self.global_batch, self.start_batch, self.rank, self.world = global_batch, start_batch, rank, world
+        if global_batch is not None and (global_batch % world or not 0 <= rank < world):
+            raise ValueError(f"global batch {global_batch} must split evenly over {world} ranks (rank {rank})")
+
+    def _positions(self) -> np.ndarray:
+        n = self.order.num_items
+        if self.global_batch is None:
+            return np.arange(n)
+        micro = self.global_batch // self.world
+        batches = np.arange(self.start_batch, n // self.global_batch)
+        share = np.arange(self.rank * micro, (self.rank + 1) * micro)
+        return (batches[:, None] * self.global_batch + share[None, :]).reshape(-1)
 
     def __len__(self) -> int:
-        return self.order.num_items
+        return len(self._positions())
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order.epoch(self.epoch).tolist())
+        return iter(self.order.epoch(self.epoch)[self._positions()].tolist())
 
 
 def classification_loader(
@@ -159,23 +185,42 @@ def classification_loader(
     epoch: int = 0,
     num_workers: int = 0,
     drop_last: bool | None = None,
+    start_batch: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.utils.data.DataLoader:
     """One epoch of ``(images, labels)`` batches of ``dataset`` (its epoch is set to ``epoch``).
 
     ``shuffle``: order by :class:`EpochOrder` ``(len(dataset), seed)`` at ``epoch`` (training), else dataset order
     (evaluation). ``drop_last`` defaults to ``shuffle``: training batches are all full (timm's Mixup needs even
-    batches), evaluation sees every item once. Batches do not depend on ``num_workers``.
+    batches), evaluation sees every item once. Batches do not depend on ``num_workers``. Training only:
+    ``start_batch`` skips the epoch's first global batches (a resumed run), and with ``world`` > 1 each rank gets its
+    contiguous ``batch_size / world`` share of every global batch of ``batch_size``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     drop_last = shuffle if drop_last is None else drop_last
     if drop_last and len(dataset) < batch_size:
         raise ValueError(f"{len(dataset)} items make no full batch of {batch_size} (drop_last)")
+    if (start_batch or world > 1) and not (shuffle and drop_last):
+        raise ValueError("start_batch and world > 1 are for training loaders (shuffle, drop_last)")
     dataset.set_epoch(epoch)
-    sampler = EpochSampler(len(dataset), seed, epoch) if shuffle else torch.utils.data.SequentialSampler(dataset)
+    if shuffle:
+        sharded = start_batch or world > 1
+        sampler: torch.utils.data.Sampler[int] = EpochSampler(
+            len(dataset),
+            seed,
+            epoch,
+            global_batch=batch_size if sharded else None,
+            start_batch=start_batch,
+            rank=rank,
+            world=world,
+        )
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size // world,
         sampler=sampler,
         num_workers=num_workers,
         drop_last=drop_last,

@@ -17,6 +17,7 @@ from eva_pipeline.models.eva import (
     get_layer_id,
     trunc_normal_sigma_,
 )
+from eva_pipeline.models.finetuned import ClassifierCheckpoint, load_classifier_checkpoint, save_classifier_checkpoint
 from eva_pipeline.models.registry import (
     FINETUNE_DROP_PATH_RATE,
     MODEL_CONFIGS,
@@ -31,6 +32,7 @@ __all__ = [
     "FINETUNE_DROP_PATH_RATE",
     "MODEL_CONFIGS",
     "CheckpointError",
+    "ClassifierCheckpoint",
     "EvaAttention",
     "EvaBlock",
     "EvaClassifier",
@@ -45,7 +47,9 @@ __all__ = [
     "get_config",
     "get_layer_id",
     "list_models",
+    "load_classifier_checkpoint",
     "load_official_checkpoint",
+    "save_classifier_checkpoint",
     "save_official_checkpoint",
     "trunc_normal_sigma_",
 ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from eva_pipeline.config import ModelParams, TeacherParams
 from eva_pipeline.loader.rows import FrameRows, ParquetRows
-from eva_pipeline.manifest import Manifest, manifest_digest, select_split
+from eva_pipeline.manifest import SPLITS, Manifest, manifest_digest, select_split
 from eva_pipeline.models import EvaConfig, get_config
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.teachers import Teacher, create_teacher
@@ -64,3 +65,22 @@ def student_config(model: ModelParams, target_dim: int | None = None) -> EvaConf
 def build_teacher(teacher: TeacherParams, device: str = "auto") -> Teacher:
     """The configured teacher on ``device`` (``auto``: the GPU when there is one)."""
     return create_teacher(teacher.kind, **{"device": str(resolve_device(device)), **teacher.options})
+
+
+def source_rows(manifest: Manifest | pd.DataFrame, sources: Sequence[str]) -> pd.DataFrame:
+    """The rows of ``sources`` (any split), source by source in the order given, each in manifest order, with a
+    fresh 0..n-1 index; a source with no row is a config error naming the sources the manifest has."""
+    frames, seen = [], set()
+    for split in SPLITS:
+        try:
+            rows = split_rows(manifest, split)
+        except ValueError:  # a split no source feeds
+            continue
+        seen.update(rows["source"].unique().tolist())
+        frames.append(rows[rows["source"].isin(sources)])
+    missing = [s for s in sources if s not in seen]
+    if missing:
+        raise ValueError(f"the manifest has no images of source(s) {missing}; its sources: {sorted(seen)} (conf/)")
+    merged = pd.concat(frames, ignore_index=True)
+    order = {name: i for i, name in enumerate(sources)}
+    return merged.sort_values("source", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)

@@ -53,7 +53,7 @@ def ensure_writable(root: Path) -> None:
     except OSError as exc:
         raise CheckpointError(
             f"the checkpoint folder {root} is not writable ({exc.strerror or exc}); point the checkpoint folder (the "
-            f"pretrain_checkpoints catalog entry) at a writable location"
+            f"stage's *_checkpoints catalog entry) at a writable location"
         ) from exc
 
 
@@ -73,7 +73,7 @@ def save(engine: Any, root: Path, step: int, keep_last: int, client_state: dict)
         raise CheckpointError(
             f"saving checkpoint {root / tag} failed ({exc.strerror or exc}; disk full?). The last complete checkpoint "
             f"({latest}) is intact; free space or move the checkpoint folder (the "
-            f"pretrain_checkpoints catalog entry) and re-run to resume from it"
+            f"stage's *_checkpoints catalog entry) and re-run to resume from it"
         ) from exc
     _barrier()
     if engine.global_rank == 0:
@@ -101,9 +101,15 @@ def resume(engine: Any, root: Path, fingerprint: str) -> int:
 
     A checkpoint that cannot be read is skipped with a warning, never deleted; if none can be read, a clear error.
     """
+    return resume_state(engine, root, fingerprint)[0]
+
+
+def resume_state(engine: Any, root: Path, fingerprint: str) -> tuple[int, dict[str, Any]]:
+    """:func:`resume`, also returning the checkpoint's client state (e.g. the fine-tuning EMA); ``(0, {})`` when
+    there is no checkpoint."""
     candidates = tags(root)
     if not candidates:
-        return 0
+        return 0, {}
     named = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
     order = ([named] if named in candidates else []) + [t for t in reversed(candidates) if t != named]
     failures = []
@@ -122,11 +128,11 @@ def resume(engine: Any, root: Path, fingerprint: str) -> int:
                 f"the checkpoint {root / tag} was written by a run with other settings; move {root} away to start over"
             )
         step = int(client_state["global_step"])
-        log.info("resumed pre-training from %s at step %d", path, step)
-        return step
+        log.info("resumed training from %s at step %d", path, step)
+        return step, client_state
     raise CheckpointError(
         f"no checkpoint in {root} could be loaded ({'; '.join(failures)}). Nothing was deleted: inspect or move the "
-        f"folder away to start over, or set pretrain.checkpoint.resume: never"
+        f"folder away to start over, or set checkpoint.resume: never in the stage's parameters"
     )
 
 

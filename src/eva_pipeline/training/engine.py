@@ -12,7 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from eva_pipeline.config import PretrainParams
+from eva_pipeline.config import FinetuneParams, PretrainParams
+
+#: Runs over the engine: pre-training and the fine-tune stages (their optimiser blocks both carry ``clip_grad``).
+TrainingParams = PretrainParams | FinetuneParams
 
 _SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
 
@@ -53,7 +56,7 @@ def ensure_single_process_env() -> None:
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
 
-def deepspeed_config(params: PretrainParams, world_size: int) -> dict[str, Any]:
+def deepspeed_config(params: TrainingParams, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for ``params`` (ZeRO stage, precision, clipping, batch split)."""
     micro = params.batch_size // world_size
     cfg: dict[str, Any] = {
@@ -87,7 +90,7 @@ def deepspeed_config(params: PretrainParams, world_size: int) -> dict[str, Any]:
 
 
 def initialize_engine(
-    model: nn.Module, optimizer: torch.optim.Optimizer, params: PretrainParams, device: torch.device
+    model: nn.Module, optimizer: torch.optim.Optimizer, params: TrainingParams, device: torch.device
 ) -> Any:
     """Wrap model and optimiser in a DeepSpeed engine (ZeRO-1 by default)."""
     deepspeed = import_deepspeed(device)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from eva_pipeline.fileio import replace_atomically
 
 RUN_HISTORY_FILE = "history.jsonl"
+
+MetricsFn = Callable[[int, dict[str, float]], None]
+"""(1-based step, the step's record without ``step``) -> None: e.g. an MLflow logger."""
 
 
 class RunHistory:
@@ -59,3 +64,16 @@ class RunHistory:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def report_step(
+    bar: Any, metrics_fn: MetricsFn | None, record: dict[str, float], log_every_steps: int, last_step: int
+) -> None:
+    """Rank 0: advance the progress bar; hand the record to ``metrics_fn`` every ``log_every_steps`` steps, at the
+    last step and whenever it carries a validation result (``val_*``)."""
+    step = int(record["step"])
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_second']:.0f}")
+    due = step % log_every_steps == 0 or step == last_step or any(k.startswith("val_") for k in record)
+    if metrics_fn is not None and due:
+        metrics_fn(step, {k: v for k, v in record.items() if k != "step"})  # the step is the x-axis

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from eva_pipeline.models import EvaConfig, EvaMIM
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine
-from eva_pipeline.training.history import RUN_HISTORY_FILE, RunHistory
+from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, report_step
 from eva_pipeline.training.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from eva_pipeline.training.recipe import initial_student, make_optimizer, make_plan, make_schedule, training_fingerprint
 from eva_pipeline.training.schedule import WarmupCosineSchedule
@@ -40,8 +40,6 @@ from eva_pipeline.training.step import TargetFn, step_inputs, train_step
 from eva_pipeline.training.validation import ValidationSet, validation_loss
 
 log = logging.getLogger(__name__)
-
-MetricsFn = Callable[[int, dict[str, float]], None]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -165,7 +163,7 @@ def run_pretraining(
             batches = run.batches(step)
             continue
         if run.rank == 0:
-            _report(bar, metrics_fn, record, params.log_every_steps, run.last_step)
+            report_step(bar, metrics_fn, record, params.log_every_steps, run.last_step)
         if applied and run.checkpoint_due(step + 1):
             _save(run, step + 1)
         step += 1
@@ -257,19 +255,6 @@ def _roll_back(run: _Run, guard: NonFiniteGuard, step: int) -> int:
         guard.max_rollbacks,
     )
     return restored
-
-
-def _report(
-    bar: tqdm, metrics_fn: MetricsFn | None, record: dict[str, float], log_every_steps: int, last_step: int
-) -> None:
-    """Rank 0: advance the progress bar; hand the record to ``metrics_fn`` every ``log_every_steps`` steps, at the
-    last step and whenever it carries a validation loss."""
-    step = int(record["step"])
-    bar.update(1)
-    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_second']:.0f}")
-    due = step % log_every_steps == 0 or step == last_step or "val_loss" in record
-    if metrics_fn is not None and due:
-        metrics_fn(step, {k: v for k, v in record.items() if k != "step"})  # the step is the x-axis
 
 
 def _save(run: _Run, step: int) -> None:

@@ -62,12 +62,43 @@ def train_step(
     epoch: int = 0,
     started: float | None = None,
 ) -> dict[str, float]:
-    """One optimisation step of ``engine`` on one rank's share of a global batch; returns the step's record.
+    """One MIM optimisation step of ``engine`` on one rank's share of a global batch; returns the step's record.
 
     ``x`` (B, 3, H, W), ``mask`` (B, N) and ``target`` (the masked tokens' targets, (M, D)) are on the engine's device;
-    ``num_masked`` counts the masked tokens of the whole global batch (all ranks); ``step`` is 0-based. ``started``
-    (a ``time.perf_counter()`` value) is when the step's work began, e.g. before its batch was loaded: the default,
-    this call, times the step alone.
+    ``num_masked`` counts the masked tokens of the whole global batch (all ranks); the rest is
+    :func:`optimizer_step`'s.
+    """
+    world = engine.world_size
+    # Each rank's share of the global token mean: DeepSpeed averages gradients over ranks, so the update equals
+    # a single process's on the whole batch, however the masked tokens fall across ranks.
+    return optimizer_step(
+        engine,
+        lambda: mim_cosine_loss(engine(x, mask), target, num_tokens=num_masked / world),
+        lr,
+        images=x.shape[0],
+        step=step,
+        seed=seed,
+        epoch=epoch,
+        started=started,
+    )
+
+
+def optimizer_step(
+    engine: Any,
+    loss_fn: Callable[[], torch.Tensor],
+    lr: float,
+    *,
+    images: int,
+    step: int,
+    seed: int,
+    epoch: int = 0,
+    started: float | None = None,
+) -> dict[str, float]:
+    """Forward (``loss_fn``, which runs the engine), backward and optimiser step; returns the step's record.
+
+    Shared by pre-training and fine-tuning. ``images``: this rank's batch size; ``step`` is 0-based. ``started`` (a
+    ``time.perf_counter()`` value) is when the step's work began, e.g. before its batch was loaded: the default, this
+    call, times the step alone. Drop path draws from the torch seed of (seed, rank, step), so a resumed run repeats it.
 
     The record: ``step`` (1-based), ``loss``, ``lr``, ``grad_norm`` (before clipping), ``images_per_second`` (global
     batch), ``epoch``, ``step_skipped`` (1.0 when DeepSpeed skipped a non-finite step, else 0.0) and, under fp16,
@@ -78,9 +109,7 @@ def train_step(
     apply_lr(engine.optimizer, lr)
     torch.manual_seed(step_seed(seed, engine.global_rank, step))  # drop path: per rank, and exact on resume
     with _phase("forward"):
-        # Each rank's share of the global token mean: DeepSpeed averages gradients over ranks, so the update equals
-        # a single process's on the whole batch, however the masked tokens fall across ranks.
-        loss = mim_cosine_loss(engine(x, mask), target, num_tokens=num_masked / world)
+        loss = loss_fn()
     with _phase("backward"):
         engine.backward(loss)
     with _phase("optimizer"):
@@ -91,7 +120,7 @@ def train_step(
         "loss": loss.item(),
         "lr": lr,
         "grad_norm": _float(engine.get_global_grad_norm()),
-        "images_per_second": x.shape[0] * world / elapsed,  # the global batch: every rank's share is the same size
+        "images_per_second": images * world / elapsed,  # the global batch: every rank's share is the same size
         "epoch": float(epoch),
         "step_skipped": float(not engine.was_step_applied()),
     }

@@ -1,0 +1,151 @@
+"""What the two image fine-tune stages' nodes share: a stage's labelled images, one run from given start weights,
+and the records of runs (history, summary, figure). The work itself is ``eva_pipeline.finetune``'s."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from eva_pipeline.config import FinetuneParams, PretrainParams
+from eva_pipeline.evaluation import loss_curve
+from eva_pipeline.finetune import eval_transform, train_transform
+from eva_pipeline.finetune.data import ClassNames, evenly_spaced, label_budget, stage_labels
+from eva_pipeline.finetune.loop import run_finetuning
+from eva_pipeline.finetune.weights import stage_classifier
+from eva_pipeline.loader.classification import ClassificationDataset
+from eva_pipeline.loader.pixels import ManifestPixels
+from eva_pipeline.loader.rows import FrameRows
+from eva_pipeline.manifest import Manifest, manifest_digest
+from eva_pipeline.models import ClassifierCheckpoint, EvaClassifier
+from eva_pipeline.pipelines.common import source_rows
+from eva_pipeline.tracking import active_run_logger
+
+#: Initialises a freshly built classifier in place (loads start weights, or nothing for random init).
+StartFn = Callable[[EvaClassifier], object]
+
+
+def labelled_rows(
+    manifest: Manifest | pd.DataFrame,
+    class_names: ClassNames,
+    sources: Sequence[str],
+    classes: Sequence[str],
+    *,
+    per_class: int | None = None,
+    keep: int | None = None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rows of ``sources`` labelled in ``classes`` (by name), cut to ``per_class`` per class, then to ``keep``
+    evenly spaced rows."""
+    rows = source_rows(manifest, sources)
+    labels = stage_labels(rows, class_names, classes)
+    chosen = label_budget(labels, per_class)
+    chosen = chosen[evenly_spaced(len(chosen), keep)]
+    return rows.iloc[chosen].reset_index(drop=True), labels[chosen]
+
+
+def _dataset(rows: pd.DataFrame, labels: np.ndarray, transform: object, seed: int) -> ClassificationDataset:
+    return ClassificationDataset(ManifestPixels(FrameRows(rows)), labels, transform, seed)
+
+
+def state_digest(state: Mapping[str, torch.Tensor] | None) -> str:
+    """sha256 of a state dict's names, shapes and bytes: identifies start weights in a run's fingerprint."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted((state or {}).items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train_run(
+    run: str,
+    params: FinetuneParams,
+    student: PretrainParams,
+    classes: Sequence[str],
+    train: tuple[pd.DataFrame, np.ndarray],
+    validation: tuple[pd.DataFrame, np.ndarray] | None,
+    start: StartFn,
+    start_id: str,
+    checkpoints: Path,
+) -> tuple[ClassifierCheckpoint, list[dict], dict[str, float]]:
+    """One fine-tune run: the student's architecture at the stage's size, initialised by ``start`` (from a seeded
+    init, so random init is reproducible), trained by :func:`~eva_pipeline.finetune.loop.run_finetuning`; per-step
+    metrics stream to MLflow as ``<run>/...``. Returns the checkpoint, the run's per-step records and a summary."""
+    torch.manual_seed(params.seed)
+    model = stage_classifier(
+        student.model.name,
+        student.model.overrides,
+        len(classes),
+        params.img_size,
+        drop_path_rate=params.drop_path_rate,
+        freeze_patch_embed=params.freeze_patch_embed,
+    )
+    start(model)
+    rows, labels = train
+    a = params.augmentation
+    train_set = _dataset(
+        rows,
+        labels,
+        train_transform(params.img_size, a.scale, auto_augment=a.auto_augment, hflip=a.hflip, re_prob=a.re_prob),
+        params.seed,
+    )
+    val_set = None
+    if validation is not None:
+        val_set = _dataset(*validation, eval_transform(params.img_size, params.crop_pct), params.seed)
+    identity = json.dumps(
+        {"start": start_id, "rows": manifest_digest(rows), "labels": hashlib.sha256(labels.tobytes()).hexdigest()}
+    )
+    result = run_finetuning(
+        params,
+        model,
+        train_set,
+        checkpoint_dir=checkpoints,
+        start=identity,
+        validation=val_set,
+        metrics_fn=active_run_logger(prefix=f"{run}/"),
+        desc=run,
+    )
+    checkpoint = ClassifierCheckpoint.from_modules(result.model, classes, result.ema)
+    return checkpoint, result.run_history, run_summary(result.run_history, result.steps, result.ema_decay)
+
+
+def run_summary(records: list[dict], steps: int, ema_decay: float | None) -> dict[str, float]:
+    """Steps, the mean loss of the last 10 steps, throughput and the last held-out top-1 (NaN when none)."""
+    last = records[-10:]
+    evaluated = [r for r in records if "val_top1" in r]
+    nan = float("nan")
+    return {
+        "steps": float(steps),
+        "final_loss": float(np.mean([r["loss"] for r in last])) if last else nan,
+        "images_per_second": float(np.mean([r["images_per_second"] for r in last])) if last else nan,
+        "final_val_top1": float(evaluated[-1]["val_top1"]) if evaluated else nan,
+        "final_val_top1_ema": float(evaluated[-1].get("val_top1_ema", nan)) if evaluated else nan,
+        "ema_decay": nan if ema_decay is None else float(ema_decay),
+    }
+
+
+def history_frame(histories: Mapping[str, list[dict]]) -> pd.DataFrame:
+    """Every run's per-step records in one table, ``run`` first."""
+    frames = [pd.DataFrame(records).assign(run=run) for run, records in histories.items() if records]
+    if not frames:
+        return pd.DataFrame(columns=["run", "step", "loss"])
+    table = pd.concat(frames, ignore_index=True)
+    table["step"] = table["step"].astype("int64")
+    return table[["run", *[c for c in table.columns if c != "run"]]]
+
+
+def loss_figure(history: pd.DataFrame, title: str) -> Figure:
+    """Training loss per step, one line per run."""
+    runs = list(dict.fromkeys(history["run"])) if not history.empty else []
+    if not runs:
+        figure = Figure()
+        figure.text(0.5, 0.5, "no per-step records (resumed from a finished checkpoint)", ha="center")
+        return figure
+    first, *others = (history[history["run"] == run] for run in runs)
+    extra = {run: (h["step"].to_numpy(), h["loss"].to_numpy()) for run, h in zip(runs[1:], others, strict=True)}
+    return loss_curve(first["step"].to_numpy(), first["loss"].to_numpy(), title, label=runs[0], extra=extra)
