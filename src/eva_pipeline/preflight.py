@@ -133,11 +133,16 @@ SOURCES = "preflight.sources"
 TRAINING = "preflight.training"
 #: Node tag: the node runs the teacher (its weights and device are checked).
 TEACHER = "preflight.teacher"
+#: Node tag: the node fine-tunes the student (its stage block, named by the ``params:<block>`` it reads, is checked:
+#: sources, image size on the student's patch, device and precision, ranks).
+FINETUNE = "preflight.finetune"
+#: Node tag: the node scores classifiers on the ``classification_eval`` sets (their sources and label files).
+CLASSIFICATION = "preflight.classification"
 #: Selected when a run reads the stored ``student_config`` without the node that writes it: ``--params pretrain.*``
 #: would not reach it (the overrides are refused, naming the pipeline to add).
 STORED_STUDENT_CONFIG = "stored_student_config"
 #: Every check, in the order its problems are listed.
-CHECKS: tuple[str, ...] = (SOURCES, TRAINING, TEACHER, STORED_STUDENT_CONFIG)
+CHECKS: tuple[str, ...] = (SOURCES, TRAINING, TEACHER, FINETUNE, CLASSIFICATION, STORED_STUDENT_CONFIG)
 #: The dataset that holds the resolved ``pretrain`` block (written by the student_config pipeline).
 STUDENT_CONFIG_DATASET = "student_config"
 
@@ -150,7 +155,7 @@ def select_checks(nodes: Iterable[Any]) -> list[str]:
     tags = {tag for node in nodes for tag in node.tags}
     consumed = {name for node in nodes for name in node.inputs}
     produced = {name for node in nodes for name in node.outputs}
-    selected = {check for check in (SOURCES, TRAINING, TEACHER) if check in tags}
+    selected = {check for check in (SOURCES, TRAINING, TEACHER, FINETUNE, CLASSIFICATION) if check in tags}
     if STUDENT_CONFIG_DATASET in consumed - produced:
         selected.add(STORED_STUDENT_CONFIG)
     return [check for check in CHECKS if check in selected]

@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from eva_pipeline import preflight
 from eva_pipeline.pipelines.finetune.nodes import finetune_target
 
 
@@ -19,6 +20,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["finetuned_models", "finetune_history", "finetune_summary", "finetune_loss_plot"],
                 name="finetune_target",
+                tags=[preflight.FINETUNE],
             ),
         ],
         tags=["finetune"],

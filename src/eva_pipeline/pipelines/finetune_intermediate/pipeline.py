@@ -1,5 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
+from eva_pipeline import preflight
 from eva_pipeline.pipelines.finetune_intermediate.nodes import finetune_intermediate
 
 
@@ -18,6 +19,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["eva_intermediate", "intermediate_history", "intermediate_summary", "intermediate_loss_plot"],
                 name="finetune_intermediate",
+                tags=[preflight.FINETUNE],
             ),
         ],
         tags=["finetune_intermediate"],
