@@ -10,7 +10,14 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from eva_pipeline.evaluation import DEFAULT_STYLE, loss_curve, mask_overview, probe_bar_chart, readable_name
+from eva_pipeline.evaluation import (
+    DEFAULT_STYLE,
+    eval_sets_bar_chart,
+    loss_curve,
+    mask_overview,
+    probe_bar_chart,
+    readable_name,
+)
 from png_checks import assert_drawn, assert_png_of
 
 RESULTS = {"student_pretrained": 0.81, "student_random_init": 0.42, "teacher": 0.88}
@@ -48,6 +55,49 @@ def test_readable_name() -> None:
     assert readable_name("student_random_init") == "Student random init"
     assert readable_name("teacher_clip-b16") == "Teacher clip-b16"
     assert readable_name("EVA student (pre-trained)") == "EVA student (pre-trained)"
+
+
+TOP1 = {
+    "intermediate": {"in1k": 0.90, "fresh": 0.80, "sketch": 0.40},
+    "student": {"in1k": 0.85, "fresh": 0.75, "sketch": 0.35},
+    "random": {"in1k": 0.60, "fresh": 0.55, "sketch": 0.20},
+}
+AVERAGE = {"intermediate": 0.70, "student": 0.65, "random": 0.45}
+
+
+def test_eval_sets_bar_chart_groups_runs_per_set_hatches_synthetic_sets(tmp_path: Path) -> None:
+    fig = eval_sets_bar_chart(TOP1, "Classification", synthetic={"sketch"}, average=AVERAGE)
+    (ax,) = fig.axes
+    assert len(ax.patches) == 3 * 4  # runs x (sets + the average)
+    heights = [p.get_height() for p in ax.patches]  # run by run, group by group
+    assert heights == pytest.approx([v for run in TOP1 for v in [*TOP1[run].values(), AVERAGE[run]]])
+    hatched = [bool(p.get_hatch()) for p in ax.patches]
+    assert hatched == [False, False, True, False] * 3
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["in1k", "fresh", "sketch", "average"]
+    assert len({p.get_facecolor() for p in ax.patches}) == 3  # one colour per run
+    assert {t.get_text() for t in ax.texts} >= {"90.0%", "45.0%", "20.0%"}
+    assert len(ax.texts) == 12
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["Intermediate", "Student", "Random", "synthetic set"]
+    assert len(ax.get_lines()) == 1  # the dashed line before the average
+    out = tmp_path / "eval_sets.png"
+    fig.savefig(out)
+    assert_drawn(out)
+
+
+def test_eval_sets_bar_chart_without_average_and_bad_input() -> None:
+    ax = eval_sets_bar_chart({"only": {"a": 0.5}}, "t").axes[0]
+    assert len(ax.patches) == 1 and not ax.get_lines() and not ax.patches[0].get_hatch()
+    with pytest.raises(ValueError, match="empty"):
+        eval_sets_bar_chart({}, "t")
+    with pytest.raises(ValueError, match="same sets"):
+        eval_sets_bar_chart({"x": {"a": 0.5}, "y": {"b": 0.5}}, "t")
+    with pytest.raises(ValueError, match="one value per run"):
+        eval_sets_bar_chart({"x": {"a": 0.5}}, "t", average={"y": 0.5})
+    with pytest.raises(ValueError, match="not plotted"):
+        eval_sets_bar_chart({"x": {"a": 0.5}}, "t", synthetic={"b"})
+    with pytest.raises(ValueError, match="non-finite"):
+        eval_sets_bar_chart({"x": {"a": float("nan")}}, "t")
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])

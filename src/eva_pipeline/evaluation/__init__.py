@@ -1,5 +1,5 @@
-"""Evaluation: frozen-feature extraction, the linear probe, classification scores, robustness stand-ins and the
-report's figures (no Kedro here)."""
+"""Evaluation: frozen-feature extraction, the linear probe, classification scores, robustness stand-ins, the
+evaluation sets of the classification table and the table itself, and the report's figures (no Kedro here)."""
 
 from eva_pipeline.evaluation.classification import (
     PAPER_AVERAGE_SETS,
@@ -15,6 +15,7 @@ from eva_pipeline.evaluation.features import extract_features
 from eva_pipeline.evaluation.plots import (
     DEFAULT_STYLE,
     PlotStyle,
+    eval_sets_bar_chart,
     loss_curve,
     mask_overlay,
     mask_overview,
@@ -36,19 +37,45 @@ from eva_pipeline.evaluation.robustness import (
     natural_adversarial,
     sketch,
 )
+from eva_pipeline.evaluation.sets import (
+    RENDITIONS,
+    EvalSet,
+    NaturalAdversarialReference,
+    SetRows,
+    build_eval_set,
+    label_set,
+    natural_adversarial_reference,
+    score_set,
+    select_set_rows,
+    set_logits,
+)
+from eva_pipeline.evaluation.table import (
+    classification_json,
+    classification_table,
+    table_markdown,
+)
 
 __all__ = [
     "DEFAULT_PROBE_CONFIG",
     "DEFAULT_STYLE",
     "NATURAL_ADVERSARIAL_CLASSES",
     "PAPER_AVERAGE_SETS",
+    "RENDITIONS",
     "ROBUSTNESS_SETS",
+    "EvalSet",
+    "NaturalAdversarialReference",
     "PlotStyle",
     "ProbeConfig",
     "RobustnessSet",
+    "SetRows",
+    "build_eval_set",
     "build_probe",
+    "classification_json",
+    "classification_table",
+    "eval_sets_bar_chart",
     "extract_features",
     "inverted",
+    "label_set",
     "linear_probe_top1",
     "load_real_labels",
     "load_subset_indices",
@@ -56,13 +83,18 @@ __all__ = [
     "mask_overlay",
     "mask_overview",
     "natural_adversarial",
+    "natural_adversarial_reference",
     "probe_bar_chart",
     "readable_name",
     "real_accuracy",
     "robustness_average",
     "robustness_gap",
+    "score_set",
+    "select_set_rows",
+    "set_logits",
     "sketch",
     "split_probe",
     "subset_accuracy",
+    "table_markdown",
     "topk_accuracy",
 ]

@@ -1,4 +1,5 @@
-"""Figures for the demo's report: probe accuracies, what block-wise masking hides, training curves.
+"""Figures for the demo's report: probe accuracies, evaluation-set accuracies per run, what block-wise masking hides,
+training curves.
 
 Every function builds a ``matplotlib.figure.Figure`` with its own Agg canvas and never touches ``pyplot``: no
 global figure registry, no GUI backend, nothing that leaks between Kedro nodes or needs ``plt.close``. Saving is
@@ -8,13 +9,15 @@ the caller's (or a Kedro ``MatplotlibWriter``'s) business.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import PercentFormatter
 from torch import Tensor
 
 _UINT8_MAX = 255.0
@@ -42,6 +45,12 @@ class PlotStyle:
     curve_height: float = 3.5
     curve_color: str = "#4C72B0"
     grid_alpha: float = 0.3
+    group_height: float = 4.0
+    group_width: float = 0.8  # of the unit spacing between set groups, shared by the runs' bars
+    group_bar_width: float = 0.3  # inches of figure width per bar (the figure grows with runs x sets)
+    group_label_size: str = "x-small"
+    group_headroom: float = 1.3  # room above the tallest bar for its vertical value label
+    synthetic_hatch: str = "///"
 
 
 DEFAULT_STYLE = PlotStyle()
@@ -230,4 +239,74 @@ def loss_curve(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=style.grid_alpha)
+    return fig
+
+
+def eval_sets_bar_chart(
+    top1: Mapping[str, Mapping[str, float]],
+    title: str,
+    *,
+    synthetic: Collection[str] = (),
+    average: Mapping[str, float] | None = None,
+    style: PlotStyle = DEFAULT_STYLE,
+) -> Figure:
+    """Grouped bars of top-1 accuracy: the evaluation sets on the x axis (in the first run's order), one bar per run
+    in each group (colours, legend), values printed on the bars.
+
+    Sets in ``synthetic`` (computed renditions, not real images) are hatched, so a reader does not weigh them like
+    real ones. ``average`` (run -> the robustness average) is its own group at the right, past a dashed line.
+    """
+    if not top1:
+        raise ValueError("top1 is empty: nothing to plot")
+    runs = list(top1)
+    sets = list(top1[runs[0]])
+    if not sets or any(list(top1[r]) != sets for r in runs):
+        raise ValueError(f"every run needs the same sets in the same order, got {[list(v) for v in top1.values()]}")
+    if average is not None and sorted(average) != sorted(runs):
+        raise ValueError(f"average needs one value per run: runs {runs}, average for {list(average)}")
+    if unknown := sorted(set(synthetic) - set(sets)):
+        raise ValueError(f"synthetic names sets that are not plotted: {unknown}")
+    if average is not None and "average" in sets:
+        raise ValueError("a set named 'average' would be confused with the average group")
+    groups = sets + (["average"] if average is not None else [])
+    values = np.asarray(
+        [[top1[r][s] for s in sets] + ([average[r]] if average is not None else []) for r in runs], dtype=np.float64
+    )
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"top1 holds non-finite accuracies: {dict(top1)}")
+
+    positions = np.arange(len(groups), dtype=np.float64)
+    if average is not None:
+        positions[-1] += 0.5  # the average stands apart from the sets it averages
+    width = style.group_width / len(runs)
+    fig = _new_figure(max(style.width, style.group_bar_width * values.size + 2.0), style.group_height)
+    ax = fig.add_subplot()
+    for r, run in enumerate(runs):
+        offsets = positions - style.group_width / 2 + (r + 0.5) * width
+        bars = ax.bar(offsets, values[r], width, color=f"C{r}", label=readable_name(run))
+        for bar, group in zip(bars, groups, strict=True):
+            if group in synthetic:
+                bar.set_hatch(style.synthetic_hatch)
+        ax.bar_label(
+            bars,
+            labels=[style.value_format.format(v) for v in values[r]],
+            padding=style.value_pad,
+            rotation=90,
+            fontsize=style.group_label_size,
+        )
+    if average is not None:
+        ax.axvline((positions[-2] + positions[-1]) / 2, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(positions, labels=groups, rotation=30, ha="right", rotation_mode="anchor")
+    top = max(1.0, float(values.max()))
+    ax.set_ylim(0.0, top * style.group_headroom)
+    ax.set_yticks(np.linspace(0.0, top, 6))  # no tick above the largest possible accuracy
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=style.grid_alpha)
+    handles, labels = ax.get_legend_handles_labels()
+    if synthetic:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch=style.synthetic_hatch))
+        labels.append("synthetic set")
+    fig.legend(handles, labels, loc="outside right upper", frameon=False)
     return fig
