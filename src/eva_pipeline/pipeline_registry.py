@@ -1,7 +1,8 @@
 """Project pipelines.
 
-``ingestion``, ``student_config``, ``teacher_targets``, ``train_student`` and ``evaluation`` each run one stage (one
-DVC stage each); ``pretrain`` (also the default) runs all five in order: the full demo.
+``ingestion``, ``student_config``, ``teacher_targets``, ``train_student``, ``evaluation``, ``finetune_intermediate``,
+``finetune`` and ``classification_eval`` each run one stage (one DVC stage each); ``pretrain`` runs the first five
+(pre-training and its probe) and the default runs the whole DAG: pre-training, then fine-tuning and evaluation.
 """
 
 from kedro.framework.project import find_pipelines
@@ -10,6 +11,6 @@ from kedro.pipeline import Pipeline
 
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
-    if "pretrain" in pipelines:
-        pipelines["__default__"] = pipelines["pretrain"]
+    stages = ("pretrain", "finetune_intermediate", "finetune", "classification_eval")
+    pipelines["__default__"] = sum((pipelines[name] for name in stages), Pipeline([]))
     return pipelines
