@@ -33,7 +33,7 @@ def finetune_intermediate(
     params: FinetuneParams,
 ) -> tuple[ClassifierCheckpoint, pd.DataFrame, dict, Figure]:
     """Fine-tune the EVA student on every class of ``params.data.sources`` (a fresh head; the student's MIM-only
-    tensors are ignored), resumable from ``checkpoints`` (``finetune_checkpoints``)."""
+    tensors are ignored), resumable from ``checkpoints`` (``intermediate_checkpoints``)."""
     classes = stage_classes(class_names, params.data.sources)
     train = labelled_rows(manifest, class_names, params.data.sources, classes, per_class=params.data.per_class)
     validation = None

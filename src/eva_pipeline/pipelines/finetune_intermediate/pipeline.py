@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "class_names",
                     "eva_student",
                     "student_config",
-                    "finetune_checkpoints",
+                    "intermediate_checkpoints",
                     "params:finetune_intermediate",
                 ],
                 outputs=["eva_intermediate", "intermediate_history", "intermediate_summary", "intermediate_loss_plot"],
