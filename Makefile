@@ -1,4 +1,5 @@
-# Two commands a user needs: `make pretrain` (install + run the demo) and `make test` (install + tests).
+# Two commands a user needs: `make pretrain` (install + run the demo) and `make test` (install + tests);
+# `make run` runs the whole DAG (pre-training, fine-tuning, the classification table).
 # Both bootstrap a local virtual environment themselves; re-running is fast once installed.
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install pretrain lint format test test-fast viz mlflow-ui clean
+.PHONY: install pretrain run lint format test test-fast viz mlflow-ui clean
 
 install: $(STAMP)
 
@@ -26,6 +27,10 @@ $(STAMP): pyproject.toml
 
 pretrain: $(STAMP)
 	$(BIN)/kedro run --pipelines pretrain
+
+# The whole DAG: pre-training, then the two fine-tune stages and the classification table.
+run: $(STAMP)
+	$(BIN)/kedro run
 
 # Layers (import-linter), lint and format (ruff): the checks `make test` runs before the tests.
 lint: $(STAMP)
