@@ -36,7 +36,9 @@ class SourceParams(_Params):
 
     name: str = Field(min_length=1)
     kind: Literal["idx", "image_folder", "file_list", "webdataset"]
-    split: Literal["pretrain", "probe"]
+    split: Literal["pretrain", "finetune", "probe", "eval"] = Field(
+        description="pretrain; finetune (labelled, never pre-trained on); held out: probe, eval (evaluation only)"
+    )
     images: Path
     labels: Path | None = None
     limit: int | None = Field(default=None, ge=1)
