@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -166,6 +167,25 @@ def test_an_eval_source_claims_its_images_before_training_sources(tmp_path) -> N
         build_manifest(specs, dedup=False)
 
 
+def test_idx_class_names_given_default_and_refused(tmp_path) -> None:
+    specs = _tiny_sources(tmp_path)  # a: labels 0..4; b: no labels file
+    _, report = build_manifest(specs)
+    assert report["sources"]["a"]["classes"] == ["0", "1", "2", "3", "4"] and report["sources"]["b"]["classes"] is None
+    named = replace(specs[0], classes=["ant", "bee", "cat", "dog", "eel", "fox"])  # more names than labels used: kept
+    _, report = build_manifest([named, specs[1]])
+    assert report["sources"]["a"]["classes"] == ["ant", "bee", "cat", "dog", "eel", "fox"]
+    with pytest.raises(ValueError, match=r"source 'a': 1 item\(s\) have a label outside its 4 class names \(labels"):
+        build_manifest([replace(specs[0], classes=["ant", "bee", "cat", "dog"])])  # a/4 has label 4
+    with pytest.raises(ValueError, match=r"source 'a': class names must be unique, repeated: \['bee'\]"):
+        replace(specs[0], classes=["ant", "bee", "bee", "dog", "eel"])
+    with pytest.raises(ValueError, match="the idx source has no labels file"):
+        replace(specs[1], classes=["x"])
+    for bad in ([], ["a", " "], "abc"):
+        with pytest.raises(ValueError, match="'classes' must be"):
+            replace(specs[0], classes=bad)
+    assert replace(specs[0], classes=["ant", "bee"]).classes == ("ant", "bee")  # a tuple: the spec stays hashable
+
+
 def test_missing_source_fails_before_any_reading(tmp_path, fmnist, monkeypatch) -> None:
     calls = []
     monkeypatch.setitem(scan_mod._SOURCE_READERS, "idx", lambda spec: calls.append(spec) or None)
@@ -229,7 +249,18 @@ def test_new_source_kind_plugs_in_with_rejections(tmp_path, monkeypatch) -> None
     src = report["sources"]["files"]
     assert (src["found"], src["kept"], src["rejected"]) == (3, 2, 1)
     assert src["rejected_examples"] == [{"location": "broken.png", "reason": "cannot decode"}]
-    assert "toy_list" in scan_mod.source_kinds()
+    assert "toy_list" in scan_mod.source_kinds() and src["classes"] == ["0", "1", "2"]
+
+    @register_source_kind("toy_named")
+    def read_named(spec: SourceSpec) -> SourceScan:
+        scan = read_list(spec)
+        scan.info["classes"] = ["x", "y", "z"]  # a reader that knows its class names, as an image folder does
+        return scan
+
+    _, report = build_manifest([SourceSpec("named", "toy_named", "pretrain", tmp_path / "list.txt")])
+    assert report["sources"]["named"]["classes"] == ["x", "y", "z"]
+    with pytest.raises(ValueError, match=r"source 'named': its reader names the classes itself \(3\)"):
+        build_manifest([SourceSpec("named", "toy_named", "pretrain", tmp_path / "list.txt", classes=["x", "y", "z"])])
 
 
 def test_validate_manifest_reports_every_problem(embedded) -> None:
