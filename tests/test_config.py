@@ -121,3 +121,40 @@ def test_a_path_parameter_moved_to_the_catalog_is_refused_with_where_it_went(blo
     message = " ".join(str(err.value).split())
     assert "is no longer a parameter" in message and f"catalog entry {catalog_entry}" in message
     assert "conf/<env>/catalog.yml" in message
+
+
+# ------------------------------------------------------------------------------------------------ ingestion sources
+def _source(**changes) -> dict:
+    return {"name": "s", "kind": "idx", "split": "pretrain", "images": "i.gz", "labels": "l.gz", **changes}
+
+
+def test_sources_take_every_split_and_class_names():
+    from eva_pipeline.config import SourceParams
+
+    for split in ("pretrain", "finetune", "probe", "eval"):
+        assert SourceParams.model_validate(_source(split=split)).split == split
+    with pytest.raises(ValidationError, match="split"):
+        SourceParams.model_validate(_source(split="train"))
+    assert SourceParams.model_validate(_source(classes=["a", "b"])).classes == ["a", "b"]
+    assert SourceParams.model_validate(_source()).classes is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"classes": ["a", "b", "a"]}, r"class names must be unique, repeated: \['a'\]"),
+        ({"classes": []}, "'classes' must be one or more non-empty names"),
+        ({"classes": ["a", ""]}, "'classes' must be one or more non-empty names"),
+        ({"kind": "image_folder", "labels": None, "classes": ["a"]}, "class names are its class folders, sorted"),
+        ({"labels": None, "classes": ["a"]}, "the idx source has no labels file"),
+    ],
+)
+def test_class_names_are_refused_before_any_node_runs(changes, message):
+    """The same refusals as eva_pipeline.ingest.scan.SourceSpec's, at parameter validation."""
+    from eva_pipeline.config import SourceParams
+    from eva_pipeline.ingest.scan import SourceSpec
+
+    with pytest.raises(ValidationError, match=message):
+        SourceParams.model_validate(_source(**changes))
+    with pytest.raises(ValueError, match=message):
+        SourceSpec(**_source(**changes))

@@ -7,6 +7,7 @@ re-validates.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,13 +37,37 @@ class SourceParams(_Params):
 
     name: str = Field(min_length=1)
     kind: Literal["idx", "image_folder", "file_list", "webdataset"]
-    split: Literal["pretrain", "probe"]
+    split: Literal["pretrain", "finetune", "probe", "eval"] = Field(
+        description="pretrain; finetune (labelled, never pre-trained on); held out: probe, eval (evaluation only)"
+    )
     images: Path
     labels: Path | None = None
     limit: int | None = Field(default=None, ge=1)
     layout: Literal["auto", "class_folders", "flat"] = Field(
         default="auto", description="image_folder only: class sub-folders (labelled) or a flat image folder"
     )
+    classes: list[str] | None = Field(
+        default=None,
+        description="class names in label order (integer labels: idx, file_list, webdataset); null: '0', '1', ...",
+    )
+
+    @model_validator(mode="after")
+    def _classes(self) -> SourceParams:
+        """Refused here, before any node runs, as ``eva_pipeline.ingest.scan.SourceSpec`` refuses them."""
+        if self.classes is None:
+            return self
+        if self.kind == "image_folder":
+            raise ValueError(
+                f"source {self.name!r}: an image_folder source's class names are its class folders, sorted (label i "
+                "is the i-th folder); remove 'classes'"
+            )
+        if self.kind == "idx" and self.labels is None:
+            raise ValueError(f"source {self.name!r}: 'classes' names the labels, but the idx source has no labels file")
+        if not self.classes or not all(c.strip() for c in self.classes):
+            raise ValueError(f"source {self.name!r}: 'classes' must be one or more non-empty names, got {self.classes}")
+        if repeated := sorted(c for c, n in Counter(self.classes).items() if n > 1):
+            raise ValueError(f"source {self.name!r}: class names must be unique, repeated: {repeated}")
+        return self
 
 
 class IngestionParams(_Params):

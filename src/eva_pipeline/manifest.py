@@ -2,8 +2,9 @@
 
 Every stage after ingestion (teacher targets, pre-training, probing) reads images only through the manifest, so the
 schema is written for large sources too: ``location`` is a plain file path, ``"path#index"`` for an item of an
-array container (IDX), or ``"shard.tar#member"``. The ``split`` column keeps probe images out of pre-training;
-``content_hash`` lets ingestion keep the same image out of both. This module holds the schema, its validation,
+array container (IDX), or ``"shard.tar#member"``. The ``split`` column says which stage may read an image
+(:data:`SPLITS`) and keeps the held-out ones (:data:`HELD_OUT_SPLITS`) out of training; ``content_hash`` lets
+ingestion keep the same image out of both. This module holds the schema, its validation,
 split selection, the pixel digest that keys caches, and :class:`Manifest`, the lazy handle of a manifest Parquet
 file that the ``manifest`` catalog entry loads (a Merged-30M manifest has 29.6M rows; no stage needs them all in
 one DataFrame). Ingestion (:mod:`eva_pipeline.ingest`) writes it; the loader and the stages read it.
@@ -15,7 +16,7 @@ import hashlib
 import os
 import shutil
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -26,8 +27,13 @@ import pyarrow.parquet as pq
 
 from eva_pipeline.fileio import replace_atomically
 
-#: What images are for. Probe images are held out: never used in pre-training.
-SPLITS: tuple[str, ...] = ("pretrain", "probe")
+#: What images are for: ``pretrain`` (pre-training; labels unused), ``finetune`` (the labelled images fine-tuning
+#: trains on; never pre-training), ``probe`` (the linear probe and the validation MIM loss) and ``eval`` (only
+#: evaluation reads them).
+SPLITS: tuple[str, ...] = ("pretrain", "finetune", "probe", "eval")
+#: Splits never trained on: their sources claim their images first at de-duplication, and no row of another split
+#: may have a held-out row's content (the leak check).
+HELD_OUT_SPLITS: tuple[str, ...] = ("probe", "eval")
 
 #: Column order and types of a manifest on disk (parquet). ``content_hash`` is the sha1 hex of the item's raw
 #: bytes (the encoded file, or the H*W*C pixel bytes of an array item); null where a source cannot afford hashing.
@@ -76,8 +82,19 @@ def manifest_file_schema(columns: tuple[str, ...] = MANIFEST_COLUMNS) -> pa.Sche
     return schema.with_metadata(meta)
 
 
+def held_out_leak_error(leaked: Mapping[str, int]) -> str | None:
+    """The leak check's message for ``{training split: rows whose content is a held-out row's}``; None: no leak.
+
+    One wording for :func:`validate_manifest` and ingestion's de-duplication pass, which count the same thing."""
+    counts = [f"{leaked[split]} {split}" for split in SPLITS if leaked.get(split)]
+    if not counts:
+        return None
+    held_out = " or ".join(HELD_OUT_SPLITS)
+    return f"{' and '.join(counts)} image(s) are also held-out images ({held_out}; same content_hash)"
+
+
 def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
-    """Check columns, dtypes, unique ids and locations, split values and probe/pretrain leakage; returns ``df``.
+    """Check columns, dtypes, unique ids and locations, split values and held-out leakage; returns ``df``.
 
     All problems are collected into one ValueError, so a bad manifest is fixed in one round.
     """
@@ -113,10 +130,10 @@ def validate_manifest(df: pd.DataFrame) -> pd.DataFrame:
         errors.append(f"unknown split value(s) {bad_splits}; allowed: {list(SPLITS)}")
     if "content_hash" in df.columns:
         hashes = df[["content_hash", "split"]].dropna()
-        probe = set(hashes.loc[hashes["split"] == "probe", "content_hash"])
-        leaked = hashes.loc[(hashes["split"] != "probe") & hashes["content_hash"].isin(probe)]
-        if len(leaked):
-            errors.append(f"{len(leaked)} pre-training image(s) are also probe images (same content_hash)")
+        held_out = hashes["split"].isin(HELD_OUT_SPLITS)
+        leaked = hashes.loc[~held_out & hashes["content_hash"].isin(set(hashes.loc[held_out, "content_hash"]))]
+        if message := held_out_leak_error(leaked["split"].value_counts().to_dict()):
+            errors.append(message)
     if errors:
         raise ValueError("invalid manifest:\n  - " + "\n  - ".join(errors))
     return df

@@ -15,12 +15,18 @@ from pathlib import Path
 import make_embedded_animal_mnist as animal
 import make_embedded_fashion_mnist as fashion
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
+from eva_pipeline.config import IngestionParams
+from eva_pipeline.ingest.build import build_manifest
 from eva_pipeline.ingest.readers.idx import read_idx, read_idx_source, write_idx
 from eva_pipeline.ingest.scan import SourceSpec
+from eva_pipeline.manifest import select_split
 
-RAW = Path(__file__).resolve().parents[2] / "data" / "01_raw"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+RAW = PROJECT_ROOT / "data" / "01_raw"
 FOLDERS = ("fashion_mnist", "animal_mnist")
 
 
@@ -150,6 +156,48 @@ def test_label_spaces_are_disjoint_and_combine_into_20_classes() -> None:
     combined = np.concatenate([fashion_labels, animal_labels.astype(np.int64) + len(fashion_names)])
     assert np.unique(combined).tolist() == list(range(20))
     assert len(fashion_names + animal_names) == 20
+
+
+def test_the_default_ingestion_conf_splits_and_names_the_embedded_data() -> None:
+    """conf/base's four sources: Animal-MNIST fine-tunes (its 284 in-class copies dropped), the fresh Fashion-MNIST
+    set is held out for evaluation, every source is named as its README says, and the pre-training and probe rows
+    are exactly those of the two Fashion-MNIST sources alone (the conf before the two were added)."""
+    params = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "parameters_ingestion.yml").read_text())["ingestion"]
+    specs = []
+    for source in IngestionParams.model_validate(params).sources:
+        paths = {key: PROJECT_ROOT / getattr(source, key) for key in ("images", "labels")}
+        specs.append(SourceSpec(**{**source.model_dump(), **paths}))
+    manifest, report = build_manifest(specs)
+    assert [(s.name, s.split) for s in specs] == [
+        ("fashion_mnist_train", "pretrain"),
+        ("fashion_mnist_test", "probe"),
+        ("animal_mnist", "finetune"),
+        ("fashion_mnist_fresh", "eval"),
+    ]
+    assert manifest["split"].value_counts().to_dict() == {
+        "pretrain": 10000,
+        "finetune": 9716,
+        "probe": 5000,
+        "eval": 2000,
+    }
+    animals = report["sources"]["animal_mnist"]
+    assert (animals["found"], animals["kept"], animals["duplicates"], animals["rejected"]) == (10000, 9716, 284, 0)
+    assert all(d["duplicate_of"].startswith("animal_mnist/") for d in animals["duplicate_examples"])
+    assert report["totals"]["duplicates"] == 284  # nothing else is a copy: no source loses an image to another
+    names = {name: src["classes"] for name, src in report["sources"].items()}
+    fashion_names = _class_names("fashion_mnist")
+    assert names == {
+        "fashion_mnist_train": fashion_names,
+        "fashion_mnist_test": fashion_names,
+        "animal_mnist": _class_names("animal_mnist"),
+        "fashion_mnist_fresh": fashion_names,
+    }
+    fine = manifest[manifest["split"] == "finetune"]
+    assert fine["label"].value_counts().sort_index().tolist() == [937, 812, 992, 996, 997, 1000, 1000, 997, 985, 1000]
+    before, _ = build_manifest(specs[:2])
+    columns = ["id", "source", "location", "label", "width", "height", "size_bytes", "content_hash"]
+    for split in ("pretrain", "probe"):
+        pd.testing.assert_frame_equal(select_split(manifest, split)[columns], select_split(before, split)[columns])
 
 
 def test_animal_script_constants_match_the_readme() -> None:

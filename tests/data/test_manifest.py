@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,15 @@ from eva_pipeline.ingest import scan as scan_mod
 from eva_pipeline.ingest.build import build_manifest
 from eva_pipeline.ingest.readers.idx import read_idx, write_idx
 from eva_pipeline.ingest.scan import SourceScan, SourceSpec, register_source_kind
-from eva_pipeline.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_digest, select_split, validate_manifest
+from eva_pipeline.manifest import (
+    HELD_OUT_SPLITS,
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    SPLITS,
+    manifest_digest,
+    select_split,
+    validate_manifest,
+)
 
 
 def test_embedded_manifest_rows_schema_and_labels(embedded, fmnist) -> None:
@@ -117,10 +126,64 @@ def test_dedup_counts_and_keeps_probe_copy(tmp_path) -> None:
 
 
 def test_without_dedup_a_probe_leak_is_refused(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"1 pre-training image\(s\) are also probe images"):
+    with pytest.raises(ValueError, match=r"1 pretrain image\(s\) are also held-out images \(probe or eval"):
         build_manifest(_tiny_sources(tmp_path), dedup=False)
     manifest, report = build_manifest(_tiny_sources(tmp_path)[:1], dedup=False)
     assert len(manifest) == 5 and report["totals"]["duplicates"] == 0
+
+
+def test_splits_and_which_are_held_out() -> None:
+    assert SPLITS == ("pretrain", "finetune", "probe", "eval") and HELD_OUT_SPLITS == ("probe", "eval")
+
+
+def test_an_eval_source_claims_its_images_before_training_sources(tmp_path) -> None:
+    """Held-out sources claim first whatever their place in the list; probe and eval are both held out."""
+    rng = np.random.default_rng(3)
+    pre, tune, fresh = (rng.integers(0, 256, size=(4, 4, 4), dtype=np.uint8) for _ in range(3))
+    tune[0] = pre[1]  # shared by two training splits: the first listed keeps it
+    fresh[2] = pre[3]  # held out: the pre-training copy goes
+    fresh[3] = tune[2]  # held out: the fine-tuning copy goes
+    for name, array in (("pre", pre), ("tune", tune), ("fresh", fresh)):
+        write_idx(tmp_path / f"{name}.idx", array)
+    write_idx(tmp_path / "tune-labels.idx", np.array([0, 1, 2, 1], dtype=np.uint8))
+    specs = [
+        SourceSpec("pre", "idx", "pretrain", tmp_path / "pre.idx"),
+        SourceSpec("tune", "idx", "finetune", tmp_path / "tune.idx", tmp_path / "tune-labels.idx"),
+        SourceSpec("fresh", "idx", "eval", tmp_path / "fresh.idx"),
+    ]
+    manifest, report = build_manifest(specs)
+    assert manifest["id"].tolist() == ["pre/0", "pre/1", "pre/2", "tune/1", "tune/3", *(f"fresh/{i}" for i in range(4))]
+    assert select_split(manifest, "finetune")["label"].tolist() == [1, 1]
+    duplicates = {name: report["sources"][name]["duplicate_examples"] for name in ("pre", "tune", "fresh")}
+    assert duplicates == {
+        "pre": [{"id": "pre/3", "duplicate_of": "fresh/2"}],
+        "tune": [{"id": "tune/0", "duplicate_of": "pre/1"}, {"id": "tune/2", "duplicate_of": "fresh/3"}],
+        "fresh": [],
+    }
+    assert report["splits"]["eval"] == {"items": 4, "labelled": 0, "sources": ["fresh"]}
+    assert report["label_histogram"]["finetune"] == {"1": 2} and report["label_histogram"]["eval"] == {}
+    validate_manifest(manifest)
+    with pytest.raises(ValueError, match=r"1 pretrain and 1 finetune image\(s\) are also held-out images"):
+        build_manifest(specs, dedup=False)
+
+
+def test_idx_class_names_given_default_and_refused(tmp_path) -> None:
+    specs = _tiny_sources(tmp_path)  # a: labels 0..4; b: no labels file
+    _, report = build_manifest(specs)
+    assert report["sources"]["a"]["classes"] == ["0", "1", "2", "3", "4"] and report["sources"]["b"]["classes"] is None
+    named = replace(specs[0], classes=["ant", "bee", "cat", "dog", "eel", "fox"])  # more names than labels used: kept
+    _, report = build_manifest([named, specs[1]])
+    assert report["sources"]["a"]["classes"] == ["ant", "bee", "cat", "dog", "eel", "fox"]
+    with pytest.raises(ValueError, match=r"source 'a': 1 item\(s\) have a label outside its 4 class names \(labels"):
+        build_manifest([replace(specs[0], classes=["ant", "bee", "cat", "dog"])])  # a/4 has label 4
+    with pytest.raises(ValueError, match=r"source 'a': class names must be unique, repeated: \['bee'\]"):
+        replace(specs[0], classes=["ant", "bee", "bee", "dog", "eel"])
+    with pytest.raises(ValueError, match="the idx source has no labels file"):
+        replace(specs[1], classes=["x"])
+    for bad in ([], ["a", " "], "abc"):
+        with pytest.raises(ValueError, match="'classes' must be"):
+            replace(specs[0], classes=bad)
+    assert replace(specs[0], classes=["ant", "bee"]).classes == ("ant", "bee")  # a tuple: the spec stays hashable
 
 
 def test_missing_source_fails_before_any_reading(tmp_path, fmnist, monkeypatch) -> None:
@@ -186,7 +249,18 @@ def test_new_source_kind_plugs_in_with_rejections(tmp_path, monkeypatch) -> None
     src = report["sources"]["files"]
     assert (src["found"], src["kept"], src["rejected"]) == (3, 2, 1)
     assert src["rejected_examples"] == [{"location": "broken.png", "reason": "cannot decode"}]
-    assert "toy_list" in scan_mod.source_kinds()
+    assert "toy_list" in scan_mod.source_kinds() and src["classes"] == ["0", "1", "2"]
+
+    @register_source_kind("toy_named")
+    def read_named(spec: SourceSpec) -> SourceScan:
+        scan = read_list(spec)
+        scan.info["classes"] = ["x", "y", "z"]  # a reader that knows its class names, as an image folder does
+        return scan
+
+    _, report = build_manifest([SourceSpec("named", "toy_named", "pretrain", tmp_path / "list.txt")])
+    assert report["sources"]["named"]["classes"] == ["x", "y", "z"]
+    with pytest.raises(ValueError, match=r"source 'named': its reader names the classes itself \(3\)"):
+        build_manifest([SourceSpec("named", "toy_named", "pretrain", tmp_path / "list.txt", classes=["x", "y", "z"])])
 
 
 def test_validate_manifest_reports_every_problem(embedded) -> None:
@@ -208,8 +282,15 @@ def test_validate_manifest_reports_every_problem(embedded) -> None:
     leak = good.copy()
     leak.loc[5, "split"] = "probe"
     leak.loc[5, "content_hash"] = leak.loc[0, "content_hash"]
-    with pytest.raises(ValueError, match="also probe images"):
+    with pytest.raises(ValueError, match=r"1 pretrain image\(s\) are also held-out images"):
         validate_manifest(leak)
+    leak.loc[5, "split"] = "eval"  # as held out as probe
+    leak.loc[4, "split"] = "finetune"
+    leak.loc[4, "content_hash"] = leak.loc[5, "content_hash"]
+    with pytest.raises(ValueError, match=r"1 pretrain and 1 finetune image\(s\) are also held-out images"):
+        validate_manifest(leak)
+    leak.loc[[0, 4], "split"] = "probe"  # held out twice: no training image has its content
+    validate_manifest(leak)
     assert validate_manifest(good.drop(columns="content_hash")) is not None  # the hash column is optional
 
 

@@ -127,11 +127,11 @@ def test_failed_validation_writes_nothing(tmp_path, registry) -> None:
 
 # ---------------------------------------------------------------------------------------------------- de-duplication
 def _reference_dedup(specs, items) -> tuple[list[str], dict[str, list[dict]]]:
-    """The previous build's algorithm: a dict of every hash, probe sources first."""
+    """The previous build's algorithm: a dict of every hash, held-out (probe, eval) sources first."""
     owner: dict[str, str] = {}
     dropped: set[str] = set()
     examples: dict[str, list[dict]] = {s.name: [] for s in specs}
-    for k in sorted(range(len(specs)), key=lambda k: (specs[k].split != "probe", k)):
+    for k in sorted(range(len(specs)), key=lambda k: (specs[k].split not in ("probe", "eval"), k)):
         accepted = [it for it in items[specs[k].name] if it[2] != "REJECT"]
         for i, (_, _, digest) in enumerate(accepted):
             item_id = f"{specs[k].name}/{i}"
@@ -148,10 +148,11 @@ def _reference_dedup(specs, items) -> tuple[list[str], dict[str, list[dict]]]:
     return kept, examples
 
 
-def test_disk_dedup_keeps_probe_first_semantics(tmp_path, registry) -> None:
+def test_disk_dedup_keeps_held_out_first_semantics(tmp_path, registry) -> None:
     rng = np.random.default_rng(1)
     items: dict[str, list[tuple]] = {}
-    for name, n, pool in (("web", 120, 60), ("held_out", 40, 80), ("more_web", 90, 100)):
+    sizes = (("web", 120, 60), ("held_out", 40, 80), ("more_web", 90, 100), ("tune", 50, 90), ("fresh", 30, 70))
+    for name, n, pool in sizes:
         # hashes drawn from overlapping pools: duplicates inside chunks, across chunks and across sources
         hashes = [f"h{v}" for v in rng.integers(0, pool, size=n)]
         items[name] = [
@@ -162,6 +163,8 @@ def test_disk_dedup_keeps_probe_first_semantics(tmp_path, registry) -> None:
         SourceSpec("web", "toy", "pretrain", tmp_path),
         SourceSpec("held_out", "toy", "probe", tmp_path),  # listed second, claims its hashes first
         SourceSpec("more_web", "toy", "pretrain", tmp_path),
+        SourceSpec("tune", "toy", "finetune", tmp_path),
+        SourceSpec("fresh", "toy", "eval", tmp_path),  # listed last, claims its hashes before every training source
     ]
     _register_items("toy", items)
     kept, examples = _reference_dedup(specs, items)
@@ -172,8 +175,15 @@ def test_disk_dedup_keeps_probe_first_semantics(tmp_path, registry) -> None:
         assert src["duplicate_examples"] == examples[spec.name]
         assert src["found"] == src["kept"] + src["rejected"] + src["duplicates"]
     assert report["sources"]["held_out"]["duplicates"] > 0 and report["sources"]["web"]["duplicates"] > 20
-    probe_hashes = set(select_split(manifest, "probe")["content_hash"].dropna())
-    assert not probe_hashes & set(select_split(manifest, "pretrain")["content_hash"].dropna())
+    assert any(d["duplicate_of"].startswith("fresh/") for d in report["sources"]["tune"]["duplicate_examples"])
+    held_out = set(manifest.loc[manifest["split"].isin(["probe", "eval"]), "content_hash"].dropna())
+    assert held_out and not held_out & set(
+        manifest.loc[manifest["split"].isin(["pretrain", "finetune"]), "content_hash"].dropna()
+    )
+    assert {split: report["splits"][split]["sources"] for split in ("finetune", "eval")} == {
+        "finetune": ["tune"],
+        "eval": ["fresh"],
+    }
     assert manifest["content_hash"].isna().sum() == sum(1 for v in items.values() for it in v if it[2] is None)
 
 
@@ -184,10 +194,18 @@ def test_without_dedup_a_leak_is_found_across_chunks(tmp_path, registry) -> None
     }
     _register_items("toy", items)
     specs = [SourceSpec("q", "toy", "pretrain", tmp_path), SourceSpec("p", "toy", "probe", tmp_path)]
-    with pytest.raises(ValueError, match=r"1 pre-training image\(s\) are also probe images"):
+    with pytest.raises(ValueError, match=r"1 pretrain image\(s\) are also held-out images"):
         build_manifest(specs, dedup=False, chunk_rows=3)
     manifest, report = build_manifest(specs[:1], dedup=False, chunk_rows=3)
     assert len(manifest) == 10 and report["totals"]["duplicates"] == 0
+    # an eval source is held out too; a finetune source is a training split: both leaks are counted and named
+    items["e"] = [("e0", None, "h101"), ("e1", None, "h3")]
+    items["f"] = [("f0", None, "h3"), ("f1", None, "h101"), ("f2", None, "h500")]
+    specs += [SourceSpec("e", "toy", "eval", tmp_path), SourceSpec("f", "toy", "finetune", tmp_path)]
+    with pytest.raises(ValueError, match=r"2 pretrain and 2 finetune image\(s\) are also held-out images"):
+        build_manifest(specs, dedup=False, chunk_rows=2)  # q1 (e0), q9 (p7); f0 (p3, e1), f1 (e0)
+    manifest, _ = build_manifest(specs[1:3], dedup=False, chunk_rows=2)  # probe and eval share h3: no training leak
+    assert manifest["split"].tolist() == ["probe"] * 10 + ["eval"] * 2
 
 
 def test_disk_set(tmp_path) -> None:
@@ -294,6 +312,19 @@ def test_split_and_batches_match_pandas(handle_and_frame) -> None:
         handle.split("train")
     with pytest.raises(KeyError, match="no column"):
         next(handle.iter_batches(columns=["nope"]))
+
+
+def test_every_split_is_found_through_the_row_group_statistics(handle_and_frame, tmp_path) -> None:
+    """Runs of all four splits across row groups: a group is skipped only when its min..max excludes the split."""
+    _, frame = handle_and_frame
+    runs = np.array(manifest_mod.SPLITS)[(np.arange(len(frame)) // 11 + np.arange(len(frame)) // 37) % 4]
+    mixed = frame.assign(split=pd.array(runs, dtype=frame["split"].dtype))
+    handle = write_frame(mixed, tmp_path / "mixed.parquet", row_group_rows=5)
+    for split in manifest_mod.SPLITS:
+        expected = select_split(mixed, split)
+        assert len(expected) > 30
+        pd.testing.assert_frame_equal(handle.split(split), expected)
+        assert handle.count(split) == len(expected) and handle.digest(split) == manifest_digest(expected)
 
 
 @pytest.mark.parametrize("split", ["pretrain", "probe", None])

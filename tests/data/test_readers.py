@@ -251,7 +251,7 @@ def test_exif_rotation_swaps_size_and_rotates_pixels(ingested) -> None:
 
 def test_flat_folder_is_unlabelled(ingested) -> None:
     _, manifest, report = ingested
-    assert report["sources"]["flat"]["layout"] == "flat" and "classes" not in report["sources"]["flat"]
+    assert report["sources"]["flat"]["layout"] == "flat" and report["sources"]["flat"]["classes"] is None
     rows = manifest[manifest["source"] == "flat"]
     assert rows["label"].isna().all() and [Path(p).name for p in rows["location"]] == ["a.png", "b.jpg"]
     assert load_images(rows.iloc[[1]]).shape == (1, 3, 20, 24)
@@ -290,6 +290,46 @@ def test_webdataset_shards(ingested) -> None:
     assert pixels[2, :, 4, 4].tolist() == [50, 60, 70]
     assert load_images(rows.iloc[[3]]).shape == (1, 3, 40, 20)  # EXIF rotation inside a shard too
     assert load_images(rows.iloc[:3], verify_hashes=True).shape == (3, 3, 32, 32)  # encoded hashes: not compared
+
+
+def test_class_names_of_each_kind(ingested) -> None:
+    """Class folders: every folder, sorted (bird has no image); integer labels without 'classes': "0".. up to the
+    largest label of an accepted item, kept or not (list/0, label 5, is a duplicate); unlabelled: none."""
+    _, _, report = ingested
+    classes = {name: src["classes"] for name, src in report["sources"].items()}
+    assert classes == {
+        "tree": ["bird", "cat", "dog"],
+        "flat": None,
+        "list": ["0", "1", "2", "3", "4", "5"],
+        "wds": ["0", "1", "2", "3", "4", "5", "6", "7"],
+    }
+
+
+def test_given_class_names_and_labels_outside_them(layout, tmp_path) -> None:
+    names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse"]
+    specs = [
+        SourceSpec("list", "file_list", "pretrain", layout / "lists" / "list.txt", classes=names[:6]),
+        SourceSpec("wds", "webdataset", "pretrain", layout / "wds", classes=names),
+    ]
+    _, report = build_manifest(specs)
+    assert report["sources"]["list"]["classes"] == names[:6] and report["sources"]["wds"]["classes"] == names
+    with pytest.raises(ValueError) as info:  # an error of the build, not a rejection: nothing is written
+        build_manifest([SourceSpec("wds", "webdataset", "pretrain", layout / "wds", classes=names[:7])])
+    assert (
+        "source 'wds': 1 item(s) have a label outside its 7 class names (labels 0..6), e.g. "
+        f"['{(layout / 'wds' / '00000.tar').as_posix()}#000000001.png (label 7)']; check its 'classes'"
+    ) in str(info.value)
+    (tmp_path / "neg.txt").write_text(f"{(layout / 'flat' / 'a.png').as_posix()} -1\n")
+    with pytest.raises(ValueError, match=r"source 'neg': 1 item\(s\) have a label outside 0\.\.999,999.*\(label -1\)"):
+        build_manifest([SourceSpec("neg", "file_list", "pretrain", tmp_path / "neg.txt")])
+    (tmp_path / "nolabel.txt").write_text(f"{(layout / 'flat' / 'a.png').as_posix()}\n")
+    with pytest.raises(ValueError, match="'classes' names 2 classes but no item has a label"):
+        build_manifest([SourceSpec("u", "file_list", "pretrain", tmp_path / "nolabel.txt", classes=["a", "b"])])
+
+
+def test_an_image_folder_takes_no_class_names(layout) -> None:
+    with pytest.raises(ValueError, match=r"source 'tree': an image_folder source's class names are its class folders"):
+        SourceSpec("tree", "image_folder", "pretrain", layout / "tree", classes=["bird", "cat", "dog"])
 
 
 def test_rejections_file_lists_everything(ingested) -> None:

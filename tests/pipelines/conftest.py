@@ -1,7 +1,8 @@
 """Shared fixtures of the pipeline tests: a tiny configuration, a catalog under tmp, a throw-away Kedro project.
 
-Tiny run: 256 pre-training / 200 probe images of the embedded Fashion-MNIST subset, teacher batch 32, 5 training
-steps of batch 32. Everything the pipelines write goes under pytest's tmp folders; the repository's data/ and
+Tiny run: 256 pre-training / 200 probe images of the embedded Fashion-MNIST subset (and 60 fine-tuning Animal-MNIST /
+40 evaluation Fashion-MNIST images, which no stage of pre-training reads), teacher batch 32, 5 training steps of
+batch 32. Everything the pipelines write goes under pytest's tmp folders; the repository's data/ and
 mlflow.db are never touched (MLFLOW_TRACKING_URI points into tmp too, in case anything logs without a run).
 
 Fixtures rather than a helper module: under pytest's importlib import mode, test modules cannot import siblings.
@@ -26,6 +27,7 @@ CONF_BASE = PROJECT_ROOT / "conf" / "base"
 RAW = PROJECT_ROOT / "data" / "01_raw" / "fashion_mnist"
 PIPELINES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
 PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
+FINETUNE_IMAGES, EVAL_IMAGES = 60, 40  # limits of the animal_mnist and fashion_mnist_fresh sources
 VALIDATION_IMAGES = 40  # of the probe images: the held-out MIM loss
 
 
@@ -52,7 +54,8 @@ def base_params() -> dict[str, dict]:
 def tiny_params(workdir: Path) -> dict[str, dict]:
     """conf/base scaled down for tests; raw paths absolute (outputs go where the catalog says: catalog_config)."""
     params = base_params()
-    for source, limit in zip(params["ingestion"]["sources"], (PRETRAIN_IMAGES, PROBE_IMAGES), strict=True):
+    limits = (PRETRAIN_IMAGES, PROBE_IMAGES, FINETUNE_IMAGES, EVAL_IMAGES)
+    for source, limit in zip(params["ingestion"]["sources"], limits, strict=True):
         source["limit"] = limit
         for key in ("images", "labels"):
             source[key] = str(PROJECT_ROOT / source[key])
@@ -220,6 +223,8 @@ def pl() -> SimpleNamespace:
         PIPELINES=PIPELINES,
         PRETRAIN_IMAGES=PRETRAIN_IMAGES,
         PROBE_IMAGES=PROBE_IMAGES,
+        FINETUNE_IMAGES=FINETUNE_IMAGES,
+        EVAL_IMAGES=EVAL_IMAGES,
         BATCH=BATCH,
         STEPS=STEPS,
         read_yaml=_read_yaml,

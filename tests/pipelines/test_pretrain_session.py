@@ -46,6 +46,7 @@ def test_pretrain_session_run_end_to_end(pretrain_run, pl):
     data = root / "data"
     for produced in (
         "03_primary/manifest.parquet",
+        "03_primary/class_names.json",
         "04_feature/teacher_targets/receipt.json",
         "04_feature/teacher_targets/meta.json",
         "06_models/eva_student.pt",

@@ -76,8 +76,9 @@ def write_manifest(
 
     Raises before ``path`` is written (or replaced) if a source is bad or the manifest would be invalid (the
     checks of :func:`validate_manifest`, done chunk by chunk). With ``dedup`` an item whose content hash was
-    already kept is dropped and counted. Probe sources are de-duplicated first, so an image present in both
-    splits stays a probe image and never enters pre-training. ``report`` is JSON-ready: per source found / kept /
+    already kept is dropped and counted. Held-out sources (split probe or eval) are de-duplicated first, so an
+    image present in a held-out and a training split stays held out and is never trained on; without ``dedup``
+    such an image is an error. ``report`` is JSON-ready: per source found / kept /
     rejected / duplicates (found == kept + rejected + duplicates), totals, per-split counts and the label
     histogram of each split (:mod:`eva_pipeline.ingest.report`). Each source lists its first
     :data:`~eva_pipeline.ingest.scan.REPORT_EXAMPLES` rejections and the count of every rejection reason; with

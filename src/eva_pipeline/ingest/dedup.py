@@ -1,13 +1,15 @@
-"""De-duplication of a build: which scanned items survive, decided by content hash, probe sources first.
+"""De-duplication of a build: which scanned items survive, decided by content hash, held-out sources first.
 
 Every content hash goes through a sqlite table on disk (:class:`~eva_pipeline.ingest.spill.DiskSet`), so memory
-does not grow with the number of images. Probe sources claim their images first: an image present in both splits
-stays a probe image and never enters pre-training. The result is one keep mask per source (a file of bools, one
+does not grow with the number of images. Held-out sources (:data:`~eva_pipeline.manifest.HELD_OUT_SPLITS`: probe,
+eval) claim their images first: an image present in a held-out and a training split stays held out and never
+enters pre-training or fine-tuning. The result is one keep mask per source (a file of bools, one
 per accepted item), read back by the write pass (:mod:`eva_pipeline.ingest.write`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 
 from eva_pipeline.ingest.scan import REPORT_EXAMPLES, SourceScan, SourceSpec
 from eva_pipeline.ingest.spill import DiskSet
+from eva_pipeline.manifest import HELD_OUT_SPLITS, held_out_leak_error
 
 #: Owner codes of the seen-hash table: ``source index << CODE_SHIFT | item index``.
 CODE_SHIFT = 40
@@ -32,16 +35,17 @@ class DedupPass:
 
 
 def dedup_pass(specs: Sequence[SourceSpec], scans: Sequence[SourceScan], dedup: bool, work: Path) -> DedupPass:
-    """Decide which items survive de-duplication, probe sources first (they claim their images); every hash goes
-    through a sqlite table on disk. Without ``dedup`` only the probe hashes are stored, for the leak check."""
+    """Decide which items survive de-duplication, held-out sources first (they claim their images); every hash
+    goes through a sqlite table on disk. Without ``dedup`` only the held-out hashes are stored, for the leak
+    check."""
     masks = [work / f"keep-{k}.bin" for k in range(len(specs))]
     duplicates = [0] * len(specs)
     examples: list[list[dict[str, str]]] = [[] for _ in specs]
-    leaked = 0
+    leaked: Counter[str] = Counter()  # training split -> items whose content is held out
     seen = DiskSet(work / "hashes.sqlite")
     try:
-        for k in sorted(range(len(specs)), key=lambda k: (specs[k].split != "probe", k)):
-            probe = specs[k].split == "probe"
+        for k in sorted(range(len(specs)), key=lambda k: (specs[k].split not in HELD_OUT_SPLITS, k)):
+            held_out = specs[k].split in HELD_OUT_SPLITS
             pos = 0
             with masks[k].open("wb") as fh:
                 for batch in scans[k].iter_item_batches():
@@ -59,15 +63,16 @@ def dedup_pass(specs: Sequence[SourceSpec], scans: Sequence[SourceScan], dedup: 
                             assert owner is not None
                             item_id = f"{specs[k].name}/{pos + i}"
                             examples[k].append({"id": item_id, "duplicate_of": _code_id(specs, owner)})
-                    elif probe:
+                    elif held_out:
                         seen.claim(hashes, codes)  # remembered for the leak check only
                     else:
-                        leaked += int(seen.contains(hashes).sum())
+                        leaked[specs[k].split] += int(seen.contains(hashes).sum())
                     keep.tofile(fh)
                     pos += n
     finally:
         seen.close()
-    errors = [f"{leaked} pre-training image(s) are also probe images (same content_hash)"] if leaked else []
+    message = held_out_leak_error(leaked)
+    errors = [message] if message else []
     return DedupPass(masks, duplicates, examples, errors)
 
 

@@ -3,8 +3,9 @@
 The report (JSON-ready, string keys) has per source: found / kept / rejected / duplicates (found == kept +
 rejected + duplicates), the count of every rejection reason and the first
 :data:`~eva_pipeline.ingest.scan.REPORT_EXAMPLES` rejected and duplicate items, what the reader noted (e.g. the
-classes of an image folder) and the scan cache's counters; then totals, per-split counts and the label histogram of
-each split. The rejections file lists every rejection of every source, one JSON line each.
+layout of an image folder), its class names in label order (``classes``: null for an unlabelled source; the
+``class_names`` output of the ingestion pipeline) and the scan cache's counters; then totals, per-split counts and
+the label histogram of each split. The rejections file lists every rejection of every source, one JSON line each.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def ingestion_report(
             "rejected_examples": scan.rejected_examples,
             "duplicate_examples": dedup_pass.examples[k],
             **{key: value for key, value in scan.info.items() if key not in ("kind", "split", "found", "kept")},
+            "classes": written.classes[k],
             **cache_reports[k],
         }
     totals = {key: sum(int(s[key]) for s in sources.values()) for key in ("found", "kept", "rejected", "duplicates")}

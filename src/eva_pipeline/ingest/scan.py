@@ -12,7 +12,7 @@ import json
 import os
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ class SourceSpec:
     ``kind`` names a registered reader ("idx" built in). ``images`` is the container or folder, ``labels`` an
     optional companion file, ``limit`` keeps only the first items (quick runs). Relative paths are stored as
     given, so a manifest built from the project root stays valid when the project moves. ``layout`` only
-    matters for ``image_folder`` sources (see :data:`FOLDER_LAYOUTS`).
+    matters for ``image_folder`` sources (see :data:`FOLDER_LAYOUTS`). ``classes``: the class names in label
+    order, for integer labels (an image folder's are its class folders; without them a labelled source's names
+    are "0", "1", ...: :mod:`eva_pipeline.ingest.write`).
     """
 
     name: str
@@ -46,6 +48,7 @@ class SourceSpec:
     limit: int | None = None
     layout: str = "auto"
     decode_workers: int = 1  # threads decoding files / shards ahead of the in-order scan (not a cache setting)
+    classes: Sequence[str] | None = None  # stored as a tuple
 
     def __post_init__(self) -> None:
         if not self.name or "#" in self.name or self.name != self.name.strip():
@@ -64,6 +67,26 @@ class SourceSpec:
             raise ValueError(
                 f"source {self.name!r}: decode_workers must be a positive integer, got {self.decode_workers!r}"
             )
+        if self.classes is not None:
+            self._check_classes()
+
+    def _check_classes(self) -> None:
+        where = f"source {self.name!r}"
+        if isinstance(self.classes, str):
+            raise ValueError(f"{where}: 'classes' must be a list of names, got the string {self.classes!r}")
+        object.__setattr__(self, "classes", tuple(self.classes))  # frozen: hashable, as the other fields
+        assert self.classes is not None
+        if self.kind == "image_folder":
+            raise ValueError(
+                f"{where}: an image_folder source's class names are its class folders, sorted (label i is the i-th "
+                "folder); remove 'classes'"
+            )
+        if self.kind == "idx" and self.labels is None:
+            raise ValueError(f"{where}: 'classes' names the labels, but the idx source has no labels file")
+        if not self.classes or not all(isinstance(c, str) and c.strip() for c in self.classes):
+            raise ValueError(f"{where}: 'classes' must be one or more non-empty names, got {list(self.classes)}")
+        if repeated := sorted(c for c, n in Counter(self.classes).items() if n > 1):
+            raise ValueError(f"{where}: class names must be unique, repeated: {repeated}")
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any]) -> SourceSpec:

@@ -5,6 +5,12 @@ Items are read back from each source's spilled scan in order, filtered by the ke
 fixed size; the checks of :func:`~eva_pipeline.manifest.validate_manifest` (locations present and unique, width
 and height positive, sizes not negative) and the per-split counts of the report are made chunk by chunk, so memory
 stays flat.
+
+Class names: every labelled source gets its class names in label order (what fine-tuning combines sources by):
+its ``classes``, else those its reader found (``info["classes"]``: an image folder's sorted class folders), else
+``"0"``, ``"1"``, ... up to its largest label. A label is an index into them, so a negative label or one past the
+last name is an error of the build (not a rejection: the labels or the configured names are wrong as a whole, and
+training on the items that happen to fit would hide it); the labels of every accepted item count, kept or not.
 """
 
 from __future__ import annotations
@@ -22,6 +28,64 @@ import pyarrow.parquet as pq
 from eva_pipeline.ingest.scan import SourceScan, SourceSpec
 from eva_pipeline.ingest.spill import DiskSet
 from eva_pipeline.manifest import SPLITS, manifest_file_schema
+
+#: The most class names a labelled source without ``classes`` gets ("0".."n-1"): a larger label is taken for a
+#: broken label rather than a class, and such a source must name its classes.
+MAX_DEFAULT_CLASSES: int = 1_000_000
+#: How many items with a label outside the class names an error lists.
+_LABEL_EXAMPLES = 5
+
+
+class _SourceLabels:
+    """The labels of one source's accepted items: how many, the largest, those outside its class names; and
+    from them the source's class names (:meth:`class_names`)."""
+
+    def __init__(self, spec: SourceSpec, scan: SourceScan) -> None:
+        self.spec = spec
+        found = scan.info.get("classes")
+        self.found = None if found is None else [str(c) for c in found]
+        named = spec.classes if spec.classes is not None else self.found
+        self.limit = MAX_DEFAULT_CLASSES if named is None else len(named)
+        self.labelled = 0
+        self.largest = -1
+        self.outside = 0
+        self.examples: list[str] = []
+
+    def see(self, batch: pa.RecordBatch) -> None:
+        labels = batch.column("label")
+        n = len(labels) - labels.null_count
+        if not n:
+            return
+        self.labelled += n
+        self.largest = max(self.largest, int(pc.max(labels).as_py()))
+        outside = pc.or_(pc.less(labels, 0), pc.greater_equal(labels, self.limit))
+        if count := _count(outside):
+            self.outside += count
+            room = _LABEL_EXAMPLES - len(self.examples)
+            rows = np.flatnonzero(outside.fill_null(False).to_numpy(zero_copy_only=False))[: max(room, 0)]
+            locations = batch.column("location")
+            self.examples += [f"{locations[i].as_py()} (label {labels[i].as_py()})" for i in rows.tolist()]
+
+    def class_names(self) -> tuple[list[str] | None, str | None]:
+        """(the class names in label order or None for an unlabelled source, the error or None)."""
+        name = f"source {self.spec.name!r}"
+        if self.spec.classes is not None and self.found is not None:
+            return None, f"{name}: its reader names the classes itself ({len(self.found)}); remove 'classes'"
+        if self.outside:
+            if self.spec.classes is not None or self.found is not None:
+                what = f"its {self.limit} class names (labels 0..{self.limit - 1})"
+                fix = "check its 'classes' against the labels" if self.spec.classes is not None else "check the labels"
+            else:
+                what = f"0..{MAX_DEFAULT_CLASSES - 1:,}"
+                fix = f"a label is a class index (>= 0); more than {MAX_DEFAULT_CLASSES:,} classes need 'classes'"
+            return None, f"{name}: {self.outside} item(s) have a label outside {what}, e.g. {self.examples}; {fix}"
+        if self.spec.classes is not None:
+            if not self.labelled:
+                return None, f"{name}: 'classes' names {len(self.spec.classes)} classes but no item has a label"
+            return list(self.spec.classes), None
+        if self.found is not None:
+            return list(self.found), None
+        return ([str(i) for i in range(self.largest + 1)] if self.labelled else None), None
 
 
 class _RowGroupWriter:
@@ -63,6 +127,7 @@ class WritePass:
     split_labelled: Counter[str]
     split_sources: dict[str, set[str]]
     histograms: dict[str, Counter[int]]
+    classes: list[list[str] | None]  # per source: class names in label order; None: unlabelled
     errors: list[str]
     peak_rows: int
 
@@ -77,7 +142,7 @@ def write_pass(
     """Write the kept items in source order, in row groups of ``group`` rows, checking them as they go.
 
     Ids are ``"<source>/<item index>"``: unique because source names are unique and an index has no ``/``.
-    Locations are checked for uniqueness through a sqlite table on disk.
+    Locations are checked for uniqueness through a sqlite table on disk, labels against the class names.
     """
     schema = manifest_file_schema()
     kept = [0] * len(specs)
@@ -90,6 +155,7 @@ def write_pass(
     n_dup_locations = 0
     locations = DiskSet(work / "locations.sqlite")
     rows = 0  # manifest rows written
+    source_labels = [_SourceLabels(spec, scan) for spec, scan in zip(specs, scans, strict=True)]
     writer = _RowGroupWriter(out, schema, group)
     try:
         for k, (spec, scan) in enumerate(zip(specs, scans, strict=True)):
@@ -101,6 +167,7 @@ def write_pass(
                     keep = np.fromfile(fh, dtype=np.bool_, count=n)
                     if len(keep) != n:
                         raise RuntimeError(f"source {spec.name!r}: de-duplication mask shorter than the scan")
+                    source_labels[k].see(batch)
                     idx = np.flatnonzero(keep)
                     m = len(idx)
                     if m:
@@ -157,4 +224,9 @@ def write_pass(
         errors.append("column 'size_bytes' has negative values")
     if n_dup_locations:
         errors.append(f"{n_dup_locations} duplicate location(s), e.g. {dup_locations}")
-    return WritePass(kept, split_items, split_labelled, split_sources, histograms, errors, writer.peak_rows)
+    classes = []
+    for labels in source_labels:
+        names, error = labels.class_names()
+        classes.append(names)
+        errors += [error] if error else []
+    return WritePass(kept, split_items, split_labelled, split_sources, histograms, classes, errors, writer.peak_rows)

@@ -17,10 +17,10 @@ from eva_pipeline.pipelines.ingestion.nodes import build_manifest as build_manif
 
 @pytest.fixture(scope="module")
 def node_output(tmp_path_factory, pl):
-    """The ingestion node on 40 + 30 embedded images, its scan cache under tmp."""
+    """The ingestion node on 40 + 30 + 20 + 10 embedded images (one per source), its scan cache under tmp."""
     root = tmp_path_factory.mktemp("manifest_dataset")
     params = pl.base_params()["ingestion"]
-    for source, limit in zip(params["sources"], (40, 30), strict=True):
+    for source, limit in zip(params["sources"], (40, 30, 20, 10), strict=True):
         source["limit"] = limit
         for key in ("images", "labels"):
             source[key] = str(pl.PROJECT_ROOT / source[key])
@@ -31,7 +31,7 @@ def node_output(tmp_path_factory, pl):
 
 def test_node_returns_an_owned_handle_and_save_moves_it(node_output):
     root, handle, report, rejections = node_output
-    assert isinstance(handle, Manifest) and handle.num_rows == report["totals"]["kept"] == 70
+    assert isinstance(handle, Manifest) and handle.num_rows == report["totals"]["kept"] == 100
     temp_dir = handle.path.parent
     assert temp_dir.parent == root / "02_intermediate" and temp_dir.name.startswith(".manifest-")
     frame = handle.to_pandas()
@@ -69,7 +69,7 @@ def test_save_accepts_a_dataframe_and_a_loaded_manifest(node_output, tmp_path):
 def test_split_rows_accepts_both(node_output, tmp_path):
     _, handle, _, _ = node_output
     frame = handle.to_pandas()
-    for split in ("pretrain", "probe"):
+    for split in ("pretrain", "finetune", "probe", "eval"):
         rows = split_rows(handle, split)
         pd.testing.assert_frame_equal(rows, split_rows(frame, split))
         assert rows.index.tolist() == list(range(len(rows)))

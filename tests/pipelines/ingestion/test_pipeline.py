@@ -8,21 +8,59 @@ import pandas as pd
 
 from eva_pipeline.manifest import MANIFEST_COLUMNS, validate_manifest
 
+#: The first 60 Animal-MNIST images hold one exact copy (de-duplication keeps 59).
+FINETUNE_KEPT = 59
+SOURCES = ("fashion_mnist_train", "fashion_mnist_test", "animal_mnist", "fashion_mnist_fresh")
+
+
+def _total(pl) -> int:
+    return pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES + FINETUNE_KEPT + pl.EVAL_IMAGES
+
 
 def test_manifest_has_every_configured_image_in_its_split(workspace, pl):
     workspace.run("ingestion")
     manifest = pd.read_parquet(workspace.path("manifest"))  # what the next stage reads, after the round trip
 
     assert tuple(manifest.columns) == MANIFEST_COLUMNS
-    validate_manifest(manifest)  # dtypes, unique ids, no probe image in pre-training
-    assert len(manifest) == pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
-    assert manifest["split"].value_counts().to_dict() == {"pretrain": pl.PRETRAIN_IMAGES, "probe": pl.PROBE_IMAGES}
+    validate_manifest(manifest)  # dtypes, unique ids, no held-out image in a training split
+    assert len(manifest) == _total(pl)
+    assert manifest["split"].value_counts().to_dict() == {
+        "pretrain": pl.PRETRAIN_IMAGES,
+        "probe": pl.PROBE_IMAGES,
+        "finetune": FINETUNE_KEPT,
+        "eval": pl.EVAL_IMAGES,
+    }
     probe = manifest[manifest["split"] == "probe"]
     assert probe["label"].notna().all() and set(probe["label"]) <= set(range(10))
     # manifest order is the sample order downstream: source order, then item order
     assert manifest["id"].iloc[0] == "fashion_mnist_train/0"
     assert manifest["id"].iloc[pl.PRETRAIN_IMAGES] == "fashion_mnist_test/0"
+    assert manifest["id"].iloc[pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES] == "animal_mnist/0"
+    assert manifest["id"].iloc[-1] == f"fashion_mnist_fresh/{pl.EVAL_IMAGES - 1}"
     assert (manifest[["width", "height"]] == 28).all().all()
+
+
+def test_class_names_name_every_labelled_source_in_label_order(workspace, pl):
+    """The class_names output: what fine-tuning combines sources by (Fashion-MNIST's 0 and Animal-MNIST's 0 differ)."""
+    workspace.run("ingestion")
+    names = json.loads(workspace.path("class_names").read_text())
+    assert names == workspace.catalog.load("class_names")
+    fashion = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    animals = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+    assert list(names) == list(SOURCES)
+    assert names == {
+        "fashion_mnist_train": fashion,
+        "fashion_mnist_test": fashion,
+        "animal_mnist": animals,
+        "fashion_mnist_fresh": fashion,
+    }
+
+
+def test_class_names_node_skips_unlabelled_sources():
+    from eva_pipeline.pipelines.ingestion.nodes import class_names
+
+    report = {"sources": {"web": {"classes": None}, "in21k": {"classes": ["n01", "n02"]}, "old": {}}}
+    assert class_names(report) == {"in21k": ["n01", "n02"]}
 
 
 def test_report_counts_found_kept_rejected(workspace, pl):
@@ -30,18 +68,27 @@ def test_report_counts_found_kept_rejected(workspace, pl):
     report = json.loads(workspace.path("ingestion_report").read_text())
 
     train, test = report["sources"]["fashion_mnist_train"], report["sources"]["fashion_mnist_test"]
+    animals, fresh = report["sources"]["animal_mnist"], report["sources"]["fashion_mnist_fresh"]
     assert (train["found"], train["kept"], train["limit"]) == (pl.PRETRAIN_IMAGES,) * 3
     assert (test["found"], test["kept"], test["limit"]) == (pl.PROBE_IMAGES,) * 3
-    assert train["available"] == 10_000 and test["available"] == 5_000
-    for source in (train, test):
+    assert (animals["found"], animals["kept"], animals["duplicates"]) == (pl.FINETUNE_IMAGES, FINETUNE_KEPT, 1)
+    assert (fresh["found"], fresh["kept"], fresh["limit"]) == (pl.EVAL_IMAGES,) * 3
+    assert [s["available"] for s in (train, test, animals, fresh)] == [10_000, 5_000, 10_000, 2_000]
+    for source in (train, test, animals, fresh):
         assert source["found"] == source["kept"] + source["rejected"] + source["duplicates"]
-    assert report["totals"]["kept"] == pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
+    assert report["totals"]["kept"] == _total(pl)
     assert report["splits"]["pretrain"]["items"] == pl.PRETRAIN_IMAGES
     assert report["splits"]["probe"] == {
         "items": pl.PROBE_IMAGES,
         "labelled": pl.PROBE_IMAGES,
         "sources": ["fashion_mnist_test"],
     }
+    assert report["splits"]["finetune"] == {
+        "items": FINETUNE_KEPT,
+        "labelled": FINETUNE_KEPT,
+        "sources": ["animal_mnist"],
+    }
+    assert report["splits"]["eval"]["sources"] == ["fashion_mnist_fresh"]
     assert sum(report["label_histogram"]["probe"].values()) == pl.PROBE_IMAGES
 
 
@@ -51,9 +98,9 @@ def test_catalog_loads_a_lazy_manifest(workspace, pl):
 
     workspace.run("ingestion")
     handle = workspace.catalog.load("manifest")
-    assert isinstance(handle, Manifest) and handle.num_rows == pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
+    assert isinstance(handle, Manifest) and handle.num_rows == _total(pl)
     frame = pd.read_parquet(workspace.path("manifest"))
-    for split in ("pretrain", "probe"):
+    for split in ("pretrain", "finetune", "probe", "eval"):
         rows = split_rows(handle, split)  # what the downstream nodes get
         pd.testing.assert_frame_equal(rows, split_rows(frame, split))
         assert handle.digest(split) == manifest_digest(select_split(frame, split))
@@ -61,8 +108,8 @@ def test_catalog_loads_a_lazy_manifest(workspace, pl):
     # index cache, built by a later stage of the shared workspace, may be there)
     from eva_pipeline.loader.row_index import INDEX_DIRNAME
 
-    beside = [p.name for p in workspace.path("manifest").parent.iterdir() if p.name != INDEX_DIRNAME]
-    assert beside == ["manifest.parquet"]
+    beside = sorted(p.name for p in workspace.path("manifest").parent.iterdir() if p.name != INDEX_DIRNAME)
+    assert beside == ["class_names.json", "manifest.parquet"]  # class_names: a catalog output of its own
 
 
 def test_rejections_and_scan_cache_are_catalog_datasets(workspace):
@@ -72,24 +119,22 @@ def test_rejections_and_scan_cache_are_catalog_datasets(workspace):
     assert workspace.catalog.load("ingestion_rejections") == []  # the embedded data decodes cleanly
     assert workspace.path("ingestion_rejections").is_file() and "rejections_file" not in report
     cache = workspace.catalog.load("ingestion_scan_cache")
-    assert cache == workspace.path("ingestion_scan_cache") and sorted(p.suffix for p in cache.iterdir()) == [
-        ".sqlite",
-        ".sqlite",
-    ]  # one database per source
+    databases = sorted(p.suffix for p in cache.iterdir())
+    assert cache == workspace.path("ingestion_scan_cache") and databases == [".sqlite"] * 4  # one per source
     assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no temporary file left beside it
 
 
 def test_source_table_is_the_composition_with_a_total(workspace, pl):
     workspace.run("ingestion")
     table = pd.read_csv(workspace.path("ingestion_sources"))
-    assert list(table["source"]) == ["fashion_mnist_train", "fashion_mnist_test", "total"]
-    body, total = table.iloc[:2], table.iloc[2]
-    assert list(body["kept"]) == [pl.PRETRAIN_IMAGES, pl.PROBE_IMAGES]
+    assert list(table["source"]) == [*SOURCES, "total"]
+    body, total = table.iloc[:4], table.iloc[4]
+    assert list(body["kept"]) == [pl.PRETRAIN_IMAGES, pl.PROBE_IMAGES, FINETUNE_KEPT, pl.EVAL_IMAGES]
+    assert list(body["split"]) == ["pretrain", "probe", "finetune", "eval"]
     assert (body["found"] == body["kept"] + body["duplicates"] + body["rejected"]).all()
     for column in ("available", "found", "kept", "duplicates", "rejected"):
         assert total[column] == body[column].sum()
-    total_kept = pl.PRETRAIN_IMAGES + pl.PROBE_IMAGES
-    assert abs(body["share_of_kept"].iloc[0] - pl.PRETRAIN_IMAGES / total_kept) < 1e-6
+    assert abs(body["share_of_kept"].iloc[0] - pl.PRETRAIN_IMAGES / _total(pl)) < 1e-6
 
 
 def test_source_metrics_are_named_per_source_and_count():

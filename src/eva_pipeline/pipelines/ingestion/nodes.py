@@ -47,6 +47,12 @@ def build_manifest(params: IngestionParams, scan_cache: Path) -> tuple[Manifest,
     return Manifest(built.path, owned_dir=tmp), report, rejections
 
 
+def class_names(report: dict) -> dict[str, list[str]]:
+    """``{source: [class names in label order]}`` of every labelled source, as the build named them (given, an
+    image folder's class folders, or "0", "1", ...): fine-tuning combines sources by class name, not by label."""
+    return {name: list(entry["classes"]) for name, entry in report["sources"].items() if entry.get("classes")}
+
+
 SOURCE_TABLE_COLUMNS: tuple[str, ...] = (
     "source", "kind", "split", "images", "available", "found", "kept", "duplicates", "rejected", "share_of_kept",
 )  # fmt: skip

@@ -1,7 +1,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from eva_pipeline import preflight
-from eva_pipeline.pipelines.ingestion.nodes import build_manifest, source_metrics, source_table
+from eva_pipeline.pipelines.ingestion.nodes import build_manifest, class_names, source_metrics, source_table
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -14,6 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="build_manifest",
                 tags=[preflight.SOURCES],
             ),
+            Node(class_names, inputs="ingestion_report", outputs="class_names", name="class_names"),
             Node(source_table, inputs="ingestion_report", outputs="ingestion_sources", name="source_table"),
             Node(source_metrics, inputs="ingestion_sources", outputs="ingestion_metrics", name="source_metrics"),
         ],
