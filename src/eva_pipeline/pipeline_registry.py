@@ -12,5 +12,6 @@ from kedro.pipeline import Pipeline
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
     stages = ("pretrain", "finetune_intermediate", "finetune", "classification_eval")
-    pipelines["__default__"] = sum((pipelines[name] for name in stages), Pipeline([]))
+    if all(name in pipelines for name in stages):  # Kedro loads only the requested pipelines when it can
+        pipelines["__default__"] = sum((pipelines[name] for name in stages), Pipeline([]))
     return pipelines
