@@ -36,7 +36,7 @@ class SourceParams(_Params):
 
     name: str = Field(min_length=1)
     kind: Literal["idx", "image_folder", "file_list", "webdataset"]
-    split: Literal["pretrain", "probe"]
+    split: Literal["pretrain", "finetune", "probe", "eval"]
     images: Path
     labels: Path | None = None
     limit: int | None = Field(default=None, ge=1)
