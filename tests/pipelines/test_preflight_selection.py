@@ -222,3 +222,30 @@ def test_the_dry_run_uses_the_same_selection(registry, monkeypatch, pl):
     for name in ("pretrain", "evaluation"):
         dry_run(*blocks, num_images=10_000, nodes=_renamed(registry[name]).nodes)
     assert seen == [SELECTED["pretrain"], SELECTED["evaluation"]]
+
+
+def test_the_fine_tune_dry_run_uses_the_same_selection(registry, monkeypatch, pl):
+    from eva_pipeline.config import FinetuneParams, IngestionParams, PretrainParams, TargetFinetuneParams
+    from eva_pipeline.dry_run import StageData, dry_run_finetune
+
+    seen: list[tuple[list[str], list[str]]] = []
+    real = preflight.run_checks
+
+    def recording(checks, *args, **kwargs):
+        seen.append((list(checks), list(kwargs["finetune"])))
+        return real(checks, *args, **kwargs)
+
+    monkeypatch.setattr(preflight, "run_checks", recording)
+    params = _finetune_params(pl)
+    stages = {
+        "finetune_intermediate": FinetuneParams.model_validate(params["finetune_intermediate"]),
+        "finetune": TargetFinetuneParams.model_validate(params["finetune"]),
+    }
+    args = (IngestionParams.model_validate(params["ingestion"]), PretrainParams.model_validate(params["pretrain"]))
+    data = {"finetune_intermediate": StageData(6000, 20, "test"), "finetune": StageData(1000, 10, "test")}
+    dry_run_finetune(*args, stages, data, nodes=_renamed(registry["finetune"]).nodes)
+    dry_run_finetune(*args, stages, data)  # no nodes: every stage given
+    assert seen == [
+        ([FINETUNE, STORED_STUDENT_CONFIG], ["finetune"]),
+        ([FINETUNE], ["finetune_intermediate", "finetune"]),
+    ]
