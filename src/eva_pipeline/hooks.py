@@ -7,7 +7,14 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
-from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
+from eva_pipeline.config import (
+    ClassificationEvalParams,
+    FinetuneParams,
+    IngestionParams,
+    PretrainParams,
+    TargetFinetuneParams,
+    TeacherTargetsParams,
+)
 
 _MLFLOW_PARAM_MAX_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MLFLOW_BATCH = 100  # params per log_batch call
@@ -21,6 +28,9 @@ _BLOCKS: dict[str, type[BaseModel]] = {
     "ingestion": IngestionParams,
     "pretrain": PretrainParams,
     "teacher_targets": TeacherTargetsParams,
+    "finetune_intermediate": FinetuneParams,
+    "finetune": TargetFinetuneParams,
+    "classification_eval": ClassificationEvalParams,
 }
 
 
@@ -28,9 +38,9 @@ class PreflightHook:
     """Refuses to start a run that would fail later for want of data, weights or a GPU; nothing is written.
 
     The checks are those the pipeline's nodes need (``eva_pipeline.preflight.select_checks``: by their tags and
-    the datasets they consume, the same selection as the dry run's), so ``--pipelines evaluation`` or
-    ``--from-nodes ...`` checks only what that slice needs. ``tryfirst``: runs before kedro-mlflow's
-    ``before_pipeline_run``, so a refused run leaves no MLflow run behind.
+    the datasets they consume, the same selection as the dry run's; a fine-tune stage by the block its node reads),
+    so ``--pipelines evaluation`` or ``--from-nodes ...`` checks only what that slice needs. ``tryfirst``: runs
+    before kedro-mlflow's ``before_pipeline_run``, so a refused run leaves no MLflow run behind.
     """
 
     @hook_impl(tryfirst=True)
@@ -45,7 +55,10 @@ class PreflightHook:
             return blocks[name]
 
         checks = preflight.select_checks(pipeline.nodes)
-        preflight.raise_if_problems(preflight.run_checks(checks, block, run_params.get("runtime_params")))
+        problems = preflight.run_checks(
+            checks, block, run_params.get("runtime_params"), finetune=preflight.finetune_blocks(pipeline.nodes)
+        )
+        preflight.raise_if_problems(problems)
 
 
 def flatten_params(prefix: str, value: Any, sep: str = ".") -> dict[str, Any]:

@@ -4,21 +4,29 @@ A long job that dies after an hour because a file is missing is the worst outcom
 missing piece (data, teacher weights, GPU) and how to provide it is the best.
 
 Which checks: :func:`select_checks` maps the nodes of the pipeline about to run to them, by what the nodes declare
-(their tags: :data:`SOURCES`, :data:`TEACHER`, :data:`TRAINING`) and the datasets they consume, never by their
-names; the pre-flight hook (``eva_pipeline.hooks``) and the dry run (``eva_pipeline.dry_run``) both use it, and
-:func:`run_checks` runs the selected checks. No Kedro import: a node is anything with ``tags``, ``inputs`` and
-``outputs``.
+(their tags: :data:`SOURCES`, :data:`TEACHER`, :data:`TRAINING`, :data:`FINETUNE`, :data:`CLASSIFICATION`) and the
+datasets they consume, never by their names; a fine-tune node names its stage by the ``params:<block>`` it reads
+(:func:`finetune_blocks`). The pre-flight hook (``eva_pipeline.hooks``) and the dry run (``eva_pipeline.dry_run``)
+both use them, and :func:`run_checks` runs the selected checks. No Kedro import: a node is anything with ``tags``,
+``inputs`` and ``outputs``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
+from eva_pipeline.config import (
+    ClassificationEvalParams,
+    FinetuneParams,
+    IngestionParams,
+    PretrainParams,
+    TeacherTargetsParams,
+)
+from eva_pipeline.finetune.weights import check_stage_img_size
 from eva_pipeline.ingest import readers as _builtin_readers  # noqa: F401  (registers the built-in source kinds)
 from eva_pipeline.ingest.scan import source_kinds
 from eva_pipeline.masking import BlockMaskGenerator
@@ -125,6 +133,81 @@ def check_augmentation(pretrain: PretrainParams, teacher: TeacherTargetsParams) 
     return []
 
 
+# TODO(issue 11): eva_pipeline.manifest.HELD_OUT_SPLITS once the ingestion change of the splits has landed.
+#: Ingestion splits that are never trained on: they score the probe and the classification table.
+_HELD_OUT_SPLITS: tuple[str, ...] = ("probe", "eval")
+#: The ReaL labels as timm ships them (``timm/data/_info/``), for the message that says where to copy them from.
+_TIMM_REAL_LABELS = "imagenet_real_labels.json"
+
+
+def _unknown_sources(where: str, names: Sequence[str], ingestion: IngestionParams) -> list[str]:
+    known = [s.name for s in ingestion.sources]
+    return [
+        f"{where}: '{name}' is not an ingestion source (ingestion.sources: {', '.join(known)}); add it to "
+        f"conf/<env>/parameters_ingestion.yml or correct the name"
+        for name in names
+        if name not in known
+    ]
+
+
+def check_finetune(
+    name: str, params: FinetuneParams, ingestion: IngestionParams, pretrain: PretrainParams
+) -> list[str]:
+    """One fine-tune stage (``name``: its parameter block): its sources are ingested and trained ones not held out,
+    the student's patch divides its image size, its device and precision exist here, and it runs on one rank."""
+    problems = _unknown_sources(f"{name}.data.sources", params.data.sources, ingestion)
+    problems += _unknown_sources(f"{name}.validation.sources", params.validation.sources, ingestion)
+    split = {s.name: s.split for s in ingestion.sources}
+    problems += [
+        f"{name}.data.sources: '{source}' is held out (ingestion split '{split[source]}'): its images score the "
+        f"probe and the classification table and are never trained on; train on a 'pretrain' or 'finetune' source"
+        for source in params.data.sources
+        if split.get(source) in _HELD_OUT_SPLITS
+    ]
+    try:
+        check_stage_img_size(pretrain.model.name, pretrain.model.overrides, params.img_size)
+    except ValueError as exc:  # UnknownModelError included
+        problems.append(f"{name}.img_size (student pretrain.model): {exc}")
+    problems += check_device(params.device, params.precision, name)
+    if params.world_size > 1:
+        problems.append(
+            f"{name}.world_size is {params.world_size}, but the fine-tune nodes train inside the Kedro process on one "
+            f"device: starting several ranks for a fine-tune stage is not implemented yet (a follow-up). Set "
+            f"{name}.world_size: 1 and a {name}.batch_size one device holds to run the stage now"
+        )
+    return problems
+
+
+def check_classification(params: ClassificationEvalParams, ingestion: IngestionParams) -> list[str]:
+    """The evaluation sets' sources (and the reference classifier's) are ingested, their label files exist. That the
+    target is one of the sets, the parameter model itself checks."""
+    problems = []
+    for i, s in enumerate(params.sets):
+        where = f"classification_eval.sets[{i}] ({s.name})"
+        problems += _unknown_sources(f"{where}.sources", s.sources, ingestion)
+        if s.real_labels is not None and not Path(s.real_labels).exists():
+            problems.append(
+                f"{where}.real_labels: {s.real_labels} does not exist; timm ships the ReaL labels: copy "
+                f"{_timm_real_labels()} there (or real.json from github.com/google-research/reassessed-imagenet), "
+                f"or point real_labels at the file"
+            )
+        if s.class_map is not None and not Path(s.class_map).exists():
+            problems.append(
+                f"{where}.class_map: {s.class_map} does not exist; write the JSON {{set class: [model classes]}} "
+                "there (ObjectNet: from the mappings/ folder of the ObjectNet download, folder_to_objectnet_label.json "
+                "and objectnet_to_imagenet_1k.json, with IN-1K wnids as the model classes; conf/eva01/README.md), or "
+                "point class_map at it"
+            )
+    problems += _unknown_sources("classification_eval.reference_sources", params.reference_sources, ingestion)
+    return problems
+
+
+def _timm_real_labels() -> str:
+    from importlib import resources
+
+    return str(resources.files("timm.data") / "_info" / _TIMM_REAL_LABELS)
+
+
 # ------------------------------------------------------------------------------------------------ which checks
 #: Node tag: the node reads the configured image sources (their paths and kinds are checked).
 SOURCES = "preflight.sources"
@@ -145,6 +228,11 @@ STORED_STUDENT_CONFIG = "stored_student_config"
 CHECKS: tuple[str, ...] = (SOURCES, TRAINING, TEACHER, FINETUNE, CLASSIFICATION, STORED_STUDENT_CONFIG)
 #: The dataset that holds the resolved ``pretrain`` block (written by the student_config pipeline).
 STUDENT_CONFIG_DATASET = "student_config"
+#: The fine-tune stages' blocks, checked when no nodes say which (the dry run's every check).
+FINETUNE_BLOCKS: tuple[str, ...] = ("finetune_intermediate", "finetune")
+#: The block the :data:`CLASSIFICATION` nodes read.
+CLASSIFICATION_BLOCK = "classification_eval"
+_PARAMS = "params:"
 
 
 def select_checks(nodes: Iterable[Any]) -> list[str]:
@@ -161,12 +249,29 @@ def select_checks(nodes: Iterable[Any]) -> list[str]:
     return [check for check in CHECKS if check in selected]
 
 
+def finetune_blocks(nodes: Iterable[Any]) -> list[str]:
+    """The stage blocks the :data:`FINETUNE` nodes read (their ``params:<block>`` inputs), in node order: what
+    :data:`FINETUNE` checks for these nodes (``--pipelines finetune`` checks ``finetune`` alone)."""
+    blocks = [
+        name.removeprefix(_PARAMS)
+        for node in nodes
+        if FINETUNE in node.tags
+        for name in node.inputs
+        if name.startswith(_PARAMS)
+    ]
+    return list(dict.fromkeys(blocks))
+
+
 def run_checks(
-    checks: Iterable[str], block: Callable[[str], Any], runtime_params: Mapping[str, Any] | None = None
+    checks: Iterable[str],
+    block: Callable[[str], Any],
+    runtime_params: Mapping[str, Any] | None = None,
+    finetune: Iterable[str] = FINETUNE_BLOCKS,
 ) -> list[str]:
     """Run ``checks``; every problem found, listed in check order. ``block(name)`` gives the validated parameter
-    block ``ingestion`` / ``pretrain`` / ``teacher_targets`` (called only for the blocks the checks need);
-    ``runtime_params``: the run's ``--params`` overrides."""
+    block ``ingestion`` / ``pretrain`` / ``teacher_targets`` / a fine-tune stage / ``classification_eval`` (called
+    only for the blocks the checks need); ``runtime_params``: the run's ``--params`` overrides; ``finetune``: the
+    stage blocks :data:`FINETUNE` checks (:func:`finetune_blocks` of the nodes)."""
     checks = set(checks)
     found: list[str] = []
     if SOURCES in checks:
@@ -183,6 +288,11 @@ def run_checks(
         teacher = block("teacher_targets")
         found += check_teacher(teacher)
         found += check_device(teacher.device, what="teacher_targets")
+    if FINETUNE in checks:
+        for name in finetune:
+            found += check_finetune(name, block(name), block("ingestion"), block("pretrain"))
+    if CLASSIFICATION in checks:
+        found += check_classification(block(CLASSIFICATION_BLOCK), block("ingestion"))
     if STORED_STUDENT_CONFIG in checks:
         found += check_overrides_reach_student_config(runtime_params or {})
     return found

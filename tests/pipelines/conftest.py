@@ -25,7 +25,18 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_BASE = PROJECT_ROOT / "conf" / "base"
 RAW = PROJECT_ROOT / "data" / "01_raw" / "fashion_mnist"
-PIPELINES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
+PIPELINES = (
+    "ingestion",
+    "student_config",
+    "teacher_targets",
+    "train_student",
+    "evaluation",
+    "finetune_intermediate",
+    "finetune",
+    "classification_eval",
+)
+#: The parameter files of conf/base, one block each (finetune: two blocks).
+PARAMETER_FILES = ("ingestion", "teacher_targets", "pretrain", "evaluation", "finetune", "classification_eval")
 PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
 FINETUNE_IMAGES, EVAL_IMAGES = 60, 40  # limits of the animal_mnist and fashion_mnist_fresh sources
 VALIDATION_IMAGES = 40  # of the probe images: the held-out MIM loss
@@ -44,9 +55,9 @@ def read_catalog(path: Path = CONF_BASE / "catalog.yml") -> dict[str, dict]:
 
 
 def base_params() -> dict[str, dict]:
-    """The four parameter blocks as conf/base has them (plain dicts)."""
+    """The parameter blocks as conf/base has them (plain dicts)."""
     out: dict[str, dict] = {}
-    for name in ("ingestion", "teacher_targets", "pretrain", "evaluation"):
+    for name in PARAMETER_FILES:
         out.update(_read_yaml(CONF_BASE / f"parameters_{name}.yml"))
     return out
 
@@ -62,17 +73,35 @@ def tiny_params(workdir: Path) -> dict[str, dict]:
     params["teacher_targets"].update(batch_size=BATCH)
     params["teacher_targets"]["validation"]["num_images"] = VALIDATION_IMAGES
     params["pretrain"].update(batch_size=BATCH, max_steps=STEPS, log_every_steps=1, mask_examples=4)
+    # Fine-tuning: 4 images per class (20 classes, then 10), one short epoch each; a few images per evaluation set.
+    params["finetune_intermediate"].update(epochs=1, batch_size=16, log_every_steps=1)
+    params["finetune_intermediate"]["data"]["per_class"] = 4
+    params["finetune"].update(epochs=1, batch_size=8, log_every_steps=1)
+    params["finetune"]["data"]["per_class"] = 4
+    params["finetune"]["validation"].update(num_images=20, batch_size=10)
+    params["classification_eval"].update(max_images=20, batch_size=10)
     return params
 
 
 def typed_params(params: dict[str, dict]) -> dict[str, Any]:
     """``params:<block>`` -> the validated pydantic object, as a KedroSession puts it into the catalog."""
-    from eva_pipeline.config import EvaluationParams, IngestionParams, PretrainParams, TeacherTargetsParams
+    from eva_pipeline.config import (
+        ClassificationEvalParams,
+        EvaluationParams,
+        FinetuneParams,
+        IngestionParams,
+        PretrainParams,
+        TargetFinetuneParams,
+        TeacherTargetsParams,
+    )
 
     models = {
         "ingestion": IngestionParams,
         "teacher_targets": TeacherTargetsParams,
         "pretrain": PretrainParams,
+        "finetune_intermediate": FinetuneParams,
+        "finetune": TargetFinetuneParams,
+        "classification_eval": ClassificationEvalParams,
         "evaluation": EvaluationParams,
     }
     return {f"params:{name}": models[name].model_validate(value) for name, value in params.items()}
@@ -87,8 +116,9 @@ def catalog_config(workdir: Path) -> dict[str, dict]:
         elif entry["type"].startswith("kedro_mlflow."):
             conf[name] = {"type": "kedro.io.MemoryDataset"}
             continue
-        if "filepath" in entry:
-            entry["filepath"] = str(workdir / entry["filepath"])
+        for key in ("filepath", "path"):  # path: a PartitionedDataset's folder
+            if key in entry:
+                entry[key] = str(workdir / entry[key])
     return conf
 
 
@@ -103,11 +133,12 @@ def make_catalog(workdir: Path, params: dict[str, dict]):
 
 def run_pipeline(name: str, catalog) -> dict:
     """One registered stage on ``catalog`` with Kedro's SequentialRunner (no hooks: the slice alone)."""
+    import importlib
+
     from kedro.runner import SequentialRunner
 
-    from eva_pipeline.pipelines import pretrain
-
-    return SequentialRunner().run(pretrain.STAGES[name].create_pipeline(), catalog)
+    stage = importlib.import_module(f"eva_pipeline.pipelines.{name}")
+    return SequentialRunner().run(stage.create_pipeline(), catalog)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -135,7 +166,8 @@ class Workspace:
         self.outputs: dict[str, dict] = {}
 
     def path(self, dataset: str) -> Path:
-        return Path(catalog_config(self.root)[dataset]["filepath"])
+        entry = catalog_config(self.root)[dataset]
+        return Path(entry.get("filepath") or entry["path"])
 
     def run(self, stage: str) -> dict:
         if stage not in self.outputs:

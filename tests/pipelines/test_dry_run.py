@@ -1,7 +1,8 @@
 """The dry run builds every object of a configured run without data, weights or GPU (eva01: the paper's recipe).
 
-Library level on the merged eva01 parameters (exact numbers of the EVA-01 recipe), and the ``kedro dry-run`` command
-in the real project folder: it must exit 0, print the plan and write nothing.
+Library level on the merged eva01 parameters (exact numbers of the EVA-01 recipe: pre-training and both image
+fine-tunes), and the ``kedro dry-run`` command in the real project folder: it must exit 0, print the plan and write
+nothing.
 """
 
 from __future__ import annotations
@@ -11,11 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+import yaml
 
-from eva_pipeline.config import IngestionParams, PretrainParams, TeacherTargetsParams
-from eva_pipeline.dry_run import dry_run
+from eva_pipeline.config import (
+    ClassificationEvalParams,
+    FinetuneParams,
+    IngestionParams,
+    PretrainParams,
+    TargetFinetuneParams,
+    TeacherTargetsParams,
+)
+from eva_pipeline.dry_run import EVA01_STAGE_DATA, StageData, dry_run, dry_run_finetune, stage_data
+from eva_pipeline.finetune.ema import decay_for_run
 from eva_pipeline.settings import CONFIG_LOADER_ARGS, CONFIG_LOADER_CLASS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +115,9 @@ def test_eva01_dry_run_command_prints_the_plan_and_writes_nothing(pl):
     assert "Dry run of `kedro run --pipelines pretrain` (environment: eva01)" in output
     assert "Student eva_giant_patch14_224" in output and "1,012,229,632 parameters" in output
     assert "1,086,300 steps" in output and "A real run would stop at the pre-flight check" in output
+    assert "Dry run of `kedro run --pipelines finetune_intermediate,finetune` (environment: eva01)" in output
+    assert "1,041,920,081 parameters" in output and "1,013,005,672 parameters" in output
+    assert "pos_embed 16x16 -> 24x24 resampled bicubically" in output
     assert pl.file_listing(ROOT / "data") == data_before
 
 
@@ -116,3 +130,170 @@ def test_dry_run_command_without_a_manifest_asks_for_the_image_count(tmp_path, p
         result = CliRunner().invoke(cli, ["dry-run", "--env", "test"])
     assert result.exit_code != 0
     assert "pass --num-images N" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+def _finetune_blocks(env: str, runtime_params: dict | None = None) -> tuple:
+    loader = CONFIG_LOADER_CLASS(
+        conf_source=str(ROOT / "conf"), env=env, runtime_params=runtime_params or {}, **CONFIG_LOADER_ARGS
+    )
+    raw = loader["parameters"]
+    stages = {
+        "finetune_intermediate": FinetuneParams.model_validate(raw["finetune_intermediate"]),
+        "finetune": TargetFinetuneParams.model_validate(raw["finetune"]),
+    }
+    table = raw.get("classification_eval")
+    return (
+        IngestionParams.model_validate(raw["ingestion"]),
+        PretrainParams.model_validate(raw["pretrain"]),
+        stages,
+        None if table is None else ClassificationEvalParams.model_validate(table),
+    )
+
+
+EVA01_DATA = {name: StageData(*counts, "EVA-01") for name, counts in EVA01_STAGE_DATA.items()}
+
+
+@pytest.fixture(scope="module")
+def eva01_finetune():
+    ingestion, pretrain, stages, table = _finetune_blocks("eva01")
+    return dry_run_finetune(ingestion, pretrain, stages, EVA01_DATA, table)
+
+
+def test_eva01_finetune_builds_the_paper_classifiers(eva01_finetune):
+    intermediate, target = eva01_finetune.facts["finetune_intermediate"], eva01_finetune.facts["finetune"]
+    # EVA-g/14 classifiers as the official EVA-01 code builds them: the IN-21K head at 224, the IN-1K head at 336
+    assert intermediate["classifier_parameters"] == 1_041_920_081 and intermediate["num_classes"] == 21_841
+    assert target["classifier_parameters"] == 1_013_005_672 and target["num_classes"] == 1_000
+    patch_embed = 1408 * 3 * 14 * 14 + 1408  # frozen in every EVA fine-tune
+    assert target["trained_parameters"] == 1_013_005_672 - patch_embed
+    assert (intermediate["grid"], intermediate["start_grids"]) == (16, {"student": 16})
+    assert (target["grid"], target["start_grids"]) == (24, {"intermediate": 16})  # pos_embed 16x16 -> 24x24
+
+
+def test_eva01_finetune_builds_groups_schedules_losses_ema_and_deepspeed(eva01_finetune):
+    intermediate, target = eva01_finetune.facts["finetune_intermediate"], eva01_finetune.facts["finetune"]
+    # layer ids 0..41 (embeddings, 40 blocks, head): scales lrd^41 .. 1, each layer decayed and not
+    assert intermediate["num_layer_scales"] == target["num_layer_scales"] == 42
+    assert intermediate["param_groups"] == target["param_groups"] == 83  # layer 0 (cls, pos_embed) is all no-decay
+    assert intermediate["layer_scales"] == pytest.approx((0.85**41, 1.0))
+    assert target["layer_scales"] == pytest.approx((0.95**41, 1.0))
+    # 14,197,122 // 4096 and 1,281,167 // 512 full batches per epoch; 15 and 2 warmup epochs
+    assert (intermediate["steps_per_epoch"], intermediate["total_steps"], intermediate["warmup_steps"]) == (
+        3466,
+        207_960,
+        51_990,
+    )
+    assert (target["steps_per_epoch"], target["total_steps"], target["warmup_steps"]) == (2502, 25_020, 5004)
+    assert (intermediate["mixing"], intermediate["loss"]) == ("EvenBatchMixup", "SoftTargetCrossEntropy")
+    assert (target["mixing"], target["loss"]) == (None, "LabelSmoothingCrossEntropy")
+    assert intermediate["ema_decay"] is None and target["ema_decay"] == 0.9999
+    assert intermediate["deepspeed"]["train_micro_batch_size_per_gpu"] == 64  # 4096 over 64 GPUs, as the README
+    assert target["deepspeed"]["train_micro_batch_size_per_gpu"] == 16  # 512 over 32 GPUs
+    assert target["deepspeed"]["fp16"]["enabled"] and "gradient_clipping" not in target["deepspeed"]
+
+
+def test_eva01_finetune_report_says_what_a_real_run_lacks(eva01_finetune):
+    text = eva01_finetune.render()
+    assert "21,841 classes" in text and "pos_embed 16x16 -> 24x24 resampled bicubically" in text
+    assert "LR: 1e-06 -> 0.0001 over 51,990 warmup steps, cosine to 1e-06" in text
+    assert "finetune_intermediate.world_size is 64, but the fine-tune nodes train inside the Kedro process" in text
+    assert "finetune.world_size is 32" in text
+    assert eva01_finetune.facts["classification_sets"][0] == "imagenet"
+    assert "objectnet (real): objectnet; class map data/01_raw/objectnet/class_map.json" in text
+
+
+def test_eva01_560_px_variant_by_params_override():
+    ingestion, pretrain, stages, table = _finetune_blocks("eva01", {"finetune": {"img_size": 560, "epochs": 15}})
+    report = dry_run_finetune(ingestion, pretrain, {"finetune": stages["finetune"]}, EVA01_DATA, table)
+    target = report.facts["finetune"]
+    assert target["classifier_parameters"] == 1_014_447_464  # the spec's fine-tune model at 560
+    assert (target["grid"], target["total_steps"]) == (40, 2502 * 15)
+    assert target["start_grids"] == {"intermediate": None}  # that stage is not in this dry run
+    assert "run intermediate" not in report.render() and "(that stage is not configured here)" in report.render()
+
+
+def test_demo_finetune_dry_run_builds_the_tiny_stages():
+    ingestion, pretrain, stages, _ = _finetune_blocks("base")
+    data = {"finetune_intermediate": StageData(6000, 20, "test"), "finetune": StageData(1000, 10, "test")}
+    report = dry_run_finetune(ingestion, pretrain, stages, data)
+    intermediate, target = report.facts["finetune_intermediate"], report.facts["finetune"]
+    assert (intermediate["grid"], intermediate["num_classes"], intermediate["steps_per_epoch"]) == (7, 20, 93)
+    assert target["grid"] == 14 and target["start_grids"] == {"intermediate": 7, "student": 7, "random": None}
+    assert target["num_layer_scales"] == 6  # embeddings, 4 blocks, head
+    total = (1000 // 32) * 3
+    assert target["ema_decay"] == pytest.approx(decay_for_run(total, 0.1, 0.9999))  # run_fraction 0.1
+    text = report.render()
+    assert "run random: random init (no start weights)" in text
+    assert "run student: the pre-trained student (eva_student; fresh fc_norm and head): pos_embed 7x7 -> 14x14" in text
+
+
+def test_a_stage_batch_larger_than_its_images_cannot_be_built():
+    ingestion, pretrain, stages, _ = _finetune_blocks("base")
+    data = {"finetune_intermediate": StageData(10, 20, "test"), "finetune": StageData(1000, 10, "test")}
+    with pytest.raises(ValueError, match="batch_size 64 exceeds the 10 fine-tuning images"):
+        dry_run_finetune(ingestion, pretrain, stages, data)
+
+
+def test_stage_counts_from_the_manifest_apply_class_names_and_the_label_budget():
+    rows = pd.DataFrame(
+        {
+            "source": ["a"] * 5 + ["b"] * 4 + ["c"] * 3,
+            "label": pd.array([0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 2], dtype="Int64"),
+        }
+    )
+    class_names = {"a": ["cat", "dog"], "b": ["dog", "owl"], "c": ["x", "y", "z"]}
+    _, _, stages, _ = _finetune_blocks("base")
+    stage = FinetuneParams.model_validate(
+        stages["finetune_intermediate"].model_dump() | {"data": {"sources": ["a", "b"]}}
+    )
+    assert stage_data(rows, class_names, stage) == StageData(9, 3, "manifest")  # cat, dog (shared by name), owl
+    budget = FinetuneParams.model_validate(stage.model_dump() | {"data": {"sources": ["a", "b"], "per_class": 2}})
+    assert stage_data(rows, class_names, budget) == StageData(6, 3, "manifest")  # 2 cats, 2 dogs, 2 owls
+
+
+def _invoke(*args: str):
+    from click.testing import CliRunner
+
+    from eva_pipeline.cli import cli
+
+    return CliRunner().invoke(cli, ["dry-run", "--env", "test", "--num-images", "1000", *args])
+
+
+def test_dry_run_command_builds_the_fine_tune_stages_for_given_counts(tmp_path, pl):
+    options = ["--finetune-images", "finetune_intermediate=6000", "--finetune-classes", "finetune_intermediate=20"]
+    with pl.project_context(tmp_path / "project"):
+        result = _invoke(*options, "--finetune-images", "finetune=1000", "--finetune-classes", "finetune=10")
+    assert result.exit_code == 0, result.output
+    assert "Dry run of `kedro run --pipelines finetune_intermediate,finetune` (environment: test)" in result.output
+    assert "6,000 images of 20 classes (--finetune-images, --finetune-classes) from" in result.output
+    assert "pos_embed 7x7 -> 14x14 resampled bicubically" in result.output
+
+
+def test_dry_run_command_counts_the_stages_in_the_manifest(tmp_path, pl):
+    with pl.project_context(tmp_path / "project") as root:
+        (root / "data" / "02_intermediate").mkdir(parents=True)
+        manifest = root / "data" / "03_primary" / "manifest.parquet"  # where conf/base/catalog.yml has it
+        manifest.parent.mkdir(parents=True)
+        labels = [i % 10 for i in range(1200)]
+        pd.DataFrame({"source": ["fashion_mnist_train"] * 1200, "label": pd.array(labels, dtype="Int64")}).to_parquet(
+            manifest
+        )
+        names = root / "data" / "02_intermediate" / "class_names.json"
+        names.write_text('{"fashion_mnist_train": ["c0","c1","c2","c3","c4","c5","c6","c7","c8","c9"]}')
+        catalog = {"class_names": {"type": "json.JSONDataset", "filepath": "data/02_intermediate/class_names.json"}}
+        (root / "conf" / "test" / "catalog.yml").write_text(yaml.safe_dump(catalog))
+        params = "finetune_intermediate.data.sources=[fashion_mnist_train]"
+        result = _invoke("--params", params, "--finetune-classes", "finetune=10")
+    assert result.exit_code == 0, result.output
+    assert "1,200 images of 10 classes (manifest) from fashion_mnist_train; label budget 300" in result.output
+    assert "1,000 images of 10 classes (manifest, --finetune-classes) from fashion_mnist_train" in result.output
+
+
+def test_dry_run_command_refuses_malformed_or_unknown_stage_counts(tmp_path, pl):
+    with pl.project_context(tmp_path / "project"):
+        malformed = _invoke("--finetune-images", "finetune:1000")
+        unknown = _invoke("--finetune-images", "finetune_video=1000")
+    assert malformed.exit_code != 0 and "'finetune:1000' is not STAGE=N" in malformed.output
+    assert unknown.exit_code != 0
+    assert "name no fine-tune stage of these parameters: ['finetune_video']" in unknown.output

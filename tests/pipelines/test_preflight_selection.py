@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import pytest
 from kedro.framework.project import configure_project
-from kedro.pipeline import Pipeline
+from kedro.pipeline import Node, Pipeline
 
 from eva_pipeline import preflight
 from eva_pipeline.hooks import PreflightHook
 from eva_pipeline.pipeline_registry import register_pipelines
-from eva_pipeline.preflight import SOURCES, STORED_STUDENT_CONFIG, TEACHER, TRAINING, PreflightError
+from eva_pipeline.preflight import (
+    CLASSIFICATION,
+    FINETUNE,
+    SOURCES,
+    STORED_STUDENT_CONFIG,
+    TEACHER,
+    TRAINING,
+    PreflightError,
+)
 
-#: The check functions the selected checks run, by the name recorded.
+#: The check functions the selected checks run, by the name recorded (the fine-tune and classification ones, by
+#: their block: ``check_finetune:<block>``, ``check_classification``).
 FUNCTIONS = ("check_sources", "check_model", "check_world_size", "check_augmentation", "check_teacher")
 
 
@@ -44,9 +53,15 @@ def recorded(monkeypatch):
         calls.append(f"device:{what}")
         return []
 
+    def finetune(name: str, params, ingestion, pretrain) -> list[str]:
+        calls.append(f"check_finetune:{name}")
+        return []
+
     for name in FUNCTIONS:
         monkeypatch.setattr(preflight, name, lambda *a, _name=name, **k: calls.append(_name) or [])
     monkeypatch.setattr(preflight, "check_device", device)
+    monkeypatch.setattr(preflight, "check_finetune", finetune)
+    monkeypatch.setattr(preflight, "check_classification", lambda *a: calls.append("check_classification") or [])
     return calls
 
 
@@ -65,6 +80,8 @@ SELECTED = {
     "train_student": [TRAINING, STORED_STUDENT_CONFIG],
     "evaluation": [TEACHER, STORED_STUDENT_CONFIG],
     "pretrain": [SOURCES, TRAINING, TEACHER],
+    "finetune_intermediate": [FINETUNE, STORED_STUDENT_CONFIG],
+    "finetune": [FINETUNE, STORED_STUDENT_CONFIG],
 }
 
 
@@ -78,6 +95,61 @@ def test_renaming_the_nodes_changes_no_check(name, registry):
     renamed = _renamed(registry[name])
     assert {n.name for n in renamed.nodes}.isdisjoint(n.name for n in registry[name].nodes)
     assert preflight.select_checks(renamed.nodes) == SELECTED[name]
+
+
+def _finetune_params(pl) -> dict:
+    return {**pl.base_params(), **pl.read_yaml(pl.CONF_BASE / "parameters_finetune.yml")}
+
+
+def _scoring_node() -> Node:
+    """A node as the classification_eval pipeline declares it: it reads params:classification_eval."""
+    return Node(
+        lambda models, params: {},
+        inputs=["finetuned_models", "params:classification_eval"],
+        outputs="classification_scores",
+        name="score_classifiers",
+        tags=[CLASSIFICATION],
+    )
+
+
+def test_fine_tune_nodes_name_their_stage_by_the_block_they_read(registry):
+    assert preflight.finetune_blocks(registry["finetune_intermediate"].nodes) == ["finetune_intermediate"]
+    assert preflight.finetune_blocks(registry["finetune"].nodes) == ["finetune"]
+    both = _renamed(registry["finetune_intermediate"] + registry["finetune"])
+    assert preflight.finetune_blocks(both.nodes) == ["finetune_intermediate", "finetune"]
+    assert preflight.finetune_blocks(registry["pretrain"].nodes) == []
+
+
+def test_the_hook_checks_the_fine_tune_stages_of_the_run_only(registry, recorded, pl):
+    params = _finetune_params(pl)
+    _hook(registry["finetune"], params)
+    assert recorded == ["check_finetune:finetune"]
+    recorded.clear()
+    _hook(registry["finetune_intermediate"] + registry["finetune"], params)
+    assert recorded == ["check_finetune:finetune_intermediate", "check_finetune:finetune"]
+    recorded.clear()
+    _hook(registry["pretrain"], params)  # a slice without fine-tune or scoring nodes runs none of their checks
+    assert not {"check_finetune:finetune_intermediate", "check_finetune:finetune", "check_classification"} & set(
+        recorded
+    )
+
+
+def test_the_hook_checks_the_classification_sets_for_a_scoring_node(registry, recorded, pl):
+    scoring = Pipeline([_scoring_node()])
+    assert preflight.select_checks(scoring.nodes) == [CLASSIFICATION]
+    table = {"target": "fmnist", "sets": [{"name": "fmnist", "sources": ["fashion_mnist_test"]}]}
+    _hook(scoring, {**pl.base_params(), "classification_eval": table})
+    assert recorded == ["check_classification"]
+    recorded.clear()
+    _hook(registry["finetune"] + scoring, {**_finetune_params(pl), "classification_eval": table})
+    assert recorded == ["check_finetune:finetune", "check_classification"]
+
+
+def test_the_hook_refuses_a_fine_tune_on_held_out_images(registry, pl):
+    params = _finetune_params(pl)
+    params["finetune"]["data"]["sources"] = ["fashion_mnist_test"]
+    with pytest.raises(PreflightError, match=r"finetune\.data\.sources: 'fashion_mnist_test' is held out"):
+        _hook(registry["finetune"], params)
 
 
 def test_slices_get_exactly_their_nodes_checks(registry):
@@ -150,3 +222,30 @@ def test_the_dry_run_uses_the_same_selection(registry, monkeypatch, pl):
     for name in ("pretrain", "evaluation"):
         dry_run(*blocks, num_images=10_000, nodes=_renamed(registry[name]).nodes)
     assert seen == [SELECTED["pretrain"], SELECTED["evaluation"]]
+
+
+def test_the_fine_tune_dry_run_uses_the_same_selection(registry, monkeypatch, pl):
+    from eva_pipeline.config import FinetuneParams, IngestionParams, PretrainParams, TargetFinetuneParams
+    from eva_pipeline.dry_run import StageData, dry_run_finetune
+
+    seen: list[tuple[list[str], list[str]]] = []
+    real = preflight.run_checks
+
+    def recording(checks, *args, **kwargs):
+        seen.append((list(checks), list(kwargs["finetune"])))
+        return real(checks, *args, **kwargs)
+
+    monkeypatch.setattr(preflight, "run_checks", recording)
+    params = _finetune_params(pl)
+    stages = {
+        "finetune_intermediate": FinetuneParams.model_validate(params["finetune_intermediate"]),
+        "finetune": TargetFinetuneParams.model_validate(params["finetune"]),
+    }
+    args = (IngestionParams.model_validate(params["ingestion"]), PretrainParams.model_validate(params["pretrain"]))
+    data = {"finetune_intermediate": StageData(6000, 20, "test"), "finetune": StageData(1000, 10, "test")}
+    dry_run_finetune(*args, stages, data, nodes=_renamed(registry["finetune"]).nodes)
+    dry_run_finetune(*args, stages, data)  # no nodes: every stage given
+    assert seen == [
+        ([FINETUNE, STORED_STUDENT_CONFIG], ["finetune"]),
+        ([FINETUNE], ["finetune_intermediate", "finetune"]),
+    ]

@@ -196,16 +196,19 @@ def test_eva01_catalog_only_moves_folders(pl):
     base, eva01 = pl.read_catalog(), pl.read_catalog(pl.PROJECT_ROOT / "conf" / "eva01" / "catalog.yml")
     assert set(eva01) <= set(base)
     for name, entry in eva01.items():
-        assert entry["type"] == base[name]["type"] and entry["filepath"] != base[name]["filepath"], name
+        key = "path" if "path" in entry else "filepath"  # a PartitionedDataset's folder, or a file/folder dataset
+        assert entry["type"] == base[name]["type"] and entry[key] != base[name][key], name
 
 
 def test_catalog_paths_are_under_data_layers_and_not_versioned(pl):
     catalog = pl.read_catalog()
     for name, entry in catalog.items():
         inner = entry.get("dataset", entry)
+        inner = inner if isinstance(inner, dict) else {}  # a PartitionedDataset may name its dataset type alone
         assert not inner.get("versioned", False) and not entry.get("versioned", False), name  # DVC versions data
-        if "filepath" in inner:
-            assert re.match(r"^data/0[2-8]_[a-z_]+/", inner["filepath"]), (name, inner["filepath"])
+        for path in (inner.get("filepath"), entry.get("path")):  # a file, or a PartitionedDataset's folder
+            if path is not None:
+                assert re.match(r"^data/0[2-8]_[a-z_]+/", path), (name, path)
 
 
 # ------------------------------------------------------------------------------------------------ nodes, registry

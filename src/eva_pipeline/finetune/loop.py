@@ -29,9 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eva_pipeline.config import FinetuneParams
-from eva_pipeline.finetune.ema import create_ema, decay_for_run, update_ema
-from eva_pipeline.finetune.mixing import build_mixing
-from eva_pipeline.finetune.optim import build_finetune_adamw
+from eva_pipeline.finetune.ema import create_ema, update_ema
+from eva_pipeline.finetune.recipe import ema_decay, make_mixing, make_optimizer, make_schedule, steps_per_epoch
 from eva_pipeline.loader.classification import ClassificationDataset, classification_loader
 from eva_pipeline.models import EvaClassifier
 from eva_pipeline.runtime.device import resolve_device
@@ -39,7 +38,6 @@ from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine
 from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, report_step
 from eva_pipeline.training.nonfinite import NonFiniteGuard, NonFiniteTrainingError
-from eva_pipeline.training.optim import AdamWConfig
 from eva_pipeline.training.recipe import step_seed
 from eva_pipeline.training.schedule import WarmupCosineSchedule
 from eva_pipeline.training.step import optimizer_step
@@ -134,12 +132,7 @@ def run_finetuning(
     every ``params.validation.every_steps`` steps and at the last step.
     """
     run = _setup(params, model, len(train), start, Path(checkpoint_dir))
-    mixer, criterion = build_mixing(
-        model.num_classes,
-        cutmix_alpha=params.mixing.cutmix_alpha,
-        mixup_alpha=params.mixing.mixup_alpha,
-        label_smoothing=params.mixing.label_smoothing,
-    )
+    mixer, criterion = make_mixing(params, model.num_classes)
     rank = run.engine.global_rank
     trajectory = RunHistory(run.ckpt_dir / RUN_HISTORY_FILE, enabled=rank == 0)
     trajectory.truncate(run.start_step)
@@ -205,10 +198,8 @@ def _setup(params: FinetuneParams, model: EvaClassifier, num_items: int, start: 
     """Check the settings, build the engine (layer-decayed AdamW) and the EMA, resume from the latest checkpoint."""
     device = resolve_device(params.device)
     check_precision(params.precision, device)
-    steps_per_epoch = num_items // params.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {params.batch_size} exceeds the {num_items} fine-tuning images")
-    total_steps = steps_per_epoch * params.epochs
+    steps = steps_per_epoch(params, num_items)
+    total_steps = steps * params.epochs
     last_step = min(total_steps, params.max_steps or total_steps)
     fingerprint = finetune_fingerprint(params, num_items, start)
     ckpt_dir = checkpoint_dir / fingerprint
@@ -216,11 +207,7 @@ def _setup(params: FinetuneParams, model: EvaClassifier, num_items: int, start: 
 
     if params.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    o = params.optimizer
-    optimizer = build_finetune_adamw(
-        model, AdamWConfig(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay), o.layer_decay
-    )
-    engine = initialize_engine(model, optimizer, params, device)
+    engine = initialize_engine(model, make_optimizer(model, params), params, device)
     if engine.world_size != params.world_size:
         raise RuntimeError(
             f"world_size is {params.world_size} but this process group has {engine.world_size} rank(s): multi-process "
@@ -228,19 +215,8 @@ def _setup(params: FinetuneParams, model: EvaClassifier, num_items: int, start: 
         )
     if params.compile:
         engine.compile()
-    ema, decay = None, None
-    if params.ema.enabled:
-        e = params.ema
-        decay = decay_for_run(total_steps, e.run_fraction, e.decay) if e.run_fraction else e.decay
-        ema = create_ema(engine.module, decay, warmup=e.warmup, dtype=torch.float32)
-    schedule = WarmupCosineSchedule.from_epochs(
-        base_value=o.lr,
-        final_value=o.min_lr,
-        epochs=params.epochs,
-        steps_per_epoch=steps_per_epoch,
-        warmup_epochs=o.warmup_epochs,
-        start_value=o.warmup_lr,
-    )
+    decay = ema_decay(params, total_steps)
+    ema = None if decay is None else create_ema(engine.module, decay, warmup=params.ema.warmup, dtype=torch.float32)
     run = _Run(
         params=params,
         engine=engine,
@@ -248,10 +224,10 @@ def _setup(params: FinetuneParams, model: EvaClassifier, num_items: int, start: 
         ema_decay=decay,
         device=device,
         dtype=_DTYPES[params.precision],
-        schedule=schedule,
+        schedule=make_schedule(params, steps),
         ckpt_dir=ckpt_dir,
         fingerprint=fingerprint,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=steps,
         last_step=last_step,
         start_step=0,
     )

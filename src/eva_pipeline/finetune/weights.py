@@ -184,6 +184,23 @@ def load_finetune_start(
     return StartReport(load=report, head=head, new_classes=new_classes)
 
 
+def _stage_fields(overrides: Mapping[str, object]) -> dict[str, object]:
+    """The student's overrides a fine-tune keeps: the stage sets its own size and drop path, and has no lm_head."""
+    return {k: v for k, v in overrides.items() if k not in ("img_size", "drop_path_rate", "target_dim")}
+
+
+def check_stage_img_size(model_name: str, overrides: Mapping[str, object], img_size: int) -> None:
+    """Raise ``ValueError`` naming a multiple to use when the student's patch does not divide ``img_size`` (also
+    for an unknown model); the pre-flight check asks the same before anything is built."""
+    patch = int(_stage_fields(overrides).get("patch_size", get_config(model_name).patch_size))
+    if img_size % patch:
+        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
+        raise ValueError(
+            f"img_size {img_size} is not divisible by the patch size {patch} of {model_name}: use a multiple of "
+            f"{patch} (e.g. {lower or upper} or {upper})"
+        )
+
+
 def stage_classifier(
     model_name: str,
     overrides: Mapping[str, object],
@@ -195,14 +212,8 @@ def stage_classifier(
 ) -> EvaClassifier:
     """The student's architecture (``model_name`` + the student's ``overrides``) as a classifier of ``num_classes``
     at ``img_size``, with the stage's drop path; an image size the patch does not divide is refused by name."""
-    fields = {k: v for k, v in overrides.items() if k not in ("img_size", "drop_path_rate", "target_dim")}
-    patch = int(fields.get("patch_size", get_config(model_name).patch_size))
-    if img_size % patch:
-        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
-        raise ValueError(
-            f"img_size {img_size} is not divisible by the patch size {patch} of {model_name}: use a multiple of "
-            f"{patch} (e.g. {lower or upper} or {upper})"
-        )
+    fields = _stage_fields(overrides)
+    check_stage_img_size(model_name, overrides, img_size)
     return create_classifier(
         model_name,
         num_classes,

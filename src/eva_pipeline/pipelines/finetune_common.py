@@ -18,7 +18,7 @@ from eva_pipeline.evaluation import loss_curve
 from eva_pipeline.finetune import eval_transform, train_transform
 from eva_pipeline.finetune.data import ClassNames, evenly_spaced, label_budget, stage_labels
 from eva_pipeline.finetune.loop import run_finetuning
-from eva_pipeline.finetune.weights import stage_classifier
+from eva_pipeline.finetune.recipe import make_classifier
 from eva_pipeline.loader.classification import ClassificationDataset
 from eva_pipeline.loader.pixels import ManifestPixels
 from eva_pipeline.loader.rows import FrameRows
@@ -77,14 +77,7 @@ def train_run(
     init, so random init is reproducible), trained by :func:`~eva_pipeline.finetune.loop.run_finetuning`; per-step
     metrics stream to MLflow as ``<run>/...``. Returns the checkpoint, the run's per-step records and a summary."""
     torch.manual_seed(params.seed)
-    model = stage_classifier(
-        student.model.name,
-        student.model.overrides,
-        len(classes),
-        params.img_size,
-        drop_path_rate=params.drop_path_rate,
-        freeze_patch_embed=params.freeze_patch_embed,
-    )
+    model = make_classifier(params, student.model, len(classes))
     start(model)
     rows, labels = train
     a = params.augmentation
