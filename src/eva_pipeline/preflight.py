@@ -29,6 +29,7 @@ from eva_pipeline.config import (
 from eva_pipeline.finetune.weights import check_stage_img_size
 from eva_pipeline.ingest import readers as _builtin_readers  # noqa: F401  (registers the built-in source kinds)
 from eva_pipeline.ingest.scan import source_kinds
+from eva_pipeline.manifest import HELD_OUT_SPLITS
 from eva_pipeline.masking import BlockMaskGenerator
 from eva_pipeline.models import get_config
 from eva_pipeline.teachers import TeacherWeightsUnavailable, check_teacher_weights
@@ -133,9 +134,6 @@ def check_augmentation(pretrain: PretrainParams, teacher: TeacherTargetsParams) 
     return []
 
 
-# TODO(issue 11): eva_pipeline.manifest.HELD_OUT_SPLITS once the ingestion change of the splits has landed.
-#: Ingestion splits that are never trained on: they score the probe and the classification table.
-_HELD_OUT_SPLITS: tuple[str, ...] = ("probe", "eval")
 #: The ReaL labels as timm ships them (``timm/data/_info/``), for the message that says where to copy them from.
 _TIMM_REAL_LABELS = "imagenet_real_labels.json"
 
@@ -162,7 +160,7 @@ def check_finetune(
         f"{name}.data.sources: '{source}' is held out (ingestion split '{split[source]}'): its images score the "
         f"probe and the classification table and are never trained on; train on a 'pretrain' or 'finetune' source"
         for source in params.data.sources
-        if split.get(source) in _HELD_OUT_SPLITS
+        if split.get(source) in HELD_OUT_SPLITS
     ]
     try:
         check_stage_img_size(pretrain.model.name, pretrain.model.overrides, params.img_size)
