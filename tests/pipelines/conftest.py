@@ -35,8 +35,16 @@ PIPELINES = (
     "finetune",
     "classification_eval",
 )
-#: The parameter files of conf/base, one block each (finetune: two blocks).
-PARAMETER_FILES = ("ingestion", "teacher_targets", "pretrain", "evaluation", "finetune", "classification_eval")
+#: The parameter files of conf/base, one block each.
+PARAMETER_FILES = (
+    "ingestion",
+    "teacher_targets",
+    "pretrain",
+    "evaluation",
+    "finetune_intermediate",
+    "finetune",
+    "classification_eval",
+)
 PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
 FINETUNE_IMAGES, EVAL_IMAGES = 60, 40  # limits of the animal_mnist and fashion_mnist_fresh sources
 VALIDATION_IMAGES = 40  # of the probe images: the held-out MIM loss

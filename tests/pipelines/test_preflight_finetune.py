@@ -40,7 +40,10 @@ def no_gpu(monkeypatch):
 @pytest.fixture
 def base(pl) -> dict:
     """conf/base's pretrain block, its fine-tune stages on CPU, and an ingestion block holding their sources."""
-    stages = pl.read_yaml(pl.CONF_BASE / "parameters_finetune.yml")
+    stages = {
+        **pl.read_yaml(pl.CONF_BASE / "parameters_finetune_intermediate.yml"),
+        **pl.read_yaml(pl.CONF_BASE / "parameters_finetune.yml"),
+    }
     for stage in stages.values():
         stage["device"] = "cpu"
     return {

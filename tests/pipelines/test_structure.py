@@ -2,9 +2,10 @@
 
 * every parameter block is an input of some node, and every leaf under it is a field of the pydantic model that node
   declares for it (conf/base and conf/eva01);
-* every dataset a node of ``pretrain`` writes or reads is declared in conf/base/catalog.yml (no accidental
+* every dataset a node of the whole DAG writes or reads is declared in conf/base/catalog.yml (no accidental
   MemoryDatasets), and the catalog declares nothing that no node uses;
-* every node has an explicit, readable, unique name; the registry has the stages, ``pretrain`` and ``__default__``.
+* every node has an explicit, readable, unique name; the registry has the stages, ``pretrain`` (the first five) and
+  ``__default__`` (all of them).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from pydantic import BaseModel
 from eva_pipeline.models.config import EvaConfig
 from eva_pipeline.pipeline_registry import register_pipelines
 
-STAGES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
+STAGES = (
+    "ingestion",
+    "student_config",
+    "teacher_targets",
+    "train_student",
+    "evaluation",
+    "finetune_intermediate",
+    "finetune",
+    "classification_eval",
+)
+PRETRAIN_STAGES = STAGES[:5]
 NODE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FOLDER = "eva_pipeline.datasets.FolderDataset"  # a folder its node updates in place: an input, never an output
 
@@ -101,7 +112,7 @@ def test_one_parameters_file_per_block(pl):
 
 
 def test_each_parameter_block_has_one_model_and_the_models_forbid_unknown_keys(registry):
-    annotations = _param_annotations(registry["pretrain"])
+    annotations = _param_annotations(registry["__default__"])
     for block, found in annotations.items():
         assert len(found) == 1, f"params:{block} is annotated differently by different nodes: {found}"
         (annotation,) = found
@@ -113,7 +124,7 @@ def test_each_parameter_block_has_one_model_and_the_models_forbid_unknown_keys(r
 
 @pytest.mark.parametrize("env", ["base", "eva01"])
 def test_every_parameter_is_consumed_by_a_node(env, registry, pl):
-    annotations = _param_annotations(registry["pretrain"])
+    annotations = _param_annotations(registry["__default__"])
     blocks = _conf_params(env, pl)
     assert blocks
     unused = sorted(set(blocks) - set(annotations))
@@ -166,7 +177,7 @@ def test_env_files_validate_against_the_models(pl):
 # ------------------------------------------------------------------------------------------------ catalog
 def test_every_dataset_is_declared_in_the_catalog(registry, pl):
     catalog = pl.read_catalog()
-    pretrain = registry["pretrain"]
+    pretrain = registry["__default__"]
     datasets = {d for d in pretrain.datasets() if not d.startswith("params:") and d != "parameters"}
 
     undeclared = sorted(datasets - set(catalog))
@@ -175,7 +186,7 @@ def test_every_dataset_is_declared_in_the_catalog(registry, pl):
     in_place = {name for name, entry in catalog.items() if entry["type"] == FOLDER}
     assert in_place, "the resumable folders are catalog entries"
     # the only free inputs: folders the nodes write into (checkpoints, caches), which are nobody's output
-    assert {d for d in pretrain.inputs() if not d.startswith("params:")} == in_place, "free inputs of pretrain"
+    assert {d for d in pretrain.inputs() if not d.startswith("params:")} == in_place, "free inputs of the DAG"
     assert not in_place & pretrain.outputs()
     assert not any(entry["type"].endswith("MemoryDataset") for entry in catalog.values())
 
@@ -213,7 +224,7 @@ def test_catalog_paths_are_under_data_layers_and_not_versioned(pl):
 
 # ------------------------------------------------------------------------------------------------ nodes, registry
 def test_nodes_have_explicit_readable_unique_names(registry):
-    names = [node.name for node in registry["pretrain"].nodes]
+    names = [node.name for node in registry["__default__"].nodes]
     assert all(NODE_NAME.match(name) for name in names), names  # a default name is "func([inputs]) -> [outputs]"
     assert len(names) == len(set(names))
 
@@ -222,10 +233,11 @@ def test_registry_has_each_stage_pretrain_and_default(registry, pl):
     assert set(registry) == {*STAGES, "pretrain", "__default__"}
     stage_nodes = [{n.name for n in registry[stage].nodes} for stage in STAGES]
     assert all(stage_nodes), "a stage without nodes"
-    assert {n.name for n in registry["pretrain"].nodes} == set().union(*stage_nodes)
-    assert sum(map(len, stage_nodes)) == len(registry["pretrain"].nodes)  # stages do not share nodes
-    assert registry["__default__"].nodes == registry["pretrain"].nodes
-    # each stage reads only what earlier stages wrote: ingestion -> teacher_targets -> train_student -> evaluation
+    assert {n.name for n in registry["__default__"].nodes} == set().union(*stage_nodes)
+    assert sum(map(len, stage_nodes)) == len(registry["__default__"].nodes)  # stages do not share nodes
+    pretrain_nodes = {n.name for stage in PRETRAIN_STAGES for n in registry[stage].nodes}
+    assert {n.name for n in registry["pretrain"].nodes} == pretrain_nodes
+    # each stage reads only what earlier stages wrote: ingestion -> ... -> finetune -> classification_eval
     catalog = pl.read_catalog()
     written = {name for name, entry in catalog.items() if entry["type"] == FOLDER}  # the stage's own folders
     for stage in STAGES:
@@ -234,3 +246,6 @@ def test_registry_has_each_stage_pretrain_and_default(registry, pl):
         written |= registry[stage].outputs()
     assert "teacher_targets" in registry["train_student"].inputs()
     assert "eva_student" in registry["evaluation"].inputs()
+    assert {"eva_student", "class_names"} <= registry["finetune_intermediate"].inputs()
+    assert "eva_intermediate" in registry["finetune"].inputs()
+    assert "finetuned_models" in registry["classification_eval"].inputs()
