@@ -26,12 +26,11 @@ from eva_pipeline.config import (
     PretrainParams,
     TeacherTargetsParams,
 )
-from eva_pipeline.finetune.weights import check_stage_img_size
 from eva_pipeline.ingest import readers as _builtin_readers  # noqa: F401  (registers the built-in source kinds)
 from eva_pipeline.ingest.scan import source_kinds
 from eva_pipeline.manifest import HELD_OUT_SPLITS
 from eva_pipeline.masking import BlockMaskGenerator
-from eva_pipeline.models import get_config
+from eva_pipeline.models import check_img_size, get_config
 from eva_pipeline.teachers import TeacherWeightsUnavailable, check_teacher_weights
 
 
@@ -163,7 +162,7 @@ def check_finetune(
         if split.get(source) in HELD_OUT_SPLITS
     ]
     try:
-        check_stage_img_size(pretrain.model.name, pretrain.model.overrides, params.img_size)
+        check_img_size(pretrain.model.name, pretrain.model.overrides, params.img_size)
     except ValueError as exc:  # UnknownModelError included
         problems.append(f"{name}.img_size (student pretrain.model): {exc}")
     problems += check_device(params.device, params.precision, name)

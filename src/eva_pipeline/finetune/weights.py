@@ -22,9 +22,9 @@ from eva_pipeline.models import (
     CheckpointError,
     EvaClassifier,
     LoadReport,
+    check_img_size,
     create_classifier,
     extract_state_dict,
-    get_config,
     load_official_checkpoint,
 )
 from eva_pipeline.models.eva import HEAD_INIT_SCALE, HEAD_INIT_STD
@@ -189,18 +189,6 @@ def _stage_fields(overrides: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in overrides.items() if k not in ("img_size", "drop_path_rate", "target_dim")}
 
 
-def check_stage_img_size(model_name: str, overrides: Mapping[str, object], img_size: int) -> None:
-    """Raise ``ValueError`` naming a multiple to use when the student's patch does not divide ``img_size`` (also
-    for an unknown model); the pre-flight check asks the same before anything is built."""
-    patch = int(_stage_fields(overrides).get("patch_size", get_config(model_name).patch_size))
-    if img_size % patch:
-        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
-        raise ValueError(
-            f"img_size {img_size} is not divisible by the patch size {patch} of {model_name}: use a multiple of "
-            f"{patch} (e.g. {lower or upper} or {upper})"
-        )
-
-
 def stage_classifier(
     model_name: str,
     overrides: Mapping[str, object],
@@ -213,7 +201,7 @@ def stage_classifier(
     """The student's architecture (``model_name`` + the student's ``overrides``) as a classifier of ``num_classes``
     at ``img_size``, with the stage's drop path; an image size the patch does not divide is refused by name."""
     fields = _stage_fields(overrides)
-    check_stage_img_size(model_name, overrides, img_size)
+    check_img_size(model_name, _stage_fields(overrides), img_size)
     return create_classifier(
         model_name,
         num_classes,

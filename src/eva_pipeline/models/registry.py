@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -57,6 +58,18 @@ def get_config(name: str, **overrides: Any) -> EvaConfig:
     if unknown:
         raise TypeError(f"unknown EvaConfig field(s) {unknown}; valid fields: {sorted(fields)}")
     return dataclasses.replace(base, **overrides)
+
+
+def check_img_size(model_name: str, overrides: Mapping[str, Any], img_size: int) -> None:
+    """Raise ``ValueError`` naming multiples to use when the patch of ``model_name`` (with ``overrides``) does not
+    divide ``img_size`` (also for an unknown model): what a fine-tune stage and its pre-flight check ask."""
+    patch = int(overrides.get("patch_size", get_config(model_name).patch_size))
+    if img_size % patch:
+        lower, upper = img_size - img_size % patch, img_size - img_size % patch + patch
+        raise ValueError(
+            f"img_size {img_size} is not divisible by the patch size {patch} of {model_name}: use a multiple of "
+            f"{patch} (e.g. {lower or upper} or {upper})"
+        )
 
 
 def create_model(name: str, **overrides: Any) -> EvaMIM:
