@@ -24,10 +24,9 @@ import yaml
 
 from eva_pipeline.config import TargetFinetuneParams
 from eva_pipeline.datasets import EvaCheckpointDataset, StudentConfigDataset
-from eva_pipeline.finetune.data import stage_classes
 from eva_pipeline.finetune.weights import load_finetune_start
 from eva_pipeline.manifest import Manifest
-from eva_pipeline.pipelines.finetune_common import labelled_rows, train_run
+from eva_pipeline.pipelines.finetune_common import stage_data, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +58,7 @@ def main() -> None:
     results: dict[tuple[int, str], float] = {}
     for i, variant in enumerate(variants):
         params = TargetFinetuneParams.model_validate(_apply(json.loads(json.dumps(base)), variant))
-        classes = stage_classes(names, params.data.sources)
-        train = labelled_rows(manifest, names, params.data.sources, classes, per_class=params.data.per_class)
-        val = labelled_rows(manifest, names, params.validation.sources, classes, keep=params.validation.num_images)
+        classes, train, val = stage_data(manifest, names, params)
         for start in starts:
 
             def initialise(model, start=start):

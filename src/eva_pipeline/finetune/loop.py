@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -37,12 +36,10 @@ from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine
 from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, report_step
-from eva_pipeline.training.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from eva_pipeline.training.nonfinite import NonFiniteGuard, roll_back
 from eva_pipeline.training.recipe import step_seed
 from eva_pipeline.training.schedule import WarmupCosineSchedule
 from eva_pipeline.training.step import optimizer_step
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MIX_SEED_TAG = 0xC07_313  # the CutMix/Mixup draw of a step, apart from its drop path draw
@@ -252,23 +249,15 @@ def _save(run: _Run, step: int) -> None:
 
 
 def _roll_back(run: _Run, guard: NonFiniteGuard, step: int) -> int:
-    """Restore the latest checkpoint after the guard's run of non-finite steps ending at ``step``; its step."""
-    if not checkpointing.tags(run.ckpt_dir):
-        raise NonFiniteTrainingError(
-            f"{guard.max_consecutive_skips} consecutive non-finite steps at step {step + 1}, before the first "
-            f"checkpoint (checkpoint.every_steps={run.params.checkpoint.every_steps}): nothing to roll back to. "
-            "Lower optimizer.lr or check the images for NaN/inf"
-        )
-    restored = _restore(run)
-    log.warning(
-        "%d consecutive non-finite steps at step %d: rolled back to the checkpoint of step %d (rollback %d/%d)",
-        guard.max_consecutive_skips,
-        step + 1,
-        restored,
-        guard.rollbacks,
-        guard.max_rollbacks,
+    """Restore the latest checkpoint (the EMA with it) after the guard's run of non-finite steps; its step."""
+    return roll_back(
+        guard,
+        step,
+        bool(checkpointing.tags(run.ckpt_dir)),
+        lambda: _restore(run),
+        every_steps=f"checkpoint.every_steps={run.params.checkpoint.every_steps}",
+        advice="Lower optimizer.lr or check the images for NaN/inf",
     )
-    return restored
 
 
 def _validation_due(params: FinetuneParams, done: int, last_step: int) -> bool:

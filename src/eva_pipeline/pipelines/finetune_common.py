@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from eva_pipeline.config import FinetuneParams, PretrainParams
 from eva_pipeline.evaluation import loss_curve
 from eva_pipeline.finetune import eval_transform, train_transform
-from eva_pipeline.finetune.data import ClassNames, evenly_spaced, label_budget, stage_labels
+from eva_pipeline.finetune.data import ClassNames, evenly_spaced, label_budget, stage_classes, stage_labels
 from eva_pipeline.finetune.loop import run_finetuning
 from eva_pipeline.finetune.recipe import make_classifier
 from eva_pipeline.loader.classification import ClassificationDataset
@@ -47,6 +47,20 @@ def labelled_rows(
     chosen = label_budget(labels, per_class)
     chosen = chosen[evenly_spaced(len(chosen), keep)]
     return rows.iloc[chosen].reset_index(drop=True), labels[chosen]
+
+
+def stage_data(
+    manifest: Manifest | pd.DataFrame, class_names: ClassNames, params: FinetuneParams
+) -> tuple[list[str], tuple[pd.DataFrame, np.ndarray], tuple[pd.DataFrame, np.ndarray] | None]:
+    """A stage's classes (its sources' class names), its labelled training rows (the label budget applied) and its
+    held-out validation rows (None without validation sources)."""
+    classes = stage_classes(class_names, params.data.sources)
+    train = labelled_rows(manifest, class_names, params.data.sources, classes, per_class=params.data.per_class)
+    validation = None
+    if params.validation.sources:
+        sources = params.validation.sources
+        validation = labelled_rows(manifest, class_names, sources, classes, keep=params.validation.num_images)
+    return classes, train, validation
 
 
 def _dataset(rows: pd.DataFrame, labels: np.ndarray, transform: object, seed: int) -> ClassificationDataset:

@@ -14,7 +14,6 @@ non-finite rollback (:mod:`~eva_pipeline.training.nonfinite`), checkpoints and t
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -33,13 +32,11 @@ from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine
 from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, report_step
-from eva_pipeline.training.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from eva_pipeline.training.nonfinite import NonFiniteGuard, roll_back
 from eva_pipeline.training.recipe import initial_student, make_optimizer, make_plan, make_schedule, training_fingerprint
 from eva_pipeline.training.schedule import WarmupCosineSchedule
 from eva_pipeline.training.step import TargetFn, step_inputs, train_step
 from eva_pipeline.training.validation import ValidationSet, validation_loss
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -239,22 +236,14 @@ def _validation_loss(run: _Run, validation: ValidationSet) -> float:
 
 def _roll_back(run: _Run, guard: NonFiniteGuard, step: int) -> int:
     """Restore the latest checkpoint after the guard's run of non-finite steps ending at ``step``; its step."""
-    if not checkpointing.tags(run.ckpt_dir):
-        raise NonFiniteTrainingError(
-            f"{guard.max_consecutive_skips} consecutive non-finite steps at step {step + 1}, before the first "
-            f"checkpoint (pretrain.checkpoint.every_steps={run.params.checkpoint.every_steps}): nothing to roll "
-            f"back to. Lower pretrain.optimizer.lr or check the inputs and targets for NaN/inf"
-        )
-    restored = checkpointing.resume(run.engine, run.ckpt_dir, run.fingerprint)
-    log.warning(
-        "%d consecutive non-finite steps at step %d: rolled back to the checkpoint of step %d (rollback %d/%d)",
-        guard.max_consecutive_skips,
-        step + 1,
-        restored,
-        guard.rollbacks,
-        guard.max_rollbacks,
+    return roll_back(
+        guard,
+        step,
+        bool(checkpointing.tags(run.ckpt_dir)),
+        lambda: checkpointing.resume(run.engine, run.ckpt_dir, run.fingerprint),
+        every_steps=f"pretrain.checkpoint.every_steps={run.params.checkpoint.every_steps}",
+        advice="Lower pretrain.optimizer.lr or check the inputs and targets for NaN/inf",
     )
-    return restored
 
 
 def _save(run: _Run, step: int) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -37,3 +41,26 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.rollbacks += 1
         return True
+
+
+def roll_back(
+    guard: NonFiniteGuard, step: int, has_checkpoint: bool, restore: Callable[[], int], *, every_steps: str, advice: str
+) -> int:
+    """Restore the latest checkpoint (``restore()`` returns its step) after the guard's run of non-finite steps
+    ending at ``step`` (0-based); without a checkpoint to go back to, stop with ``advice``. ``every_steps``: the
+    setting that says how often checkpoints are written, as the message shows it (``name=value``)."""
+    if not has_checkpoint:
+        raise NonFiniteTrainingError(
+            f"{guard.max_consecutive_skips} consecutive non-finite steps at step {step + 1}, before the first "
+            f"checkpoint ({every_steps}): nothing to roll back to. {advice}"
+        )
+    restored = restore()
+    log.warning(
+        "%d consecutive non-finite steps at step %d: rolled back to the checkpoint of step %d (rollback %d/%d)",
+        guard.max_consecutive_skips,
+        step + 1,
+        restored,
+        guard.rollbacks,
+        guard.max_rollbacks,
+    )
+    return restored

@@ -9,15 +9,15 @@ import torch
 from matplotlib.figure import Figure
 
 from eva_pipeline.config import PretrainParams, TargetFinetuneParams
-from eva_pipeline.finetune.data import ClassNames, stage_classes
+from eva_pipeline.finetune.data import ClassNames
 from eva_pipeline.finetune.weights import load_finetune_start
 from eva_pipeline.manifest import Manifest
 from eva_pipeline.models import ClassifierCheckpoint, EvaClassifier
 from eva_pipeline.pipelines.finetune_common import (
     StartFn,
     history_frame,
-    labelled_rows,
     loss_figure,
+    stage_data,
     state_digest,
     train_run,
 )
@@ -69,13 +69,7 @@ def finetune_target(
     ``eva_intermediate`` is read only when a run starts from it (a loader callable or the checkpoint itself).
     Returns ``{run: checkpoint}`` (the ``finetuned_models`` folder; the first run is the released model).
     """
-    classes = stage_classes(class_names, params.data.sources)
-    train = labelled_rows(manifest, class_names, params.data.sources, classes, per_class=params.data.per_class)
-    validation = None
-    if params.validation.sources:
-        validation = labelled_rows(
-            manifest, class_names, params.validation.sources, classes, keep=params.validation.num_images
-        )
+    classes, train, validation = stage_data(manifest, class_names, params)
     models, histories, summaries = {}, {}, {}
     for run, (start, start_id) in _starts(params, classes, eva_student, eva_intermediate).items():
         models[run], histories[run], summaries[run] = train_run(

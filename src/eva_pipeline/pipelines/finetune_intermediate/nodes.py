@@ -9,14 +9,14 @@ import torch
 from matplotlib.figure import Figure
 
 from eva_pipeline.config import FinetuneParams, PretrainParams
-from eva_pipeline.finetune.data import ClassNames, stage_classes
+from eva_pipeline.finetune.data import ClassNames
 from eva_pipeline.finetune.weights import load_finetune_start
 from eva_pipeline.manifest import Manifest
 from eva_pipeline.models import ClassifierCheckpoint
 from eva_pipeline.pipelines.finetune_common import (
     history_frame,
-    labelled_rows,
     loss_figure,
+    stage_data,
     state_digest,
     train_run,
 )
@@ -34,13 +34,7 @@ def finetune_intermediate(
 ) -> tuple[ClassifierCheckpoint, pd.DataFrame, dict, Figure]:
     """Fine-tune the EVA student on every class of ``params.data.sources`` (a fresh head; the student's MIM-only
     tensors are ignored), resumable from ``checkpoints`` (``intermediate_checkpoints``)."""
-    classes = stage_classes(class_names, params.data.sources)
-    train = labelled_rows(manifest, class_names, params.data.sources, classes, per_class=params.data.per_class)
-    validation = None
-    if params.validation.sources:
-        validation = labelled_rows(
-            manifest, class_names, params.validation.sources, classes, keep=params.validation.num_images
-        )
+    classes, train, validation = stage_data(manifest, class_names, params)
     checkpoint, records, summary = train_run(
         RUN,
         params,
