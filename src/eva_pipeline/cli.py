@@ -175,7 +175,8 @@ def _stage_data(loader: Any, stages: dict[str, Any], images: dict[str, int], cla
 
 
 def _manifest_stage_data(loader: Any, stages: dict[str, Any]) -> dict[str, Any]:
-    """The stages' counts from the catalog's manifest and class names; empty until ingestion has written both."""
+    """The stages' counts from the catalog's manifest and class names; empty until ingestion has written both, and
+    without the stages whose sources that manifest does not have."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -193,6 +194,8 @@ def _manifest_stage_data(loader: Any, stages: dict[str, Any]) -> dict[str, Any]:
     rows = table.filter(pc.is_in(table.column("source"), value_set=pa.array(sources))).to_pandas()
     counted = {}
     for name, params in stages.items():
+        if any(source not in class_names for source in params.data.sources):
+            continue  # a manifest of another configuration (e.g. the demo's under --env eva01): the defaults count
         try:
             counted[name] = stage_data(rows, class_names, params)
         except ValueError as exc:

@@ -219,13 +219,18 @@ def test_demo_finetune_dry_run_builds_the_tiny_stages():
     report = dry_run_finetune(ingestion, pretrain, stages, data)
     intermediate, target = report.facts["finetune_intermediate"], report.facts["finetune"]
     assert (intermediate["grid"], intermediate["num_classes"], intermediate["steps_per_epoch"]) == (7, 20, 93)
-    assert target["grid"] == 14 and target["start_grids"] == {"intermediate": 7, "student": 7, "random": None}
+    grid = stages["finetune"].img_size // 4
+    assert grid != 7 and target["grid"] == grid  # the target stage changes resolution
+    assert target["start_grids"] == {"intermediate": 7, "student": 7, "random": None}
     assert target["num_layer_scales"] == 6  # embeddings, 4 blocks, head
-    total = (1000 // 32) * 3
+    total = (1000 // stages["finetune"].batch_size) * stages["finetune"].epochs
     assert target["ema_decay"] == pytest.approx(decay_for_run(total, 0.1, 0.9999))  # run_fraction 0.1
     text = report.render()
     assert "run random: random init (no start weights)" in text
-    assert "run student: the pre-trained student (eva_student; fresh fc_norm and head): pos_embed 7x7 -> 14x14" in text
+    assert (
+        f"run student: the pre-trained student (eva_student; fresh fc_norm and head): pos_embed 7x7 -> {grid}x{grid}"
+        in text
+    )
 
 
 def test_a_stage_batch_larger_than_its_images_cannot_be_built():
@@ -267,7 +272,8 @@ def test_dry_run_command_builds_the_fine_tune_stages_for_given_counts(tmp_path, 
     assert result.exit_code == 0, result.output
     assert "Dry run of `kedro run --pipelines finetune_intermediate,finetune` (environment: test)" in result.output
     assert "6,000 images of 20 classes (--finetune-images, --finetune-classes) from" in result.output
-    assert "pos_embed 7x7 -> 14x14 resampled bicubically" in result.output
+    grid = pl.tiny_params(tmp_path)["finetune"]["img_size"] // 4
+    assert f"pos_embed 7x7 -> {grid}x{grid} resampled bicubically" in result.output
 
 
 def test_dry_run_command_counts_the_stages_in_the_manifest(tmp_path, pl):
@@ -286,8 +292,11 @@ def test_dry_run_command_counts_the_stages_in_the_manifest(tmp_path, pl):
         params = "finetune_intermediate.data.sources=[fashion_mnist_train]"
         result = _invoke("--params", params, "--finetune-classes", "finetune=10")
     assert result.exit_code == 0, result.output
-    assert "1,200 images of 10 classes (manifest) from fashion_mnist_train; label budget 300" in result.output
-    assert "1,000 images of 10 classes (manifest, --finetune-classes) from fashion_mnist_train" in result.output
+    budget = pl.tiny_params(tmp_path)["finetune_intermediate"]["data"]["per_class"]  # the test env's
+    images = f"{min(1200, 10 * budget):,} images of 10 classes (manifest) from fashion_mnist_train"
+    assert f"{images}; label budget {budget}" in result.output
+    target = min(1200, 10 * pl.tiny_params(tmp_path)["finetune"]["data"]["per_class"])
+    assert f"{target:,} images of 10 classes (manifest, --finetune-classes) from fashion_mnist_train" in result.output
 
 
 def test_dry_run_command_refuses_malformed_or_unknown_stage_counts(tmp_path, pl):

@@ -17,13 +17,25 @@ from kedro.framework.project import configure_project
 
 from eva_pipeline.pipeline_registry import register_pipelines
 
-STAGES = ("ingestion", "student_config", "teacher_targets", "train_student", "evaluation")
+STAGES = (
+    "ingestion",
+    "student_config",
+    "teacher_targets",
+    "train_student",
+    "evaluation",
+    "finetune_intermediate",
+    "finetune",
+    "classification_eval",
+)
 #: The parameter file each stage owns (train_student reads its settings from the student_config dataset).
 OWN_BLOCK = {
     "ingestion": "ingestion",
     "student_config": "pretrain",
     "teacher_targets": "teacher_targets",
     "evaluation": "evaluation",
+    "finetune_intermediate": "finetune_intermediate",
+    "finetune": "finetune",
+    "classification_eval": "classification_eval",
 }
 
 
@@ -131,9 +143,17 @@ def test_params_reference_existing_keys_of_the_blocks_each_stage_reads(dvc, regi
 def test_metrics_are_the_catalogs_json_reports(dvc, pl):
     paths = _catalog_paths(pl)
     metrics = {path for stage in dvc.values() for path in _paths(stage.get("metrics"))}
-    assert metrics == {paths["probe_metrics"], paths["pretrain_summary"]}
+    reports = (
+        "probe_metrics",
+        "pretrain_summary",
+        "intermediate_summary",
+        "finetune_summary",
+        "classification_metrics",
+    )
+    assert metrics == {paths[name] for name in reports}
     assert _paths(dvc["evaluation"]["metrics"]) == [paths["probe_metrics"]]
     assert _paths(dvc["train_student"]["metrics"]) == [paths["pretrain_summary"]]
+    assert _paths(dvc["classification_eval"]["metrics"]) == [paths["classification_metrics"]]
     for stage in dvc.values():
         for entry in stage.get("metrics", []):
             assert next(iter(entry.values())).get("cache") is False  # small JSON: kept in git, not the cache
@@ -181,6 +201,15 @@ def test_dvc_reads_the_same_dag(pl):
         ("student_config", "evaluation"),
         ("teacher_targets", "train_student"),
         ("train_student", "evaluation"),
+        ("ingestion", "finetune_intermediate"),
+        ("student_config", "finetune_intermediate"),
+        ("train_student", "finetune_intermediate"),
+        ("ingestion", "finetune"),
+        ("student_config", "finetune"),
+        ("train_student", "finetune"),
+        ("finetune_intermediate", "finetune"),
+        ("ingestion", "classification_eval"),
+        ("finetune", "classification_eval"),
     }
 
 

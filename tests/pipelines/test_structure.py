@@ -153,7 +153,15 @@ def test_free_form_options_name_real_arguments(env, pl):
 
 def test_env_files_validate_against_the_models(pl):
     """conf/base and conf/base+eva01 (layered by the loader settings.py names) give valid parameter objects."""
-    from eva_pipeline.config import EvaluationParams, IngestionParams, PretrainParams, TeacherTargetsParams
+    from eva_pipeline.config import (
+        ClassificationEvalParams,
+        EvaluationParams,
+        FinetuneParams,
+        IngestionParams,
+        PretrainParams,
+        TargetFinetuneParams,
+        TeacherTargetsParams,
+    )
     from eva_pipeline.settings import CONFIG_LOADER_ARGS
     from eva_pipeline.settings import CONFIG_LOADER_CLASS as OmegaConfigLoader
 
@@ -162,6 +170,9 @@ def test_env_files_validate_against_the_models(pl):
         "teacher_targets": TeacherTargetsParams,
         "pretrain": PretrainParams,
         "evaluation": EvaluationParams,
+        "finetune_intermediate": FinetuneParams,
+        "finetune": TargetFinetuneParams,
+        "classification_eval": ClassificationEvalParams,
     }
     for env in ("local", "eva01"):
         loader = OmegaConfigLoader(str(pl.PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
