@@ -21,6 +21,7 @@ import torch
 
 from eva_pipeline.config import (
     ClassificationEvalParams,
+    EngineParams,
     FinetuneParams,
     IngestionParams,
     PretrainParams,
@@ -82,16 +83,16 @@ def check_device(device: str, precision: str = "fp32", what: str = "pretrain") -
     return problems
 
 
-def check_world_size(params: PretrainParams) -> list[str]:
-    """On GPUs, world_size ranks run one per GPU (CPU ranks, e.g. for tests, need no check)."""
+def check_world_size(params: EngineParams, name: str = "pretrain") -> list[str]:
+    """On GPUs, world_size ranks run one per GPU (CPU ranks, e.g. for tests, need no check); ``name``: the block."""
     if params.world_size == 1 or params.device == "cpu" or params.distributed.hostfile is not None:
         return []
     gpus = torch.cuda.device_count()
     if gpus < params.world_size:
         return [
-            f"pretrain.world_size is {params.world_size} (one process per GPU) but this machine has {gpus} GPU(s); "
+            f"{name}.world_size is {params.world_size} (one process per GPU) but this machine has {gpus} GPU(s); "
             f"run across nodes with the DeepSpeed launcher and a hostfile (README 'Scaling out'), or lower "
-            f"pretrain.world_size and keep pretrain.batch_size divisible by it"
+            f"{name}.world_size and keep {name}.batch_size divisible by it"
         ]
     return []
 
@@ -166,12 +167,7 @@ def check_finetune(
     except ValueError as exc:  # UnknownModelError included
         problems.append(f"{name}.img_size (student pretrain.model): {exc}")
     problems += check_device(params.device, params.precision, name)
-    if params.world_size > 1:
-        problems.append(
-            f"{name}.world_size is {params.world_size}, but the fine-tune nodes train inside the Kedro process on one "
-            f"device: starting several ranks for a fine-tune stage is not implemented yet (a follow-up). Set "
-            f"{name}.world_size: 1 and a {name}.batch_size one device holds to run the stage now"
-        )
+    problems += check_world_size(params, name)
     return problems
 
 

@@ -197,7 +197,7 @@ def test_eva01_finetune_report_says_what_a_real_run_lacks(eva01_finetune):
     text = eva01_finetune.render()
     assert "21,841 classes" in text and "pos_embed 16x16 -> 24x24 resampled bicubically" in text
     assert "LR: 1e-06 -> 0.0001 over 51,990 warmup steps, cosine to 1e-06" in text
-    assert "finetune_intermediate.world_size is 64, but the fine-tune nodes train inside the Kedro process" in text
+    assert "finetune_intermediate.world_size is 64 (one process per GPU) but this machine has 0 GPU(s)" in text
     assert "finetune.world_size is 32" in text
     assert eva01_finetune.facts["classification_sets"][0] == "imagenet"
     assert "objectnet (real): objectnet; class map data/01_raw/objectnet/class_map.json" in text

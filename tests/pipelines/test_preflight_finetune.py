@@ -35,6 +35,7 @@ NAMES = "fashion_mnist_train, animal_mnist, fashion_mnist_test, fashion_mnist_fr
 @pytest.fixture
 def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 @pytest.fixture
@@ -101,14 +102,10 @@ def test_a_gpu_stage_without_a_gpu_names_device_and_precision(base, no_gpu):
     ]
 
 
-def test_several_ranks_are_refused_until_multi_rank_fine_tuning_lands(base):
-    (problem,) = _stage(base, world_size=2)
-    assert problem == (
-        "finetune_intermediate.world_size is 2, but the fine-tune nodes train inside the Kedro process on one device: "
-        "starting several ranks for a fine-tune stage is not implemented yet (a follow-up). Set "
-        "finetune_intermediate.world_size: 1 and a finetune_intermediate.batch_size one device holds to run the stage "
-        "now"
-    )
+def test_gpu_ranks_need_as_many_gpus_cpu_ranks_run(base, no_gpu):
+    (problem,) = _stage(base, world_size=2, device="cuda", batch_size=64)[1:]
+    assert problem.startswith("finetune_intermediate.world_size is 2 (one process per GPU) but this machine has 0")
+    assert _stage(base, world_size=2, device="cpu", batch_size=64) == []  # gloo ranks: nothing to check
 
 
 # ------------------------------------------------------------------------------------------------ classification
@@ -175,7 +172,7 @@ def eva01(pl) -> dict:
 
 
 @pytest.mark.parametrize(("name", "ranks"), [("finetune_intermediate", 64), ("finetune", 32)])
-def test_eva01_stages_lack_only_gpus_and_the_multi_rank_launch(eva01, name, ranks, no_gpu):
+def test_eva01_stages_lack_only_gpus(eva01, name, ranks, no_gpu):
     problems = check_finetune(name, eva01[name], eva01["ingestion"], eva01["pretrain"])
     assert [p.split(" ")[0] for p in problems] == [f"{name}.device", f"{name}.precision", f"{name}.world_size"]
     assert f"{name}.world_size is {ranks}" in problems[2]

@@ -19,12 +19,19 @@ from eva_pipeline.finetune import eval_transform, train_transform
 from eva_pipeline.finetune.data import ClassNames, evenly_spaced, label_budget, stage_classes, stage_labels
 from eva_pipeline.finetune.loop import run_finetuning
 from eva_pipeline.finetune.recipe import make_classifier
+from eva_pipeline.finetune.worker import HISTORY_FILE, RESULT_FILE, WORKER_MODULE, FinetuneRunSpec
 from eva_pipeline.loader.classification import ClassificationDataset
 from eva_pipeline.loader.pixels import ManifestPixels
 from eva_pipeline.loader.rows import FrameRows
 from eva_pipeline.manifest import Manifest, manifest_digest
-from eva_pipeline.models import ClassifierCheckpoint, EvaClassifier
+from eva_pipeline.models import (
+    ClassifierCheckpoint,
+    EvaClassifier,
+    load_classifier_checkpoint,
+    save_classifier_checkpoint,
+)
 from eva_pipeline.pipelines.common import source_rows
+from eva_pipeline.runtime.launch import launch
 from eva_pipeline.tracking import active_run_logger
 
 #: Initialises a freshly built classifier in place (loads start weights, or nothing for random init).
@@ -93,6 +100,11 @@ def train_run(
     torch.manual_seed(params.seed)
     model = make_classifier(params, student.model, len(classes))
     start(model)
+    identity = json.dumps(
+        {"start": start_id, "rows": manifest_digest(train[0]), "labels": hashlib.sha256(train[1].tobytes()).hexdigest()}
+    )
+    if params.world_size > 1:
+        return _train_distributed(run, params, classes, model, train, validation, identity, checkpoints)
     rows, labels = train
     a = params.augmentation
     train_set = _dataset(
@@ -104,9 +116,6 @@ def train_run(
     val_set = None
     if validation is not None:
         val_set = _dataset(*validation, eval_transform(params.img_size, params.crop_pct), params.seed)
-    identity = json.dumps(
-        {"start": start_id, "rows": manifest_digest(rows), "labels": hashlib.sha256(labels.tobytes()).hexdigest()}
-    )
     result = run_finetuning(
         params,
         model,
@@ -119,6 +128,52 @@ def train_run(
     )
     checkpoint = ClassifierCheckpoint.from_modules(result.model, classes, result.ema)
     return checkpoint, result.run_history, run_summary(result.run_history, result.steps, result.ema_decay)
+
+
+def _train_distributed(
+    run: str,
+    params: FinetuneParams,
+    classes: Sequence[str],
+    model: EvaClassifier,
+    train: tuple[pd.DataFrame, np.ndarray],
+    validation: tuple[pd.DataFrame, np.ndarray] | None,
+    identity: str,
+    checkpoints: Path,
+) -> tuple[ClassifierCheckpoint, list[dict], dict[str, float]]:
+    """Launch ``world_size`` ranks of ``eva_pipeline.finetune.worker`` on a frozen run file: the initialised
+    classifier, the rows and labels are written to ``checkpoints/launch/<run>/``; rank 0's results are read back."""
+    run_dir = Path(checkpoints) / "launch" / run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (RESULT_FILE, HISTORY_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
+    save_classifier_checkpoint(ClassifierCheckpoint.from_modules(model, classes), run_dir / "initial.pt")
+    train[0].to_parquet(run_dir / "train_rows.parquet")
+    np.save(run_dir / "train_labels.npy", train[1])
+    val_files: dict[str, str | None] = {"validation_rows": None, "validation_labels": None}
+    if validation is not None:
+        validation[0].to_parquet(run_dir / "validation_rows.parquet")
+        np.save(run_dir / "validation_labels.npy", validation[1])
+        val_files = {
+            "validation_rows": str(run_dir / "validation_rows.parquet"),
+            "validation_labels": str(run_dir / "validation_labels.npy"),
+        }
+    logger = active_run_logger()
+    spec = FinetuneRunSpec(
+        params=params.model_dump(mode="json"),
+        initial=str(run_dir / "initial.pt"),
+        train_rows=str(run_dir / "train_rows.parquet"),
+        train_labels=str(run_dir / "train_labels.npy"),
+        checkpoint_dir=str(checkpoints),
+        output_dir=str(run_dir),
+        start=identity,
+        mlflow=None if logger is None else {"run_id": logger.run_id, "tracking_uri": logger.tracking_uri},
+        prefix=f"{run}/",
+        **val_files,
+    )
+    launch(params, spec.write(run_dir / "run.json"), run_dir / "ranks.log", module=WORKER_MODULE)
+    written = json.loads((run_dir / HISTORY_FILE).read_text())
+    checkpoint = load_classifier_checkpoint(run_dir / RESULT_FILE)
+    return checkpoint, written["history"], run_summary(written["history"], written["steps"], written["ema_decay"])
 
 
 def run_summary(records: list[dict], steps: int, ema_decay: float | None) -> dict[str, float]:
