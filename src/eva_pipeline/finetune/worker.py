@@ -55,7 +55,7 @@ class FinetuneRunSpec(RunFile):
     validation_rows: str | None = None
     validation_labels: str | None = None
     mlflow: dict[str, str] | None = field(default=None)  # {"tracking_uri": ..., "run_id": ...}
-    prefix: str = ""  # of the MLflow metric names, e.g. "intermediate/"
+    prefix: str = ""  # of the MLflow metric names, e.g. "finetune/student/"
 
 
 def stage_params(data: dict[str, Any]) -> FinetuneParams:

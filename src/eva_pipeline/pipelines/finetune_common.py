@@ -96,7 +96,8 @@ def train_run(
 ) -> tuple[ClassifierCheckpoint, list[dict], dict[str, float]]:
     """One fine-tune run: the student's architecture at the stage's size, initialised by ``start`` (from a seeded
     init, so random init is reproducible), trained by :func:`~eva_pipeline.finetune.loop.run_finetuning`; per-step
-    metrics stream to MLflow as ``<run>/...``. Returns the checkpoint, the run's per-step records and a summary."""
+    metrics stream to MLflow as ``<run>/...`` (``run``: e.g. ``finetune/student``, also its progress bar's name).
+    Returns the checkpoint, the run's per-step records and a summary."""
     torch.manual_seed(params.seed)
     model = make_classifier(params, student.model, len(classes))
     start(model)

@@ -73,8 +73,8 @@ def finetune_target(
     models, histories, summaries = {}, {}, {}
     for run, (start, start_id) in _starts(params, classes, eva_student, eva_intermediate).items():
         models[run], histories[run], summaries[run] = train_run(
-            run, params, student, classes, train, validation, start, start_id, checkpoints
-        )
+            f"finetune/{run}", params, student, classes, train, validation, start, start_id, checkpoints
+        )  # MLflow: finetune/<run>/loss, ...
     history = history_frame(histories)
     summary = {"classes": len(classes), "images": len(train[0]), "runs": summaries}
     return models, history, summary, loss_figure(history, "Target fine-tune loss, per start")

@@ -36,7 +36,7 @@ def finetune_intermediate(
     tensors are ignored), resumable from ``checkpoints`` (``intermediate_checkpoints``)."""
     classes, train, validation = stage_data(manifest, class_names, params)
     checkpoint, records, summary = train_run(
-        RUN,
+        "finetune_intermediate",  # MLflow: finetune_intermediate/loss, ...
         params,
         student,
         classes,
