@@ -514,3 +514,16 @@ class EvaluationParams(_Params):
     probe: ProbeParams = ProbeParams()
     batch_size: int = Field(default=256, ge=1)
     include_teacher: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------- the blocks
+#: Every top-level parameter block (``conf/*/parameters_<block>.yml``) with the model that validates it.
+PARAMETER_BLOCKS: dict[str, type[_Params]] = {
+    "ingestion": IngestionParams,
+    "teacher_targets": TeacherTargetsParams,
+    "pretrain": PretrainParams,
+    "evaluation": EvaluationParams,
+    "finetune_intermediate": FinetuneParams,
+    "finetune": TargetFinetuneParams,
+    "classification_eval": ClassificationEvalParams,
+}

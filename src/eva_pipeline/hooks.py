@@ -7,14 +7,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
-from eva_pipeline.config import (
-    ClassificationEvalParams,
-    FinetuneParams,
-    IngestionParams,
-    PretrainParams,
-    TargetFinetuneParams,
-    TeacherTargetsParams,
-)
+from eva_pipeline.config import PARAMETER_BLOCKS
 
 _MLFLOW_PARAM_MAX_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MLFLOW_BATCH = 100  # params per log_batch call
@@ -24,14 +17,7 @@ PARAMETER_DATASETS = {"student_config": "pretrain"}
 
 
 #: The parameter blocks the pre-flight checks read, with their models.
-_BLOCKS: dict[str, type[BaseModel]] = {
-    "ingestion": IngestionParams,
-    "pretrain": PretrainParams,
-    "teacher_targets": TeacherTargetsParams,
-    "finetune_intermediate": FinetuneParams,
-    "finetune": TargetFinetuneParams,
-    "classification_eval": ClassificationEvalParams,
-}
+_BLOCKS: dict[str, type[BaseModel]] = PARAMETER_BLOCKS
 
 
 class PreflightHook:

@@ -8,10 +8,21 @@
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
+#: The stages, in the order the DAG runs them (one DVC stage each); ``pretrain`` is the first five.
+STAGES: tuple[str, ...] = (
+    "ingestion",
+    "student_config",
+    "teacher_targets",
+    "train_student",
+    "evaluation",
+    "finetune_intermediate",
+    "finetune",
+    "classification_eval",
+)
+
 
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
-    stages = ("pretrain", "finetune_intermediate", "finetune", "classification_eval")
-    if all(name in pipelines for name in stages):  # Kedro loads only the requested pipelines when it can
-        pipelines["__default__"] = sum((pipelines[name] for name in stages), Pipeline([]))
+    if all(name in pipelines for name in STAGES):  # Kedro loads only the requested pipelines when it can
+        pipelines["__default__"] = sum((pipelines[name] for name in STAGES), Pipeline([]))
     return pipelines

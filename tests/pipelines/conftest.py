@@ -22,19 +22,12 @@ from typing import Any
 import pytest
 import yaml
 
+from eva_pipeline.pipeline_registry import STAGES
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_BASE = PROJECT_ROOT / "conf" / "base"
 RAW = PROJECT_ROOT / "data" / "01_raw" / "fashion_mnist"
-PIPELINES = (
-    "ingestion",
-    "student_config",
-    "teacher_targets",
-    "train_student",
-    "evaluation",
-    "finetune_intermediate",
-    "finetune",
-    "classification_eval",
-)
+PIPELINES = STAGES
 #: The parameter files of conf/base, one block each.
 PARAMETER_FILES = (
     "ingestion",
@@ -93,25 +86,8 @@ def tiny_params(workdir: Path) -> dict[str, dict]:
 
 def typed_params(params: dict[str, dict]) -> dict[str, Any]:
     """``params:<block>`` -> the validated pydantic object, as a KedroSession puts it into the catalog."""
-    from eva_pipeline.config import (
-        ClassificationEvalParams,
-        EvaluationParams,
-        FinetuneParams,
-        IngestionParams,
-        PretrainParams,
-        TargetFinetuneParams,
-        TeacherTargetsParams,
-    )
+    from eva_pipeline.config import PARAMETER_BLOCKS as models
 
-    models = {
-        "ingestion": IngestionParams,
-        "teacher_targets": TeacherTargetsParams,
-        "pretrain": PretrainParams,
-        "finetune_intermediate": FinetuneParams,
-        "finetune": TargetFinetuneParams,
-        "classification_eval": ClassificationEvalParams,
-        "evaluation": EvaluationParams,
-    }
     return {f"params:{name}": models[name].model_validate(value) for name, value in params.items()}
 
 

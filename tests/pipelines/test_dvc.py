@@ -15,18 +15,8 @@ import pytest
 from dvc_code_deps import covering_deps, main, module_closure, rewrite_code_deps, stage_closure, uncovered
 from kedro.framework.project import configure_project
 
-from eva_pipeline.pipeline_registry import register_pipelines
+from eva_pipeline.pipeline_registry import STAGES, register_pipelines
 
-STAGES = (
-    "ingestion",
-    "student_config",
-    "teacher_targets",
-    "train_student",
-    "evaluation",
-    "finetune_intermediate",
-    "finetune",
-    "classification_eval",
-)
 #: The parameter file each stage owns (train_student reads its settings from the student_config dataset).
 OWN_BLOCK = {
     "ingestion": "ingestion",

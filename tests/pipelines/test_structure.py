@@ -20,19 +20,10 @@ from kedro.framework.project import configure_project
 from kedro.pipeline import Pipeline
 from pydantic import BaseModel
 
+from eva_pipeline.config import PARAMETER_BLOCKS
 from eva_pipeline.models.config import EvaConfig
-from eva_pipeline.pipeline_registry import register_pipelines
+from eva_pipeline.pipeline_registry import STAGES, register_pipelines
 
-STAGES = (
-    "ingestion",
-    "student_config",
-    "teacher_targets",
-    "train_student",
-    "evaluation",
-    "finetune_intermediate",
-    "finetune",
-    "classification_eval",
-)
 PRETRAIN_STAGES = STAGES[:5]
 NODE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 FOLDER = "eva_pipeline.datasets.FolderDataset"  # a folder its node updates in place: an input, never an output
@@ -118,6 +109,7 @@ def test_each_parameter_block_has_one_model_and_the_models_forbid_unknown_keys(r
         (annotation,) = found
         model = _model_of(annotation)
         assert model is not None, f"params:{block} reaches a node without a pydantic annotation (not validated)"
+        assert model is PARAMETER_BLOCKS[block], (block, model)  # the one table the hook and tests read
         for inner in _all_models(model):  # forbid: a key that no field takes is an error, not ignored
             assert inner.model_config.get("extra") == "forbid", inner.__name__
 
@@ -153,27 +145,10 @@ def test_free_form_options_name_real_arguments(env, pl):
 
 def test_env_files_validate_against_the_models(pl):
     """conf/base and conf/base+eva01 (layered by the loader settings.py names) give valid parameter objects."""
-    from eva_pipeline.config import (
-        ClassificationEvalParams,
-        EvaluationParams,
-        FinetuneParams,
-        IngestionParams,
-        PretrainParams,
-        TargetFinetuneParams,
-        TeacherTargetsParams,
-    )
+    from eva_pipeline.config import PARAMETER_BLOCKS as models
     from eva_pipeline.settings import CONFIG_LOADER_ARGS
     from eva_pipeline.settings import CONFIG_LOADER_CLASS as OmegaConfigLoader
 
-    models = {
-        "ingestion": IngestionParams,
-        "teacher_targets": TeacherTargetsParams,
-        "pretrain": PretrainParams,
-        "evaluation": EvaluationParams,
-        "finetune_intermediate": FinetuneParams,
-        "finetune": TargetFinetuneParams,
-        "classification_eval": ClassificationEvalParams,
-    }
     for env in ("local", "eva01"):
         loader = OmegaConfigLoader(str(pl.PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
         params = loader["parameters"]
