@@ -99,3 +99,28 @@ def test_stage_choices() -> None:
     assert mixer is None and type(loss) is nn.CrossEntropyLoss
     with pytest.raises(ValueError, match="label_smoothing"):
         build_mixing(10, label_smoothing=1.0)
+
+
+def test_cutmix_on_clips_cuts_one_box_through_every_frame() -> None:
+    """A clip (B, C, T, H, W) is mixed as (B, C*T, H, W): every frame of a clip gets the same pasted box, and the
+    target's lambda is that box's area (timm would otherwise index time and height as if they were height and width)."""
+    mixer, _ = build_mixing(NUM_CLASSES, cutmix_alpha=1.0, label_smoothing=SMOOTHING)
+    labels = torch.tensor([0, 3, 1, 2])
+    batch, frames, side = len(labels), 5, 12
+    for seed in range(10):
+        np.random.seed(seed)
+        clips = torch.arange(1.0, batch + 1)[:, None, None, None, None].expand(batch, 3, frames, side, side).clone()
+        mixed, targets = mixer(clips, labels)
+        assert mixed.shape == (batch, 3, frames, side, side)
+        pasted = mixed == torch.arange(batch, 0, -1.0)[:, None, None, None, None]
+        assert torch.equal(pasted, pasted[:, :1, :1].expand_as(pasted))  # the same box in every channel and frame
+        lam = 1.0 - pasted.float().mean().item()
+        want = lam * _smoothed(labels) + (1.0 - lam) * _smoothed(labels.flip(0))
+        assert torch.allclose(targets, want, atol=1e-6), seed
+
+
+def test_mixup_on_non_contiguous_clips_is_refused() -> None:
+    mixer, _ = build_mixing(NUM_CLASSES, cutmix_alpha=1.0)
+    clips = torch.zeros(2, 4, 3, 8, 8).transpose(1, 2)  # (B, C, T, H, W) view, not contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        mixer(clips, torch.tensor([0, 1]))

@@ -6,6 +6,9 @@ EVA's stages: the IN-21K intermediate fine-tune uses CutMix 1.0 alone with smoot
 nothing and smooths by 0.3. timm's Mixup (mode ``batch``, one lambda per batch, the box area-corrected) pairs image
 ``i`` with image ``B - 1 - i``, so every batch a rank mixes must be even: the training loader drops its last,
 incomplete batch and the per-rank batch must be even.
+
+Video clips (B, C, T, H, W) are mixed as (B, C * T, H, W) (EVA-01 video: timm's CutMix indexes ``x[:, :, y, x]``, which
+on a 5-D clip would cut along time and height): one box through every frame, the same lambda for the whole clip.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from torch import nn
 
 class EvenBatchMixup(Mixup):
     """timm's ``Mixup`` that refuses an odd batch with a ``ValueError`` saying what to change (timm only asserts,
-    which ``python -O`` would skip). Mixes ``images`` in place and returns them with soft targets."""
+    which ``python -O`` would skip). Mixes ``images`` (B, C, H, W), or clips (B, C, T, H, W), in place and returns
+    them with soft targets."""
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if len(images) % 2:
@@ -26,6 +30,12 @@ class EvenBatchMixup(Mixup):
                 f"CutMix/Mixup needs an even batch (timm pairs image i with image B-1-i), got {len(images)} images: "
                 "use an even per-rank batch size and drop_last=True in the training loader"
             )
+        if images.ndim == 5:  # a clip: frames stacked as channels, so the box spans every frame at the same place
+            if not images.is_contiguous():
+                raise ValueError("clips must be contiguous to be mixed in place (B, C, T, H, W)")
+            b, c, t, h, w = images.shape
+            _, targets = super().__call__(images.view(b, c * t, h, w), labels)
+            return images, targets
         return super().__call__(images, labels)
 
 
