@@ -390,6 +390,8 @@ def test_layer_decay_groups_match_the_image_model(small: dict, perturb) -> None:
 
 
 def test_backward_trains_the_patch_embedding(small: dict) -> None:
+    direct = EvaVideoClassifier(get_config(NAME, **small), 5, num_frames=2)
+    assert all(p.requires_grad for p in direct.patch_embed.parameters()) and not direct.detach_patch_embed
     video = _video(small, 2).train()
     assert all(p.requires_grad for p in video.patch_embed.parameters())
     video(torch.randn(2, 3, 2, 28, 28)).square().sum().backward()

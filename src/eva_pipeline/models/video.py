@@ -49,12 +49,12 @@ _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _LISTED = 10
 
 
-def check_video_fields(num_frames: object, tubelet: object) -> None:
+def check_video_fields(num_frames: int, tubelet: int) -> None:
     """Raise ``ValueError`` unless both are positive ints and ``tubelet`` divides ``num_frames``."""
     for name, value in (("num_frames", num_frames), ("tubelet", tubelet)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if num_frames % tubelet:  # type: ignore[operator]
+    if num_frames % tubelet:
         raise ValueError(f"num_frames {num_frames} is not divisible by tubelet {tubelet}: use a multiple of {tubelet}")
 
 
