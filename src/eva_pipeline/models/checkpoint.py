@@ -96,7 +96,9 @@ def _resample_problem(value: torch.Tensor, target: torch.Size) -> str | None:
     return None
 
 
-def _resample_pos_embed(value: torch.Tensor, grid: tuple[int, int], antialias: bool) -> torch.Tensor:
+def resample_image_pos_embed(value: torch.Tensor, grid: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """A (1, 1 + g * g, D) pos_embed resized bicubically to ``grid`` (cls kept), as the EVA fine-tune code does
+    (``antialias=False``: plain ``F.interpolate``)."""
     old_side = math.isqrt(value.shape[1] - _NUM_PREFIX_TOKENS)
     return resample_abs_pos_embed(
         value,
@@ -154,7 +156,7 @@ def load_official_checkpoint(
                 pos_hint = f" (pos_embed not resampled: {problem})"
                 mismatched.append(name)
                 continue
-            value = _resample_pos_embed(value, tuple(model.patch_embed.grid_size), antialias)
+            value = resample_image_pos_embed(value, tuple(model.patch_embed.grid_size), antialias)
             resampled.append(name)
         out[name] = value
 

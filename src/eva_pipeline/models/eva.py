@@ -123,7 +123,7 @@ class EvaViT(nn.Module):
             return
         std = self.config.init_std
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
                 trunc_normal_sigma_(module.weight, std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

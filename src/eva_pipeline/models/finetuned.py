@@ -2,6 +2,8 @@
 ``run_class_finetuning.py`` saves them; the released IN-1K weights are the EMA) plus the class names of the head's
 rows and the architecture, so that the next stage maps the head by class name and evaluation rebuilds the model
 without any other input. timm and the EVA code read the ``model``/``model_ema`` keys and ignore the others.
+
+A video classifier's checkpoint is the same plus ``video`` = {num_frames, tubelet}; an image one has no such key.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from eva_pipeline.fileio import replace_atomically
 from eva_pipeline.models.checkpoint import CheckpointError, extract_state_dict
 from eva_pipeline.models.config import EvaConfig
 from eva_pipeline.models.eva import EvaClassifier
+from eva_pipeline.models.video import VIDEO_FIELDS, VIDEO_KEY, EvaVideoClassifier, check_video_fields
 
 CLASSES_KEY = "classes"
 CONFIG_KEY = "eva_config"
@@ -34,18 +37,34 @@ def _cpu_state(module: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.
 
 @dataclass(frozen=True)
 class ClassifierCheckpoint:
-    """What a fine-tune stage hands on: weights (and their EMA), the classes of the head's rows, the architecture."""
+    """What a fine-tune stage hands on: weights (and their EMA), the classes of the head's rows, the architecture
+    (``video``: num_frames and tubelet of a space-time classifier, None for an image one)."""
 
     model: dict[str, torch.Tensor]
     classes: list[str]
     config: EvaConfig
     model_ema: dict[str, torch.Tensor] | None = None
+    video: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         rows = self.model.get("head.weight")
         if rows is None or rows.shape[0] != len(self.classes):
             found = "no head" if rows is None else f"a head of {rows.shape[0]} rows"
             raise CheckpointError(f"classifier checkpoint has {found} for {len(self.classes)} class names")
+        if self.video is not None:
+            if set(self.video) != set(VIDEO_FIELDS):
+                raise CheckpointError(f"video entry must have exactly {list(VIDEO_FIELDS)}, got {sorted(self.video)}")
+            try:
+                check_video_fields(self.video["num_frames"], self.video["tubelet"])
+            except ValueError as err:
+                raise CheckpointError(f"video entry {self.video}: {err}") from None
+        kernel = self.model.get("patch_embed.proj.weight")
+        want = 4 if self.video is None else 5
+        if kernel is not None and kernel.ndim != want:
+            kind = "an image (no video entry)" if self.video is None else f"a video ({self.video})"
+            raise CheckpointError(
+                f"checkpoint is {kind} classifier but its patch_embed.proj.weight has shape {tuple(kernel.shape)}"
+            )
 
     @property
     def released(self) -> dict[str, torch.Tensor]:
@@ -53,8 +72,12 @@ class ClassifierCheckpoint:
         return self.model_ema if self.model_ema is not None else self.model
 
     def classifier(self, use_ema: bool = True) -> EvaClassifier:
-        """The classifier rebuilt in eval mode, with the EMA weights when ``use_ema`` and present."""
-        model = EvaClassifier(self.config, len(self.classes), initialise=False)
+        """The classifier rebuilt in eval mode, with the EMA weights when ``use_ema`` and present; an
+        :class:`EvaVideoClassifier` when ``video`` is set."""
+        if self.video is not None:
+            model: EvaClassifier = EvaVideoClassifier(self.config, len(self.classes), **self.video, initialise=False)
+        else:
+            model = EvaClassifier(self.config, len(self.classes), initialise=False)
         model.load_state_dict(self.released if use_ema else self.model, strict=True)
         return model.eval()
 
@@ -72,6 +95,7 @@ class ClassifierCheckpoint:
             classes=list(classes),
             config=model.config,
             model_ema=None if ema is None else _cpu_state(ema, dtype),
+            video=model.video if isinstance(model, EvaVideoClassifier) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +106,8 @@ class ClassifierCheckpoint:
         }
         if self.model_ema is not None:
             out["model_ema"] = self.model_ema
+        if self.video is not None:
+            out[VIDEO_KEY] = dict(self.video)
         return out
 
     @classmethod
@@ -93,11 +119,13 @@ class ClassifierCheckpoint:
                 "official EVA fine-tune file carries no class names: start a stage from it with load_finetune_start"
             )
         ema = data.get("model_ema")
+        video = data.get(VIDEO_KEY)
         return cls(
             model=extract_state_dict(data, "model"),
             classes=[str(c) for c in data[CLASSES_KEY]],
             config=EvaConfig(**data[CONFIG_KEY]),
             model_ema=None if ema is None else extract_state_dict(data, "model_ema"),
+            video=None if video is None else dict(video),
         )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from eva_pipeline.models.config import EvaConfig
 from eva_pipeline.models.eva import EvaClassifier, EvaMIM
+from eva_pipeline.models.video import DEFAULT_TUBELET, EvaVideoClassifier
 
 # EVA-01 fine-tuning (run_class_finetuning.py, EVA-01 README commands): drop path 0.4 in the IN-21K and IN-1K
 # fine-tunes.
@@ -90,3 +91,25 @@ def create_classifier(
         overrides["img_size"] = img_size
     config = get_config(name, drop_path_rate=drop_path_rate, **overrides)
     return EvaClassifier(config, num_classes, freeze_patch_embed=freeze_patch_embed)
+
+
+def create_video_classifier(
+    name: str,
+    num_classes: int,
+    num_frames: int,
+    *,
+    drop_path_rate: float,
+    tubelet: int = DEFAULT_TUBELET,
+    img_size: int | None = None,
+    freeze_patch_embed: bool = False,
+    **overrides: Any,
+) -> EvaVideoClassifier:
+    """The space-time classifier ``name`` over clips of ``num_frames`` frames (the patch embedding trained, as EVA's
+    video fine-tunes); the drop path is the stage's (0.3 K722, 0.2 K400/600/700), so it has no default here."""
+    if img_size is not None:
+        check_img_size(name, overrides, img_size)
+        overrides["img_size"] = img_size
+    config = get_config(name, drop_path_rate=drop_path_rate, **overrides)
+    return EvaVideoClassifier(
+        config, num_classes, num_frames=num_frames, tubelet=tubelet, freeze_patch_embed=freeze_patch_embed
+    )
