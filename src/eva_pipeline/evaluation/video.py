@@ -1,6 +1,6 @@
-"""Scores of a video classifier as EVA-01 reports them (Kinetics, section 4.2): 4 temporal clips x 3 spatial crops
-per video, each view's softmax summed (``video/main.py``: ``output = sum(softmax(view))``), top-1/top-5; and the
-1x1 view from the same forward pass, so the gain of multi-view testing is measured, not assumed.
+"""Scores of a video classifier as EVA-01 reports them on Kinetics: 4 temporal clips x 3 spatial crops per video,
+each view's softmax summed (``video/main.py``, ``validate``: ``tot_similarity += softmax(view)``), top-1/top-5; and
+the 1x1 view from the same forward pass, so the gain of multi-view testing is measured, not assumed.
 
 For the demo, whose classes come in mirror pairs ("moving left" / "moving right"), :func:`per_class_accuracy`,
 :func:`mirror_pair_report` (does the model tell a motion from its mirror, i.e. use temporal and spatial order?)

@@ -51,7 +51,7 @@ OFFICIAL_COLOR_JITTER: float = 0.8
 OFFICIAL_GRAYSCALE: float = 0.2
 #: ``ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)`` of the official pipeline.
 JITTER_STRENGTH: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-#: Test views: 4 temporal clips x 3 spatial crops (EVA-01 section 4.2; ``TEST.NUM_CLIP``, ``TEST.NUM_CROP``).
+#: Test views: 4 temporal clips x 3 spatial crops (the paper's Kinetics test; ``TEST.NUM_CLIP``, ``TEST.NUM_CROP``).
 TEST_CLIPS: int = 4
 TEST_CROPS: int = 3
 
