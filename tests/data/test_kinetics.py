@@ -491,11 +491,11 @@ def test_layout_resolution_nested_flat_and_preferences(tmp_path: Path) -> None:
     touch(root / "n1.mp4")  # the nested copy wins over the flat one
     touch(root / "train" / "air drumming" / "n5.txt")  # not a video
     locator = ClipLocator(root)
-    assert locator.locate("n1", "train", "air drumming") == nested
-    assert locator.locate("n2", "train", "playing guitar") == underscored
-    assert locator.locate("n3", "validate", "zumba") == per_split
-    assert locator.locate("n4", "test", "") == flat
-    assert locator.locate("both", "train", "air drumming") == both
+    assert locator.locate("n1", "train", "air drumming") == str(nested)
+    assert locator.locate("n2", "train", "playing guitar") == str(underscored)
+    assert locator.locate("n3", "validate", "zumba") == str(per_split)
+    assert locator.locate("n4", "test", "") == str(flat)
+    assert locator.locate("both", "train", "air drumming") == str(both)
     assert locator.locate("n5", "train", "air drumming") is None
     assert locator.locate("n3", "train", "zumba") is None  # a validate file is not a train clip
     assert locator.folders("validate", "a b")[:2] == ("validate/a b", "validate/a_b")

@@ -341,12 +341,13 @@ class ClipLocator:
     2. ``<root>/<split folder>/``: flat per split (unlabelled test clips);
     3. ``<root>/``: all clips in one folder.
 
-    Split folders are tried in the order of :data:`SPLIT_FOLDERS` (``validate`` then ``val``, ...).
+    Split folders are tried in the order of :data:`SPLIT_FOLDERS` (``validate`` then ``val``, ...). Paths are
+    strings under the root made absolute (lexically): a million ``Path`` objects would cost more than the listing.
     """
 
     def __init__(self, root: str | os.PathLike[str], extensions: Sequence[str] = VIDEO_EXTENSIONS) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
+        self.root = os.path.abspath(root)
+        if not os.path.isdir(self.root):
             raise FileNotFoundError(f"Kinetics clip root not found (or not a folder): {self.root}")
         self._rank = {ext.lower(): i for i, ext in enumerate(extensions)}
         self._listings: dict[str, dict[str, tuple[int, str]]] = {}
@@ -357,7 +358,7 @@ class ClipLocator:
         if listing is None:
             listing = {}
             try:
-                with os.scandir(self.root / folder) as entries:
+                with os.scandir(os.path.join(self.root, folder)) as entries:
                     for entry in entries:
                         stem, dot, ext = entry.name.rpartition(".")
                         rank = self._rank.get("." + ext.lower()) if dot else None
@@ -381,21 +382,21 @@ class ClipLocator:
             self._folders[key] = folders
         return folders
 
-    def locate(self, clip_id: str, split: str, label: str) -> Path | None:
-        """The clip's file, or None when no tried folder holds it."""
+    def locate(self, clip_id: str, split: str, label: str) -> str | None:
+        """The clip's file (an absolute path), or None when no tried folder holds it."""
         for folder in self.folders(split, label):
             hit = self._listing(folder).get(clip_id)
             if hit is not None:
-                return self.root / folder / hit[1] if folder else self.root / hit[1]
+                return os.path.join(self.root, folder, hit[1])
         return None
 
     def missing_detail(self, clip_id: str, split: str, label: str) -> str:
         """Where a missing clip was looked for, for the rejection's detail (the tried folders that exist)."""
         exts = ",".join(e.lstrip(".") for e in self._rank)
         folders = self.folders(split, label)
-        existing = [f or "." for f in folders if (self.root / f).is_dir()]
+        existing = [f or "." for f in folders if os.path.isdir(os.path.join(self.root, f))]
         return (
-            f"no {clip_id}.{{{exts}}} under {self.root.as_posix()}: not in the layout folders there {existing} "
+            f"no {clip_id}.{{{exts}}} under {Path(self.root).as_posix()}: not in the layout folders there {existing} "
             f"(the downloaders' layout is {folders[0]}/)"
         )
 
@@ -410,9 +411,9 @@ class _Probed(NamedTuple):
     detail: str
 
 
-def _probe_one(probe: Probe, path: Path, min_frames: int) -> _Probed:
+def _probe_one(probe: Probe, path: str | os.PathLike[str], min_frames: int) -> _Probed:
     try:
-        info = probe(path, min_frames)
+        info = probe(Path(path), min_frames)
     except Exception as exc:  # narrowed just below: only "cannot use this clip" errors are kept
         reason = getattr(exc, "reason", None)
         if not (isinstance(reason, str) and reason):
@@ -444,7 +445,7 @@ def _map_in_order(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> 
 
 
 def probe_clips(
-    paths: Sequence[Path], probe: Probe, min_frames: int = 1, workers: int = 8, progress: bool = False
+    paths: Sequence[str | os.PathLike[str]], probe: Probe, min_frames: int = 1, workers: int = 8, progress: bool = False
 ) -> list[_Probed]:
     """Each path probed once (call with distinct paths), results in input order; nothing decoded is kept."""
     out: list[_Probed] = []
@@ -456,15 +457,13 @@ def probe_clips(
 
 
 # ------------------------------------------------------------------------------------------------ the build
-def _display_path(path: Path | None, relative_to: Path | None) -> str | None:
+def _display_path(path: str | None, prefix: str | None) -> str | None:
+    """An absolute path -> posix, relative when it starts with ``prefix`` (a folder + separator); lexical, cheap."""
     if path is None:
         return None
-    if relative_to is not None:
-        try:
-            return path.relative_to(relative_to).as_posix()
-        except ValueError:
-            pass
-    return path.as_posix()
+    if prefix is not None and path.startswith(prefix):
+        path = path[len(prefix) :]
+    return path if os.sep == "/" else path.replace(os.sep, "/")
 
 
 def _joined(keys: Iterable[str], texts: Iterable[str]) -> dict[str, str]:
@@ -518,7 +517,7 @@ def _within_version(table: pd.DataFrame) -> tuple[pd.DataFrame, int, pd.DataFram
 
 
 def _version_fates(
-    source: VersionSource, table: pd.DataFrame, relative_to: Path | None
+    source: VersionSource, table: pd.DataFrame, prefix: str | None
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """One version's clips before probing: duplicates and conflicts out, own leakage marked, files found.
 
@@ -536,9 +535,9 @@ def _version_fates(
     files = [locator.locate(*clip) for clip in where]
     missing = np.array([f is None for f in files], dtype=bool) & ~leak.to_numpy()
     paths = [
-        _display_path(locator.root / locator.folders(s, lab)[0] / f"{c}{VIDEO_EXTENSIONS[0]}", relative_to)
+        _display_path(os.path.join(locator.root, locator.folders(s, lab)[0], c + VIDEO_EXTENSIONS[0]), prefix)
         if gone
-        else _display_path(f, relative_to)
+        else _display_path(f, prefix)
         for (c, s, lab), f, gone in zip(where, files, missing, strict=True)
     ]
     rows["file"] = pd.Series(files, index=rows.index, dtype=object)
@@ -668,7 +667,7 @@ def build_k722(
     names = [v.name for v in versions]
     if not names or len(set(names)) != len(names) or K722 in names or not all(names):
         raise ValueError(f"Kinetics versions need distinct, non-empty names other than {K722!r}; got {names}")
-    root = None if relative_to is None else Path(relative_to)
+    prefix = None if relative_to is None else os.path.join(os.path.abspath(relative_to), "")
 
     # Every CSV read and checked, the classes and the mapping fixed, the files found: errors before probing.
     tables = {v.name: _read_version(v) for v in versions}
@@ -689,7 +688,7 @@ def build_k722(
     rejections: list[pd.DataFrame] = []
     report_versions: dict[str, dict[str, Any]] = {}
     for v in versions:
-        fates[v.name], conflicts, report_versions[v.name] = _version_fates(v, tables[v.name], root)
+        fates[v.name], conflicts, report_versions[v.name] = _version_fates(v, tables[v.name], prefix)
         report_versions[v.name]["classes"] = len(version_classes[v.name])
         rejections.append(conflicts)
 
