@@ -7,7 +7,9 @@ Tiny CSVs and empty placeholder clip files in tmp_path; a fake probe (file name 
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from eva_pipeline.ingest.kinetics import (
     build_k722,
     k722_class_mapping,
     mapping_arrays,
+    probe_clips,
     read_annotations,
     read_class_mapping,
     write_k722,
@@ -403,6 +406,24 @@ def test_deterministic_with_any_number_of_workers(world: dict) -> None:
     assert order == sorted(order, key=lambda r: (rank[r[0]], splits[r[1]], r[2]))
 
 
+def test_probe_results_keep_the_input_order_under_threads(tmp_path: Path) -> None:
+    paths = [tmp_path / f"c{i}.mp4" for i in range(12)]
+
+    def slow_first(path: Path, min_frames: int) -> Info:  # the first paths finish last
+        k = int(path.stem[1:])
+        time.sleep(0.002 * (12 - k))
+        return Info(num_frames=k + 1)
+
+    results = probe_clips(paths, slow_first, min_frames=1, workers=4)
+    assert [r.num_frames for r in results] == list(range(1, 13)) and all(r.reason == "" for r in results)
+
+
+def test_paths_outside_the_given_root_stay_absolute(world: dict) -> None:
+    result = build_k722(world["versions"], FakeProbe(world["special"]), relative_to=world["ann"])
+    paths = result.manifest["path"].tolist()
+    assert paths and all(os.path.isabs(p) and os.path.isfile(p) for p in paths)
+
+
 def test_unlabelled_test_csv_is_accepted(world: dict) -> None:
     result, _ = build(world)
     test = rows_of(result.manifest, "k400", "test")
@@ -452,6 +473,7 @@ def test_annotations_parse_and_clip_ids(tmp_path: Path) -> None:
         tmp_path / "val.csv", [(" abseiling ", A, 5, 15, "val", 1), ("zumba", B, "7.0", 17, "validate", 0)],
         [*COLUMNS, "is_cc"],
     )  # fmt: skip
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte-order mark, as spreadsheet exports write
     table = read_annotations(path, "validate")
     assert table["clip_id"].tolist() == [f"{A}_000005_000015", f"{B}_000007_000017"]
     assert table["label"].tolist() == ["abseiling", "zumba"] and set(table["split"]) == {"validate"}

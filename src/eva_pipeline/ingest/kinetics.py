@@ -1,6 +1,6 @@
 """Kinetics-400/600/700 as users have them (annotation CSVs + downloaded clips) -> clip manifests and Kinetics-722.
 
-EVA's video recipe (paper section 4.3; the public ``EVA-01/video/notebooks/build_file_list.ipynb``) fine-tunes on
+EVA's video recipe (the public ``EVA-01/video/README.md`` and ``notebooks/build_file_list.ipynb``) fine-tunes on
 Kinetics-722 first: the training clips of K400, K600 and K700 merged, de-duplicated, with every video that is in a
 validation set removed, and the class names unified (722 = the 700 of K700 + 22 that only K400/K600 have). Then it
 fine-tunes on each version with the K722 head rows picked by a class mapping. :func:`build_k722` makes all of that
@@ -9,7 +9,8 @@ one data product from the CSVs and the clip folders:
 - the clip manifest: one row per (dataset, split, clip), datasets ``"k722"`` (train, validate) and each version
   (train, validate, test), with the probed frame count, fps and size of the clip file used;
 - the rejections: every listed clip that is not in a dataset and why (missing file, unreadable, too short, a label
-  conflict, leakage of a held-out video); a missing or bad clip is listed, never silently replaced by another;
+  conflict, leakage of a held-out video); a missing or bad clip is listed, never silently replaced (K722 may take
+  the same clip from another version that has a good copy: the first version's rejection still lists it);
 - the class mapping (:func:`k722_class_mapping`): K722's classes and, per version, the K722 index of each of its
   classes, saved as JSON next to the manifest (:func:`write_class_mapping`);
 - the report: per version and for K722, counts that add up (see :func:`build_k722`).
@@ -18,6 +19,9 @@ Clips are probed through an injected ``probe(path, min_frames)`` (the project's 
 ``eva_pipeline.ingest.video.probe_video``), so nothing here decodes video and the tests run on fake probes. The
 public notebook takes class names from folder names and keeps clips whose decoder opens; here the annotation CSVs
 are the truth, files are found by an index of the clip folders (:class:`ClipLocator`), and each file is probed once.
+Other differences, on purpose: the notebook de-duplicates K722 by video (``youtube_id``), here by clip (two segments
+of one video are two clips; leakage is still judged by video); the notebook never applies its K400 leakage filter
+(it prints the count twice), here every version's train split loses the videos of its own validate/test split.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def read_annotations(path: str | os.PathLike[str], split: str) -> pd.DataFrame:
     split = normalise_split(split, f"annotation CSV {path}")
     if not path.is_file():
         raise FileNotFoundError(f"Kinetics annotation CSV not found: {path} (check the version's csvs / csv_dir)")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")  # -sig: a BOM is no column
     frame.columns = [str(c).strip() for c in frame.columns]
     required = [c for c in REQUIRED_COLUMNS if not (c == "label" and split == "test")]
     missing = [c for c in required if c not in frame.columns]
@@ -402,7 +406,9 @@ class ClipLocator:
 
 
 # ------------------------------------------------------------------------------------------------ probing
-class _Probed(NamedTuple):
+class ProbeResult(NamedTuple):
+    """One probed clip: its frame count, fps and size, or (``reason`` not empty) why it cannot be used."""
+
     num_frames: int
     fps: float
     width: int
@@ -411,7 +417,7 @@ class _Probed(NamedTuple):
     detail: str
 
 
-def _probe_one(probe: Probe, path: str | os.PathLike[str], min_frames: int) -> _Probed:
+def _probe_one(probe: Probe, path: str | os.PathLike[str], min_frames: int) -> ProbeResult:
     try:
         info = probe(Path(path), min_frames)
     except Exception as exc:  # narrowed just below: only "cannot use this clip" errors are kept
@@ -421,11 +427,13 @@ def _probe_one(probe: Probe, path: str | os.PathLike[str], min_frames: int) -> _
                 raise  # a bug in the probe, not a bad clip
             reason = UNREADABLE
         detail = _MEMORY_ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
-        return _Probed(-1, float("nan"), -1, -1, reason, detail)
+        return ProbeResult(-1, float("nan"), -1, -1, reason, detail)
     frames = int(info.num_frames)
     if frames < min_frames:
-        return _Probed(-1, float("nan"), -1, -1, TOO_SHORT, f"{frames} frame(s), fewer than min_frames={min_frames}")
-    return _Probed(frames, float(info.fps), int(info.width), int(info.height), "", "")
+        return ProbeResult(
+            -1, float("nan"), -1, -1, TOO_SHORT, f"{frames} frame(s), fewer than min_frames={min_frames}"
+        )
+    return ProbeResult(frames, float(info.fps), int(info.width), int(info.height), "", "")
 
 
 def _map_in_order(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> Iterator[_R]:
@@ -446,9 +454,9 @@ def _map_in_order(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> 
 
 def probe_clips(
     paths: Sequence[str | os.PathLike[str]], probe: Probe, min_frames: int = 1, workers: int = 8, progress: bool = False
-) -> list[_Probed]:
+) -> list[ProbeResult]:
     """Each path probed once (call with distinct paths), results in input order; nothing decoded is kept."""
-    out: list[_Probed] = []
+    out: list[ProbeResult] = []
     with tqdm(total=len(paths), unit="clip", desc="probe clips", disable=not progress) as bar:
         for result in _map_in_order(lambda p: _probe_one(probe, p, min_frames), paths, workers):
             out.append(result)
@@ -700,7 +708,7 @@ def build_k722(
     for v in versions:
         rows = fates[v.name]
         live = rows["reason"] == ""
-        results = pd.DataFrame([probed[f] for f in rows.loc[live, "file"]], columns=list(_Probed._fields))
+        results = pd.DataFrame([probed[f] for f in rows.loc[live, "file"]], columns=list(ProbeResult._fields))
         results.index = rows.index[live]
         for column in ("num_frames", "fps", "width", "height"):
             rows[column] = results[column]  # aligned on the index: NaN where not probed
