@@ -474,6 +474,11 @@ class ClassificationEvalParams(_Params):
     max_images: int | None = Field(default=1000, ge=1, description="per set, evenly spaced; null: all")
     batch_size: int = Field(default=256, ge=1)
     use_ema: bool = Field(default=True, description="score the EMA weights when a run kept them (the released ones)")
+    raw_pixels: bool = Field(
+        default=False,
+        description="add a row: logistic regression on the raw pixels of the target stage's training images "
+        "(small images only)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 

@@ -73,7 +73,7 @@ def test_the_table_scores_every_run_on_every_set(evaluated, pl) -> None:
     assert report["sets"]["sketch"]["kind"] == "synthetic" and report["sets"]["fresh"]["kind"] == "real"
     assert report["sets"]["natural_adversarial"]["scored_classes"] == 4
     assert report["sets"]["val"]["scored_classes"] == 10 and report["sets"]["val"]["images"] == 20
-    assert list(report["runs"]) == ["intermediate", "student", "random"]
+    assert list(report["runs"]) == ["intermediate", "student", "random", "raw_pixels"]  # the baselines last
     for entry in report["runs"].values():
         top1 = [entry[s]["top1"] for s in sets]
         for s in sets:

@@ -9,9 +9,11 @@ import torch
 from matplotlib.figure import Figure
 
 from eva_pipeline.config import ClassificationEvalParams, TargetFinetuneParams
+from eva_pipeline.evaluation.pixel_baseline import fit_pixel_baseline, pixel_logits, set_pixels
 from eva_pipeline.evaluation.plots import eval_sets_bar_chart
 from eva_pipeline.evaluation.sets import (
     EvalSet,
+    SetRows,
     label_set,
     natural_adversarial_reference,
     score_set,
@@ -21,13 +23,37 @@ from eva_pipeline.evaluation.sets import (
 from eva_pipeline.evaluation.table import classification_json, classification_table, table_markdown
 from eva_pipeline.finetune import eval_transform
 from eva_pipeline.finetune.data import ClassNames
+from eva_pipeline.loader.pixels import load_images
 from eva_pipeline.manifest import Manifest
 from eva_pipeline.models import ClassifierCheckpoint
 from eva_pipeline.pipelines.common import source_rows
+from eva_pipeline.pipelines.finetune_common import stage_data
 from eva_pipeline.runtime.device import resolve_device
 
 #: What the ``finetuned_models`` folder loads: ``{run: loader}`` (a partitioned dataset) or ``{run: checkpoint}``.
 Runs = Mapping[str, Callable[[], ClassifierCheckpoint] | ClassifierCheckpoint]
+
+
+#: The run name of the raw-pixel baseline's row.
+RAW_PIXELS = "raw_pixels"
+
+
+def _raw_pixel_scores(
+    manifest: Manifest | pd.DataFrame,
+    class_names: ClassNames,
+    selected: Mapping[str, SetRows],
+    finetune: TargetFinetuneParams,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """The sceptic's row: a logistic regression on the raw pixels of the target stage's training images (its label
+    budget), scored on every set as the fine-tuned models are."""
+    classes, (rows, labels), _ = stage_data(manifest, class_names, finetune)
+    classifier = fit_pixel_baseline(load_images(rows).numpy(), labels, seed)
+    scores = {}
+    for name, set_rows in selected.items():
+        eval_set = label_set(set_rows, class_names, classes)
+        scores[name] = score_set(pixel_logits(classifier, set_pixels(eval_set), len(classes)), eval_set)
+    return scores
 
 
 def _ordered(models: Runs, finetune: TargetFinetuneParams) -> list[str]:
@@ -43,8 +69,9 @@ def evaluate_classifiers(
     finetune: TargetFinetuneParams,
 ) -> tuple[dict, str, Figure, dict[str, dict[str, float]]]:
     """Score each run (its EMA weights with ``params.use_ema``, the released ones) on every set through the
-    evaluation transform at the run's own image size (``finetune.crop_pct``); returns the JSON report, the markdown
-    table, the bar plot and the MLflow metrics (``classification.<run>.<set>.top1`` ...)."""
+    evaluation transform at the run's own image size (``finetune.crop_pct``), with ``params.raw_pixels`` also a
+    ``raw_pixels`` row (a logistic regression on the target stage's training pixels); returns the JSON report, the
+    markdown table, the bar plot and the MLflow metrics (``classification.<run>.<set>.top1`` ...)."""
     if not finetuned_models:
         raise ValueError("no fine-tuned model to evaluate: run the finetune pipeline first")
     sources = list(dict.fromkeys([s for eval_set in params.sets for s in eval_set.sources] + params.reference_sources))
@@ -79,6 +106,8 @@ def evaluate_classifiers(
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if params.raw_pixels:
+        scores[RAW_PIXELS] = _raw_pixel_scores(manifest, class_names, selected, finetune, params.seed)
     sets = [labelled[s.name] for s in params.sets]
     table = classification_table(scores, sets, params.target)
     report = classification_json(scores, sets, params.target)
