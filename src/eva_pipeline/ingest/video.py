@@ -42,6 +42,8 @@ REASONS: tuple[str, ...] = (UNREADABLE, NO_VIDEO_STREAM, ZERO_LENGTH, TOO_SHORT,
 #: Constant rate factor of :func:`encode_video`: low enough that decoded frames stay within ~1 grey level on average
 #: of the input (the x264 default, 23, loses fine texture of 28-pixel items); ``tests/data/test_video_io.py`` bounds it.
 DEFAULT_CRF: int = 12
+#: One thread, no MB-tree: what makes x264's output a function of its input alone (see :func:`encode_video`).
+_X264_PARAMS: str = "threads=1:lookahead-threads=1:mbtree=0"
 #: Container format per file suffix (the temporary file of an atomic write has another suffix, so it is explicit).
 FORMATS: dict[str, str] = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
@@ -192,9 +194,11 @@ def encode_video(
 ) -> Path:
     """uint8 (T, H, W, 3) RGB -> a video file at ``path`` (H.264 in MP4, yuv420p by default), written atomically.
 
-    The same frames give the same bytes (on one FFmpeg build): one encoder thread, no wall-clock metadata
-    (``fflags=+bitexact``), the moov atom first (``movflags=+faststart``, as streamed MP4s are; a truncated file
-    then fails as ``corrupt`` instead of being unopenable). ``crf`` applies to libx264 (see :data:`DEFAULT_CRF`).
+    The same frames give the same bytes (on one FFmpeg build): one encoder thread, x264's MB-tree off (with it,
+    about 2 % of 28 x 28 clips encoded to other bytes on a second run in one process: it reads memory that depends
+    on what ran before), no version or wall-clock metadata (``fflags=+bitexact``), the moov atom first
+    (``movflags=+faststart``, as streamed MP4s are; a truncated file then fails as ``corrupt`` instead of being
+    unopenable). ``crf`` applies to libx264 (see :data:`DEFAULT_CRF`).
     H and W must be even: yuv420p stores chroma at half resolution in both directions.
     """
     path = Path(path)
@@ -212,7 +216,7 @@ def encode_video(
     container_format = FORMATS.get(path.suffix.lower())
     if container_format is None:
         raise ValueError(f"encode_video {path}: unknown container suffix {path.suffix!r}; use one of {sorted(FORMATS)}")
-    options = {"crf": str(int(crf)), "preset": "medium", "x264-params": "threads=1:lookahead-threads=1"}
+    options = {"crf": str(int(crf)), "preset": "medium", "x264-params": _X264_PARAMS}
 
     def write(tmp: Path) -> None:
         container_options = {"fflags": "+bitexact"}
