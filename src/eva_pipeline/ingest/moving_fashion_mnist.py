@@ -22,7 +22,7 @@ Train clips render Fashion-MNIST train images, validation clips the t10k images.
 clips (same id and times; most v400 train clips are in v600 and v700 train) and, on purpose, a few validation clips
 of one version are training clips of the next (``leaks_per_class``), which the K722 merge must remove.
 ``sources.csv`` says which image each clip shows and how it moves; ``checksums.json`` holds every file's sha256.
-The default set (1416 distinct clips, 3016 files, ~14 MB) takes ~5 s on one core.
+The default set (1416 distinct clips in 3036 clip files, ~14 MB) takes ~5 s on one core.
 """
 
 from __future__ import annotations
