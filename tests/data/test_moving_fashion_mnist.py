@@ -302,7 +302,7 @@ def test_rendering_is_exact_and_repeatable(arrays) -> None:
 
 @pytest.mark.slow
 def test_default_set_size_and_time(arrays, tmp_path) -> None:
-    """The demo's default set (1416 distinct clips in 3036 clip files): measured ~5 s on one core; bound loosely for CI."""
+    """The default set (1416 distinct clips in 3036 clip files): ~5 s on one core; bound loosely for CI."""
     start = time.perf_counter()
     summary = mfm.generate(tmp_path / "default", *arrays)
     assert time.perf_counter() - start < 60
