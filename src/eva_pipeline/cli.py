@@ -28,6 +28,8 @@ PRETRAIN_SPLIT = "pretrain"
 #: pipeline whose pre-flight checks join theirs once it is registered.
 FINETUNE_PIPELINES = ("finetune_intermediate", "finetune")
 SCORING_PIPELINE = "classification_eval"
+VIDEO_MANIFEST_DATASET = "video_manifest"
+CLASS_MAPPING_DATASET = "k722_class_mapping"
 #: Ingestion's ``{source: class names}``, with the manifest what a stage's images and classes are counted from.
 CLASS_NAMES_DATASET = "class_names"
 
@@ -136,6 +138,72 @@ def dry_run_command(
     except (ValueError, TypeError, RuntimeError) as exc:
         raise click.ClickException(f"the fine-tune stages cannot be built: {exc}") from None
     click.echo(report.render())
+    _video_dry_run(loader, raw, blocks[2], env)
+
+
+def _video_dry_run(loader: Any, raw: dict[str, Any], pretrain: Any, env: str | None) -> None:
+    """The video stages' dry run, when the environment configures them: counts from the clip manifest when
+    video_ingestion has written it, else EVA-01's Kinetics counts (``eva_pipeline.dry_run.EVA01_VIDEO_DATA``)."""
+    from eva_pipeline.config import (
+        TargetVideoFinetuneParams,
+        VideoEvalParams,
+        VideoFinetuneParams,
+        VideoIngestionParams,
+    )
+    from eva_pipeline.dry_run import EVA01_VIDEO_DATA, StageData, dry_run_video
+    from eva_pipeline.preflight import VIDEO_FINETUNE_BLOCKS
+
+    models = {"finetune_video_intermediate": VideoFinetuneParams, "finetune_video": TargetVideoFinetuneParams}
+    try:
+        stages = {name: models[name].model_validate(raw[name]) for name in VIDEO_FINETUNE_BLOCKS if name in raw}
+        evaluation = VideoEvalParams.model_validate(raw["video_eval"]) if "video_eval" in raw else None
+        ingestion = VideoIngestionParams.model_validate(raw["video_ingestion"]) if "video_ingestion" in raw else None
+    except ValidationError as exc:
+        raise click.ClickException(
+            f"the video parameters of environment '{env or 'local'}' are invalid:\n{exc}"
+        ) from None
+    if not stages:
+        return
+    datasets = [d for p in stages.values() for d in getattr(p, "targets", [p.data.dataset])]
+    counted = _clip_manifest_counts(loader, datasets)
+    data = {}
+    for dataset in datasets:
+        if dataset in counted:
+            data[dataset] = counted[dataset]
+        elif dataset in EVA01_VIDEO_DATA:
+            data[dataset] = StageData(*EVA01_VIDEO_DATA[dataset], "EVA-01's Kinetics count: no clip manifest yet")
+        else:
+            click.echo(f"\nVideo stages: no clip manifest yet to count dataset {dataset}: run video_ingestion first")
+            return
+    click.echo("")
+    click.echo(f"Dry run of `kedro run --pipelines {','.join(stages)},video_eval` (environment: {env or 'local'})")
+    try:
+        report = dry_run_video(pretrain, stages, data, evaluation, ingestion)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise click.ClickException(f"the video stages cannot be built: {exc}") from None
+    click.echo(report.render())
+
+
+def _clip_manifest_counts(loader: Any, datasets: list[str]) -> dict[str, Any]:
+    """Training clips and classes of each dataset in the catalog's clip manifest and class mapping (empty without)."""
+    import pandas as pd
+
+    from eva_pipeline.dry_run import StageData
+    from eva_pipeline.finetune.video import dataset_classes
+
+    catalog = loader["catalog"]
+    manifest = Path((catalog.get(VIDEO_MANIFEST_DATASET) or {}).get("filepath", ""))
+    mapping = Path((catalog.get(CLASS_MAPPING_DATASET) or {}).get("filepath", ""))
+    if not manifest.is_file() or not mapping.is_file():
+        return {}
+    classes = json.loads(mapping.read_text())
+    rows = pd.read_parquet(manifest, columns=["dataset", "split"])
+    train = rows[rows["split"] == "train"]["dataset"].value_counts()
+    counted = {}
+    for dataset in datasets:
+        if dataset in train.index:
+            counted[dataset] = StageData(int(train[dataset]), len(dataset_classes(classes, dataset)), "clip manifest")
+    return counted
 
 
 def _stage_data(loader: Any, stages: dict[str, Any], images: dict[str, int], classes: dict[str, int]) -> dict[str, Any]:

@@ -495,6 +495,150 @@ class ClassificationEvalParams(_Params):
         return self
 
 
+# ---------------------------------------------------------------------------------------------------- video
+#: K400/K600 class names renamed in K700 (old -> new). Checked against the class lists of the public EVA code
+#: (``EVA-01/video/labels/kinetics{400,600,700,722}_labels.csv``): K400 has "changing wheel" and "cooking sausages",
+#: K600 "passing american football (not in game)" (lower-case a); K700 and K722 spell them as below, and with these
+#: three aliases the union of the K400/K600/K700 lists is exactly the 722 names of ``kinetics722_labels.csv`` (725
+#: without). Other near-duplicates ("opening bottle" vs "opening bottle (not wine)", "dying hair" vs "dyeing hair")
+#: are separate classes in K722 and must stay so, or the class count is not 722.
+KINETICS_ALIASES: dict[str, str] = {
+    "changing wheel": "changing wheel (not on bike)",
+    "cooking sausages": "cooking sausages (not on barbeque)",
+    "passing american football (not in game)": "passing American football (not in game)",
+}
+
+
+class KineticsVersionParams(_Params):
+    """One Kinetics version as users have it: a folder of annotation CSVs (``train.csv``, ``validate.csv`` or
+    ``val.csv``, ``test.csv``; columns ``label, youtube_id, time_start, time_end, split``) and a clip folder (the
+    downloader's ``<split>/<label>/<youtube_id>_<start>_<end>.mp4``, or flat)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$", description="e.g. k400; the dataset name in the clip manifest")
+    annotations: Path
+    clips: Path
+
+
+class SyntheticVideoParams(_Params):
+    """The embedded demo's Moving Fashion-MNIST (``eva_pipeline.ingest.moving_fashion_mnist``): real H.264 clips of
+    Fashion-MNIST items moving along eight paths, in three Kinetics-style versions, generated into ``out_dir``
+    (deterministic and checksummed; a DVC output, not committed)."""
+
+    out_dir: Path
+    train_images: Path
+    train_labels: Path
+    test_images: Path
+    test_labels: Path
+    frames: int = Field(default=16, ge=2)
+    size: int = Field(default=28, ge=8, description="canvas side in pixels (even: H.264 in yuv420p)")
+    item_size: int = Field(default=14, ge=4)
+    fps: int = Field(default=8, ge=1)
+    train_per_class: int = Field(default=40, ge=1)
+    validate_per_class: int = Field(default=10, ge=1)
+    leaks_per_class: int = Field(default=1, ge=0, description="validation clips of one version in another's train")
+    seed: int = 0
+
+
+class VideoIngestionParams(_Params):
+    """The Kinetics versions merged into Kinetics-722 (``eva_pipeline.ingest.kinetics``): one clip manifest with a
+    ``k722`` dataset (the union, leakage removed) and each version, and the K722 -> version class mapping."""
+
+    synthetic: SyntheticVideoParams | None = Field(default=None, description="generate the demo's clips first")
+    versions: list[KineticsVersionParams] = Field(min_length=1)
+    aliases: dict[str, str] = Field(default_factory=lambda: dict(KINETICS_ALIASES))
+    min_frames: int = Field(default=1, ge=1, description="shorter clips are rejected (the most frames a stage samples)")
+    workers: int = Field(default=8, ge=1, description="threads probing clips (each decoded once, frames counted)")
+
+    @model_validator(mode="after")
+    def _unique_versions(self) -> VideoIngestionParams:
+        names = [v.name for v in self.versions]
+        if len(set(names)) != len(names) or "k722" in names:
+            raise ValueError(f"version names must be unique and not 'k722' (the merged set): {names}")
+        return self
+
+
+class VideoStageDataParams(_Params):
+    """The clips a video stage trains on: one dataset of the clip manifest (``k722`` or a version)."""
+
+    dataset: str = Field(min_length=1)
+    per_class: int | None = Field(default=None, ge=1, description="label budget: the first k clips of each class")
+
+
+class VideoAugmentationParams(_Params):
+    """EVA-01 video training transform: TSN sampling, MultiScaleCrop + flip (+ colour jitter, grayscale)."""
+
+    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
+    hflip: bool = Field(default=True, description="off where left/right motion is the label (a flip swaps them)")
+    color_jitter: float = Field(default=0.0, ge=0, le=1, description="probability (official: 0.8)")
+    grayscale: float = Field(default=0.0, ge=0, le=1, description="probability (official: 0.2)")
+    normalize: Literal["imagenet", "clip"] = Field(
+        default="imagenet", description="mean/std: ImageNet's as the official video code, or CLIP's as the images"
+    )
+
+
+class VideoValidationParams(_Params):
+    """Top-1 of the 1x1 view on held-out clips of the stage's dataset, logged during training."""
+
+    split: str | None = Field(default="validate", description="null: no validation")
+    num_clips: int = Field(default=200, ge=1, description="evenly spaced clips of that split")
+    every_steps: int = Field(default=1000, ge=1, description="also evaluated after the last step")
+    batch_size: int = Field(default=32, ge=1)
+
+
+#: Where a video run starts: the pre-trained student, the image intermediate (IN-21K) classifier as EVA does, or
+#: random init (a baseline).
+VideoStart = Literal["student", "image_intermediate", "random"]
+
+
+class VideoFinetuneParams(FinetuneParams):
+    """A video fine-tune stage (EVA-01 ``video``): the student's architecture as a space-time classifier of
+    ``num_frames`` frames at ``img_size`` (Conv3d patch embedding, tubelet ``tubelet``), trained with the image
+    stages' loop (layer-decayed AdamW, Mixup/CutMix on clips, EMA, resumable checkpoints)."""
+
+    data: VideoStageDataParams  # type: ignore[assignment]
+    augmentation: VideoAugmentationParams = VideoAugmentationParams()  # type: ignore[assignment]
+    validation: VideoValidationParams = VideoValidationParams()  # type: ignore[assignment]
+    num_frames: int = Field(ge=1)
+    tubelet: int = Field(default=1, ge=1)
+    freeze_patch_embed: bool = Field(default=False, description="EVA's video fine-tunes train the patch embedding")
+    runs: list[VideoStart] = Field(default_factory=lambda: ["student", "random"], min_length=1)
+
+    @model_validator(mode="after")
+    def _frames(self) -> VideoFinetuneParams:
+        if self.num_frames % self.tubelet:
+            raise ValueError(f"num_frames {self.num_frames} must be a multiple of tubelet {self.tubelet}")
+        if len(set(self.runs)) != len(self.runs):
+            raise ValueError(f"runs repeats a start: {self.runs}")
+        return self
+
+
+class TargetVideoFinetuneParams(VideoFinetuneParams):
+    """The K400/K600/K700 stage: for each run of the intermediate stage and each target version, the K722 model
+    (its head rows taken by the saved class mapping) fine-tuned on that version. ``data.dataset`` is unused."""
+
+    targets: list[str] = Field(min_length=1, description="versions of video_ingestion, e.g. [k400, k600, k700]")
+    epochs_per_target: dict[str, int] = Field(
+        default_factory=dict, description="epochs of a target where it differs from ``epochs`` (EVA: K400 1, else 2)"
+    )
+    data: VideoStageDataParams = VideoStageDataParams(dataset="targets")  # type: ignore[assignment]
+
+
+class VideoEvalParams(_Params):
+    """Multi-view testing: ``num_clips`` uniform temporal clips x ``num_crops`` spatial crops, per-view softmax
+    averaged (EVA: 4 x 3), against the single centre view of the middle clip (1x1)."""
+
+    split: str = "validate"
+    num_clips: int = Field(default=4, ge=1)
+    num_crops: int = Field(default=3, ge=1)
+    max_clips: int | None = Field(default=None, ge=1, description="per target, evenly spaced; null: all")
+    batch_size: int = Field(default=8, ge=1, description="clips per forward (each with all its views)")
+    use_ema: bool = True
+    mirror_pairs: bool = Field(
+        default=False, description="report the Moving Fashion-MNIST mirror classes (left/right, ...): the demo's check"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 # ---------------------------------------------------------------------------------------------------- evaluation
 class ProbeParams(_Params):
     """The linear probe: split, readout of the frozen tokens, standardisation, logistic regression.
@@ -531,4 +675,8 @@ PARAMETER_BLOCKS: dict[str, type[_Params]] = {
     "finetune_intermediate": FinetuneParams,
     "finetune": TargetFinetuneParams,
     "classification_eval": ClassificationEvalParams,
+    "video_ingestion": VideoIngestionParams,
+    "finetune_video_intermediate": VideoFinetuneParams,
+    "finetune_video": TargetVideoFinetuneParams,
+    "video_eval": VideoEvalParams,
 }

@@ -31,11 +31,16 @@ from eva_pipeline.config import (
     IngestionParams,
     PretrainParams,
     TargetFinetuneParams,
+    TargetVideoFinetuneParams,
     TeacherTargetsParams,
+    VideoEvalParams,
+    VideoFinetuneParams,
+    VideoIngestionParams,
 )
 from eva_pipeline.finetune import eval_transform, train_transform
 from eva_pipeline.finetune import recipe as finetune_recipe
 from eva_pipeline.finetune.data import ClassNames, label_budget, stage_classes, stage_labels
+from eva_pipeline.finetune.video import make_video_classifier
 from eva_pipeline.loader.batches import batch_masks
 from eva_pipeline.models import get_config
 from eva_pipeline.teachers import create_teacher_skeleton
@@ -119,7 +124,7 @@ def dry_run(
     ds = deepspeed_config(pretrain, pretrain.world_size)
     report.facts["deepspeed"] = ds
     report.add("DeepSpeed config (per rank)", *[f"{k}: {v}" for k, v in ds.items()])
-    stages = (preflight.FINETUNE, preflight.CLASSIFICATION)  # :func:`dry_run_finetune`'s
+    stages = (preflight.FINETUNE, preflight.CLASSIFICATION, preflight.VIDEO_SOURCES)  # other dry runs' checks
     checks = [c for c in preflight.CHECKS if c not in stages] if nodes is None else preflight.select_checks(nodes)
     blocks = {"ingestion": ingestion, "teacher_targets": teacher_targets, "pretrain": pretrain}
     report.missing = preflight.run_checks(checks, blocks.__getitem__)
@@ -450,3 +455,85 @@ def _classification(report: DryRunReport, params: ClassificationEvalParams) -> N
         lines.append(f"{s.name} ({s.kind}): {', '.join(s.sources)}" + (f"; {'; '.join(flags)}" if flags else ""))
     report.facts["classification_sets"] = [s.name for s in params.sets]
     report.add("Classification table (classification_eval)", *lines)
+
+
+# ------------------------------------------------------------------------------------------------ video stages
+#: EVA-01's video data when neither the options nor a clip manifest give it, ``(training clips, classes)``: the
+#: Kinetics-722 union (0.63M clips) and the K400/K600/K700 training sets.
+EVA01_VIDEO_DATA: dict[str, tuple[int, int]] = {
+    "k722": (630_000, 722),
+    "k400": (240_436, 400),
+    "k600": (392_622, 600),
+    "k700": (545_317, 700),
+}
+
+
+def dry_run_video(
+    pretrain: PretrainParams,
+    stages: Mapping[str, VideoFinetuneParams],
+    data: Mapping[str, StageData],
+    evaluation: VideoEvalParams | None = None,
+    ingestion: VideoIngestionParams | None = None,
+) -> DryRunReport:
+    """Build the space-time classifier of each video stage at full size on the meta device (inflated Conv3d patch
+    embedding, T x N tokens), its layer-decayed optimiser, schedule and mixing for the clips and classes of ``data``
+    (``{dataset: StageData}``: ``data.dataset`` of the K722 stage, each ``targets`` version of the target stage);
+    raise on the first object that cannot be built, return the report otherwise. What this machine lacks for them
+    (and for ``ingestion``'s Kinetics folders) is listed by the pre-flight checks."""
+    report = DryRunReport()
+    for name, params in stages.items():
+        datasets = params.targets if isinstance(params, TargetVideoFinetuneParams) else [params.data.dataset]
+        for dataset in datasets:
+            counts = data[dataset]
+            epochs = params.epochs_per_target.get(dataset, params.epochs) if isinstance(
+                params, TargetVideoFinetuneParams) else params.epochs  # fmt: skip
+            stage = params.model_copy(update={"epochs": epochs})
+            with torch.device("meta"):
+                model = make_video_classifier(stage, pretrain.model, counts.classes)
+                model.set_grad_checkpointing(stage.grad_checkpointing)
+                optimizer = finetune_recipe.make_optimizer(model, stage)
+            steps = finetune_recipe.steps_per_epoch(stage, counts.images)
+            schedule = finetune_recipe.make_schedule(stage, steps)
+            mixer, loss = finetune_recipe.make_mixing(stage, counts.classes)
+            c = model.config
+            total = sum(p.numel() for p in model.parameters())
+            tokens = model.temporal_size * model.num_patches_per_frame
+            scales = sorted({g["lr_scale"] for g in optimizer.param_groups})
+            key = f"{name}/{dataset}"
+            report.facts[key] = {
+                "classifier_parameters": total,
+                "num_classes": counts.classes,
+                "num_clips": counts.images,
+                "tokens": tokens,
+                "patch_embed_shape": tuple(model.patch_embed.proj.weight.shape),
+                "steps_per_epoch": steps,
+                "total_steps": schedule.total_steps,
+                "layer_scales": (scales[0], scales[-1]),
+                "mixing": None if mixer is None else type(mixer).__name__,
+                "loss": type(loss).__name__,
+                "deepspeed": deepspeed_config(stage, stage.world_size),
+            }
+            m, o = stage.mixing, stage.optimizer
+            report.add(
+                f"{key}: space-time classifier {pretrain.model.name} (built on the meta device)",
+                f"{total:,} parameters; {stage.num_frames} frames x {c.img_size} px, tubelet {stage.tubelet}, patch "
+                f"{c.patch_size}: {tokens:,} tokens + cls in one joint attention ({c.attn_impl}); Conv3d kernel "
+                f"{tuple(model.patch_embed.proj.weight.shape)} ({'frozen' if stage.freeze_patch_embed else 'trained'})",
+                f"{counts.images:,} clips of {counts.classes:,} classes ({counts.origin}); {steps:,} steps per epoch x "
+                f"{epochs} epochs = {schedule.total_steps:,} steps of global batch {stage.batch_size}",
+                f"AdamW lr {o.lr:g} (min {o.min_lr:g}), layer decay {o.layer_decay}: LR x {scales[0]:.4g} .. x "
+                f"{scales[-1]:g}; drop path {stage.drop_path_rate}; "
+                + ("no mixing" if mixer is None else f"Mixup {m.mixup_alpha:g} / CutMix {m.cutmix_alpha:g} on clips")
+                + f", label smoothing {m.label_smoothing}: {type(loss).__name__}",
+            )
+    if evaluation is not None:
+        report.add(
+            "video_eval",
+            f"{evaluation.num_clips} temporal clips x {evaluation.num_crops} spatial crops per clip "
+            f"({evaluation.num_clips * evaluation.num_crops} views, per-view softmax averaged) against the 1x1 view; "
+            f"{'EMA weights where kept' if evaluation.use_ema else 'trained weights'}",
+        )
+    checks = [preflight.FINETUNE] + ([preflight.VIDEO_SOURCES] if ingestion is not None else [])
+    blocks = {"pretrain": pretrain, "video_ingestion": ingestion, **stages}
+    report.missing = preflight.run_checks(checks, blocks.__getitem__, finetune=list(stages))
+    return report

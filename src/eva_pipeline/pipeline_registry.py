@@ -1,8 +1,9 @@
 """Project pipelines.
 
 ``ingestion``, ``student_config``, ``teacher_targets``, ``train_student``, ``evaluation``, ``finetune_intermediate``,
-``finetune`` and ``classification_eval`` each run one stage (one DVC stage each); ``pretrain`` runs the first five
-(pre-training and its probe) and the default runs the whole DAG: pre-training, then fine-tuning and evaluation.
+``finetune``, ``classification_eval``, ``video_ingestion``, ``finetune_video_intermediate``, ``finetune_video`` and
+``video_eval`` each run one stage (one DVC stage each); ``pretrain`` runs the first five (pre-training and its probe)
+and the default runs the whole DAG: pre-training, then image and video fine-tuning and evaluation.
 """
 
 from kedro.framework.project import find_pipelines
@@ -18,6 +19,10 @@ STAGES: tuple[str, ...] = (
     "finetune_intermediate",
     "finetune",
     "classification_eval",
+    "video_ingestion",
+    "finetune_video_intermediate",
+    "finetune_video",
+    "video_eval",
 )
 
 

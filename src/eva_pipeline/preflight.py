@@ -26,6 +26,8 @@ from eva_pipeline.config import (
     IngestionParams,
     PretrainParams,
     TeacherTargetsParams,
+    VideoFinetuneParams,
+    VideoIngestionParams,
 )
 from eva_pipeline.ingest import readers as _builtin_readers  # noqa: F401  (registers the built-in source kinds)
 from eva_pipeline.ingest.scan import source_kinds
@@ -171,6 +173,47 @@ def check_finetune(
     return problems
 
 
+def check_video_sources(params: VideoIngestionParams) -> list[str]:
+    """Every Kinetics version's annotation and clip folders exist (those the demo's generator writes are skipped), and
+    the generator's images do."""
+    problems = []
+    generated = None if params.synthetic is None else Path(params.synthetic.out_dir).resolve()
+    for i, version in enumerate(params.versions):
+        for label, path in (("annotations", version.annotations), ("clips", version.clips)):
+            if generated is not None and Path(path).resolve().is_relative_to(generated):
+                continue
+            if not Path(path).exists():
+                problems.append(
+                    f"video_ingestion.versions[{i}] ({version.name}): {label} folder {path} does not exist; put the "
+                    f"Kinetics {'annotation CSVs (train.csv, validate.csv)' if label == 'annotations' else 'clips'} "
+                    f"there or point video_ingestion.versions[{i}].{label} at them "
+                    "(conf/<env>/parameters_video_ingestion.yml)"
+                )
+    if params.synthetic is not None:
+        s = params.synthetic
+        for label, path in (("train_images", s.train_images), ("train_labels", s.train_labels),
+                            ("test_images", s.test_images), ("test_labels", s.test_labels)):  # fmt: skip
+            if not Path(path).exists():
+                problems.append(f"video_ingestion.synthetic.{label}: {path} does not exist (the embedded data)")
+    return problems
+
+
+def check_video_finetune(name: str, params: VideoFinetuneParams, pretrain: PretrainParams) -> list[str]:
+    """A video stage: the student's patch divides its image size, its device and precision exist here, one rank."""
+    problems = []
+    try:
+        check_img_size(pretrain.model.name, pretrain.model.overrides, params.img_size)
+    except ValueError as exc:
+        problems.append(f"{name}.img_size (student pretrain.model): {exc}")
+    problems += check_device(params.device, params.precision, name)
+    if params.world_size > 1:
+        problems.append(
+            f"{name}.world_size is {params.world_size}: video fine-tuning runs in one process in this version; set "
+            f"{name}.world_size: 1"
+        )
+    return problems
+
+
 def check_classification(params: ClassificationEvalParams, ingestion: IngestionParams) -> list[str]:
     """The evaluation sets' sources (and the reference classifier's) are ingested, their label files exist. That the
     target is one of the sets, the parameter model itself checks."""
@@ -214,15 +257,19 @@ TEACHER = "preflight.teacher"
 FINETUNE = "preflight.finetune"
 #: Node tag: the node scores classifiers on the ``classification_eval`` sets (their sources and label files).
 CLASSIFICATION = "preflight.classification"
+#: Node tag: the node reads the Kinetics versions of ``video_ingestion`` (their folders are checked).
+VIDEO_SOURCES = "preflight.video_sources"
 #: Selected when a run reads the stored ``student_config`` without the node that writes it: ``--params pretrain.*``
 #: would not reach it (the overrides are refused, naming the pipeline to add).
 STORED_STUDENT_CONFIG = "stored_student_config"
 #: Every check, in the order its problems are listed.
-CHECKS: tuple[str, ...] = (SOURCES, TRAINING, TEACHER, FINETUNE, CLASSIFICATION, STORED_STUDENT_CONFIG)
+CHECKS: tuple[str, ...] = (SOURCES, VIDEO_SOURCES, TRAINING, TEACHER, FINETUNE, CLASSIFICATION, STORED_STUDENT_CONFIG)
 #: The dataset that holds the resolved ``pretrain`` block (written by the student_config pipeline).
 STUDENT_CONFIG_DATASET = "student_config"
-#: The fine-tune stages' blocks, checked when no nodes say which (the dry run's every check).
+#: The image fine-tune stages' blocks, checked when no nodes say which (the dry run's every check).
 FINETUNE_BLOCKS: tuple[str, ...] = ("finetune_intermediate", "finetune")
+#: The video fine-tune stages' blocks (the video dry run's).
+VIDEO_FINETUNE_BLOCKS: tuple[str, ...] = ("finetune_video_intermediate", "finetune_video")
 #: The block the :data:`CLASSIFICATION` nodes read.
 CLASSIFICATION_BLOCK = "classification_eval"
 _PARAMS = "params:"
@@ -236,7 +283,7 @@ def select_checks(nodes: Iterable[Any]) -> list[str]:
     tags = {tag for node in nodes for tag in node.tags}
     consumed = {name for node in nodes for name in node.inputs}
     produced = {name for node in nodes for name in node.outputs}
-    selected = {check for check in (SOURCES, TRAINING, TEACHER, FINETUNE, CLASSIFICATION) if check in tags}
+    selected = {check for check in CHECKS if check in tags}
     if STUDENT_CONFIG_DATASET in consumed - produced:
         selected.add(STORED_STUDENT_CONFIG)
     return [check for check in CHECKS if check in selected]
@@ -269,6 +316,8 @@ def run_checks(
     found: list[str] = []
     if SOURCES in checks:
         found += check_sources(block("ingestion"))
+    if VIDEO_SOURCES in checks:
+        found += check_video_sources(block("video_ingestion"))
     needs_teacher = TEACHER in checks
     if TRAINING in checks:
         pretrain, teacher = block("pretrain"), block("teacher_targets")
@@ -283,7 +332,11 @@ def run_checks(
         found += check_device(teacher.device, what="teacher_targets")
     if FINETUNE in checks:
         for name in finetune:
-            found += check_finetune(name, block(name), block("ingestion"), block("pretrain"))
+            stage = block(name)
+            if isinstance(stage, VideoFinetuneParams):
+                found += check_video_finetune(name, stage, block("pretrain"))
+            else:
+                found += check_finetune(name, stage, block("ingestion"), block("pretrain"))
     if CLASSIFICATION in checks:
         found += check_classification(block(CLASSIFICATION_BLOCK), block("ingestion"))
     if STORED_STUDENT_CONFIG in checks:

@@ -37,6 +37,10 @@ PARAMETER_FILES = (
     "finetune_intermediate",
     "finetune",
     "classification_eval",
+    "video_ingestion",
+    "finetune_video_intermediate",
+    "finetune_video",
+    "video_eval",
 )
 PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
 FINETUNE_IMAGES, EVAL_IMAGES = 60, 40  # limits of the animal_mnist and fashion_mnist_fresh sources
@@ -81,7 +85,27 @@ def tiny_params(workdir: Path) -> dict[str, dict]:
     params["finetune"]["data"]["per_class"] = 4
     params["finetune"]["validation"].update(num_images=20, batch_size=10)
     params["classification_eval"].update(max_images=20, batch_size=10)
+    _tiny_video(params, workdir)
     return params
+
+
+def _tiny_video(params: dict[str, dict], workdir: Path) -> None:
+    """Video: 3 training and 2 validation clips per class of 8 frames, generated under ``workdir``; 4 then 8 frames
+    (tubelets of 2) at 12 px, one short epoch per stage, 2 temporal clips x 3 crops of 6 clips per version."""
+    video = params["video_ingestion"]
+    synthetic = video["synthetic"]
+    out_dir = workdir / synthetic["out_dir"]
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        synthetic[key] = str(PROJECT_ROOT / synthetic[key])
+    synthetic.update(out_dir=str(out_dir), frames=8, train_per_class=3, validate_per_class=2)
+    for version in video["versions"]:
+        for key in ("annotations", "clips"):
+            version[key] = str(workdir / version[key])
+    video.update(min_frames=8)
+    params["finetune_video_intermediate"].update(num_frames=4, img_size=12, epochs=1, batch_size=16, log_every_steps=1)
+    params["finetune_video_intermediate"]["validation"].update(num_clips=12, batch_size=12)
+    params["finetune_video"].update(num_frames=8, img_size=12, epochs=1, batch_size=8, log_every_steps=1)
+    params["video_eval"].update(num_clips=2, max_clips=6, batch_size=3)
 
 
 def typed_params(params: dict[str, dict]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """One KedroSession run of the default pipeline (the whole DAG: pre-training, both fine-tunes, the classification
-table) on the tiny config, then what MLflow recorded of the fine-tune stages and the table."""
+table, the video stages) on the tiny config, then what MLflow recorded of the fine-tune stages and the tables."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def test_the_default_pipeline_runs_the_whole_dag_into_one_mlflow_run(default_run
         "06_models/finetuned/intermediate.pt",
         "08_reporting/classification_metrics.json",
         "08_reporting/classification_table.md",
+        "06_models/video_intermediate/student.pt",
+        "06_models/finetuned_video/random_v700.pt",
+        "08_reporting/video_metrics.json",
     ):
         assert (data / produced).is_file(), produced
     assert default_run["left_open"] is None
@@ -64,8 +67,19 @@ def test_the_default_pipeline_runs_the_whole_dag_into_one_mlflow_run(default_run
             key = f"classification.{run_name}.{set_name}.top1"
             assert run.data.metrics[key] == pytest.approx(entry[set_name]["top1"]), key
         assert run.data.metrics[f"classification.{run_name}.gap"] == pytest.approx(entry["gap"])
+    # the video table: every run, version and view, as in its JSON report
+    video = json.loads((data / "08_reporting/video_metrics.json").read_text())
+    for run_name, targets in video["runs"].items():
+        for target, entry in targets.items():
+            for view in video["views"]:
+                key = f"video.{run_name}.{target}.{view}.top1"
+                assert run.data.metrics[key] == pytest.approx(entry[view]["top1"]), key
+    history = pd.read_csv(data / "07_model_output/video_intermediate_history.csv")
+    logged = client.get_metric_history(run.info.run_id, "finetune_video_intermediate/student/loss")
+    assert sorted(m.step for m in logged) == history.loc[history["run"] == "student", "step"].tolist()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"classification_top1.png", "classification_table.md", "finetune_loss.png"} <= artifacts
+    assert {"video_table.md", "report.json"} <= artifacts
     assert run.data.params["finetune.optimizer.layer_decay"] == str(
         pl.tiny_params(root)["finetune"]["optimizer"]["layer_decay"]
     )

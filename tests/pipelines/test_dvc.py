@@ -139,6 +139,9 @@ def test_metrics_are_the_catalogs_json_reports(dvc, pl):
         "intermediate_summary",
         "finetune_summary",
         "classification_metrics",
+        "video_intermediate_summary",
+        "finetune_video_summary",
+        "video_metrics",
     )
     assert metrics == {paths[name] for name in reports}
     assert _paths(dvc["evaluation"]["metrics"]) == [paths["probe_metrics"]]
@@ -200,6 +203,15 @@ def test_dvc_reads_the_same_dag(pl):
         ("finetune_intermediate", "finetune"),
         ("ingestion", "classification_eval"),
         ("finetune", "classification_eval"),
+        ("video_ingestion", "finetune_video_intermediate"),
+        ("student_config", "finetune_video_intermediate"),
+        ("train_student", "finetune_video_intermediate"),
+        ("finetune_intermediate", "finetune_video_intermediate"),
+        ("video_ingestion", "finetune_video"),
+        ("student_config", "finetune_video"),
+        ("finetune_video_intermediate", "finetune_video"),
+        ("video_ingestion", "video_eval"),
+        ("finetune_video", "video_eval"),
     }
 
 

@@ -65,6 +65,8 @@ def _unknown_leaves(value: Any, annotation: Any, path: str) -> list[str]:
         return []
     if isinstance(value, list):
         return [leaf for i, item in enumerate(value) for leaf in _unknown_leaves(item, annotation, f"{path}[{i}]")]
+    if value is None and type(None) in typing.get_args(annotation):
+        return []  # an optional block switched off (e.g. video_ingestion.synthetic: null)
     if not isinstance(value, dict):
         return [f"{path} (a {type(value).__name__}, the model {model.__name__} wants a mapping)"]
     problems = []

@@ -184,7 +184,7 @@ def load_finetune_start(
     return StartReport(load=report, head=head, new_classes=new_classes)
 
 
-def _stage_fields(overrides: Mapping[str, object]) -> dict[str, object]:
+def stage_fields(overrides: Mapping[str, object]) -> dict[str, object]:
     """The student's overrides a fine-tune keeps: the stage sets its own size and drop path, and has no lm_head."""
     return {k: v for k, v in overrides.items() if k not in ("img_size", "drop_path_rate", "target_dim")}
 
@@ -200,8 +200,8 @@ def stage_classifier(
 ) -> EvaClassifier:
     """The student's architecture (``model_name`` + the student's ``overrides``) as a classifier of ``num_classes``
     at ``img_size``, with the stage's drop path; an image size the patch does not divide is refused by name."""
-    fields = _stage_fields(overrides)
-    check_img_size(model_name, _stage_fields(overrides), img_size)
+    fields = stage_fields(overrides)
+    check_img_size(model_name, stage_fields(overrides), img_size)
     return create_classifier(
         model_name,
         num_classes,

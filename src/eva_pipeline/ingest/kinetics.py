@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from eva_pipeline.config import KINETICS_ALIASES
 from eva_pipeline.fileio import replace_atomically
 
 #: The splits of a Kinetics version, in manifest order; validate and test are held out.
@@ -60,17 +61,6 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("label", "youtube_id", "time_start", "time_
 #: The dataset name of the merged product in the manifest.
 K722: str = "k722"
 
-#: K400/K600 class names renamed in K700 (old -> new). Checked against the class lists of the public EVA code
-#: (``EVA-01/video/labels/kinetics{400,600,700,722}_labels.csv``): K400 has "changing wheel" and "cooking sausages",
-#: K600 "passing american football (not in game)" (lower-case a); K700 and K722 spell them as below, and with these
-#: three aliases the union of the K400/K600/K700 lists is exactly the 722 names of ``kinetics722_labels.csv`` (725
-#: without). Other near-duplicates ("opening bottle" vs "opening bottle (not wine)", "dying hair" vs "dyeing hair")
-#: are separate classes in K722 and must stay so, or the class count is not 722.
-KINETICS_ALIASES: Mapping[str, str] = {
-    "changing wheel": "changing wheel (not on bike)",
-    "cooking sausages": "cooking sausages (not on barbeque)",
-    "passing american football (not in game)": "passing American football (not in game)",
-}
 
 # Rejection reasons (stable codes). A probe's own reasons ("unreadable", "no_video_stream", "zero_length",
 # "too_short", "corrupt" for eva_pipeline.ingest.video) are recorded as they come.

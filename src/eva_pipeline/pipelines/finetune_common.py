@@ -101,9 +101,7 @@ def train_run(
     torch.manual_seed(params.seed)
     model = make_classifier(params, student.model, len(classes))
     start(model)
-    identity = json.dumps(
-        {"start": start_id, "rows": manifest_digest(train[0]), "labels": hashlib.sha256(train[1].tobytes()).hexdigest()}
-    )
+    identity = run_identity(start_id, *train)
     if params.world_size > 1:
         return _train_distributed(run, params, classes, model, train, validation, identity, checkpoints)
     rows, labels = train
@@ -117,6 +115,28 @@ def train_run(
     val_set = None
     if validation is not None:
         val_set = _dataset(*validation, eval_transform(params.img_size, params.crop_pct), params.seed)
+    return fit(run, params, model, classes, train_set, val_set, identity, checkpoints)
+
+
+def run_identity(start_id: str, rows: pd.DataFrame, labels: np.ndarray, columns: Sequence[str] | None = None) -> str:
+    """What a run's checkpoints must agree with besides its settings: its start weights, rows (``columns``; default
+    the image manifest's pixel columns) and labels."""
+    digest = manifest_digest(rows) if columns is None else manifest_digest(rows, columns)
+    return json.dumps({"start": start_id, "rows": digest, "labels": hashlib.sha256(labels.tobytes()).hexdigest()})
+
+
+def fit(
+    run: str,
+    params: FinetuneParams,
+    model: EvaClassifier,
+    classes: Sequence[str],
+    train_set: torch.utils.data.Dataset,
+    val_set: torch.utils.data.Dataset | None,
+    identity: str,
+    checkpoints: Path,
+) -> tuple[ClassifierCheckpoint, list[dict], dict[str, float]]:
+    """Train an initialised classifier (image or video) on its datasets in this process; per-step metrics stream to
+    MLflow as ``<run>/...``. Returns the checkpoint, the run's per-step records and a summary."""
     result = run_finetuning(
         params,
         model,
