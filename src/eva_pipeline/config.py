@@ -636,6 +636,11 @@ class VideoEvalParams(_Params):
     mirror_pairs: bool = Field(
         default=False, description="report the Moving Fashion-MNIST mirror classes (left/right, ...): the demo's check"
     )
+    raw_pixels: bool = Field(
+        default=False,
+        description="add a raw_pixels row: logistic regression on the pixels of each version's training clips (small "
+        "clips only)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -41,5 +41,5 @@ def test_two_classes_give_two_columns() -> None:
 def test_images_of_another_size_are_refused() -> None:
     labels = np.array([0, 1, 2] * 4)
     classifier = fit_pixel_baseline(_images(labels), labels)
-    with pytest.raises(ValueError, match="fitted on images of 36 values, these have 64"):
+    with pytest.raises(ValueError, match="fitted on 36 values per item, these have 64"):
         pixel_logits(classifier, _images(np.array([0]), size=8), num_classes=3)

@@ -15,9 +15,11 @@ from video_fakes import FakeDecode, clip_rows, synthetic_frames, unnormalise
 
 from eva_pipeline.evaluation.video import (
     mirror_pair_report,
+    multiview_pixel_probs,
     multiview_probs,
     per_class_accuracy,
     per_class_accuracy_plot,
+    pixel_features,
     video_scores,
 )
 from eva_pipeline.loader.video import BadClip, VideoViewsDataset, spatial_crops, uniform_view_indices
@@ -185,3 +187,22 @@ def test_per_class_plot_one_bar_per_class_and_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks column"):
         per_class_accuracy_plot(pd.DataFrame({"class": ["a"]}))
     assert np.isfinite([p.get_width() for p in ax.patches]).all()
+
+
+def test_the_pixel_baseline_scores_every_view_and_skips_bad_clips() -> None:
+    """A linear model on pixels through the same views: per-view softmax averaged, the 1x1 view picked, a clip that
+    does not decode skipped. The logits read the first channel's mean (the frame indices of the view)."""
+    dataset = views_dataset(4, bad=frozenset({"v2.mp4"}))
+    weights = torch.tensor([[1.0], [-1.0], [0.5]])
+
+    def logits(features: np.ndarray) -> torch.Tensor:
+        assert features.shape[1] == T * SIZE * SIZE  # one channel of every frame
+        return torch.from_numpy(features.mean(axis=1, keepdims=True)).float() @ weights.T
+
+    probs, labels, view1 = multiview_pixel_probs(logits, dataset)
+    assert labels.tolist() == [0, 1, 0]  # videos 0, 1, 3
+    for row, video in enumerate((0, 1, 3)):
+        views, _ = dataset[video]
+        softmax = logits(pixel_features(views)).softmax(dim=1)
+        assert torch.allclose(probs[row], softmax.mean(dim=0)) and torch.allclose(view1[row], softmax[MIDDLE])
+        assert not torch.allclose(softmax[0], softmax[MIDDLE])  # the views differ: the average is not one view

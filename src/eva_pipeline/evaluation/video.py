@@ -267,3 +267,29 @@ def per_class_accuracy_plot(
     if count > 1:
         fig.legend(loc="outside lower right", frameon=False)
     return fig
+
+
+def pixel_features(clips: Tensor) -> np.ndarray:
+    """(N, C, T, H, W) clips -> (N, T*H*W) float64: the first channel of every frame (the demo's clips are grey;
+    on colour clips it is a fixed linear view of the pixels, enough for a sceptic's baseline)."""
+    return clips[:, 0].reshape(len(clips), -1).double().numpy()
+
+
+def multiview_pixel_probs(
+    logits_fn: Callable[[np.ndarray], Tensor], dataset: VideoViewsDataset
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`multiview_probs` for a linear model on pixels: ``logits_fn`` (N, D) features -> (N, K) logits, applied
+    to every view of every clip that decodes; -> (probs averaged over the views, labels, the 1x1 view's probs)."""
+    probs, view1, labels = [], [], []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if isinstance(item, BadClip):
+            continue
+        views, label = item
+        softmax = logits_fn(pixel_features(views)).float().softmax(dim=1)
+        probs.append(softmax.mean(dim=0))
+        view1.append(softmax[dataset.middle_view])
+        labels.append(int(label))
+    if not labels:
+        raise ValueError("no clip of the dataset decodes: nothing to score")
+    return torch.stack(probs), torch.tensor(labels, dtype=torch.int64), torch.stack(view1)

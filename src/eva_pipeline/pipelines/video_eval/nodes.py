@@ -12,20 +12,26 @@ import torch
 from matplotlib.figure import Figure
 
 from eva_pipeline.config import TargetVideoFinetuneParams, VideoEvalParams
+from eva_pipeline.evaluation.pixel_baseline import fit_linear, linear_logits
 from eva_pipeline.evaluation.video import (
     mirror_pair_report,
+    multiview_pixel_probs,
     multiview_probs,
     per_class_accuracy,
     per_class_accuracy_plot,
+    pixel_features,
     video_scores,
 )
-from eva_pipeline.finetune.video import clip_rows, dataset_classes, view_clips
+from eva_pipeline.finetune.video import NORMALISATION, clip_rows, dataset_classes, view_clips
 from eva_pipeline.ingest.moving_fashion_mnist import mirror_class
+from eva_pipeline.loader.video import VideoClipDataset, VideoViewsDataset
 from eva_pipeline.models import ClassifierCheckpoint
 from eva_pipeline.pipelines.finetune_video.nodes import target_run_name
 from eva_pipeline.runtime.device import resolve_device
 
 Models = Mapping[str, Callable[[], ClassifierCheckpoint] | ClassifierCheckpoint]
+#: The run name of the raw-pixel baseline's rows.
+RAW_PIXELS = "raw_pixels"
 
 
 def _view_names(params: VideoEvalParams) -> tuple[str, str]:
@@ -55,6 +61,42 @@ def _markdown(report: dict[str, Any], params: VideoEvalParams, mirrors: bool) ->
             " temporal order confuses them)."
         )
     return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def _raw_pixel_probs(
+    manifest: pd.DataFrame,
+    target: str,
+    num_classes: int,
+    rows: pd.DataFrame,
+    labels: Any,
+    params: VideoEvalParams,
+    finetune: TargetVideoFinetuneParams,
+) -> tuple[Any, Any, Any]:
+    """The sceptic's row: a logistic regression on the raw pixels of ``target``'s training clips (their 1x1 view at
+    the target models' frames and size), scored on the same views as the models."""
+    mean, std = NORMALISATION[finetune.augmentation.normalize]
+    size = {"num_frames": finetune.num_frames, "img_size": finetune.img_size, "mean": mean, "std": std}
+    train_rows, train_labels = clip_rows(manifest, target, "train")
+    train = VideoClipDataset(train_rows, train_labels, train=False, **size)
+    features = pixel_features(torch.stack([train[i][0] for i in range(len(train))]))
+    classifier = fit_linear(features, train_labels)
+    views = VideoViewsDataset(rows, labels, num_clips=params.num_clips, num_crops=params.num_crops, **size)
+    return multiview_pixel_probs(lambda x: linear_logits(classifier, x, num_classes), views)
+
+
+def _entry(probs: Any, kept: Any, view1: Any, classes: list[str], bad: list, target: str, mirrors: bool, views: tuple):
+    """One (run, target) cell of the report: clips scored, the two views' top-1/top-5, the mirror report."""
+    one, many = views
+    entry = {
+        "classes": len(classes),
+        "clips": len(kept),
+        "bad_clips": [list(b) for b in bad],
+        one: video_scores(view1, kept),
+        many: video_scores(probs, kept),
+    }
+    if mirrors:
+        entry["mirror"] = mirror_pair_report(probs, kept, classes, lambda c, v=target: mirror_class(c, v))
+    return entry
 
 
 def evaluate_video(
@@ -87,19 +129,19 @@ def evaluate_video(
             model = checkpoint.classifier(use_ema=params.use_ema).to(device)
             probs, kept, view1 = multiview_probs(model, views, params.batch_size, device, progress=True)
             del model
-            entry = {
-                "classes": len(classes),
-                "clips": len(kept),
-                "bad_clips": [list(b) for b in views.bad_clips],
-                one: video_scores(view1, kept),
-                many: video_scores(probs, kept),
-            }
-            if params.mirror_pairs:
-                entry["mirror"] = mirror_pair_report(probs, kept, classes, lambda c, v=target: mirror_class(c, v))
+            entry = _entry(probs, kept, view1, classes, views.bad_clips, target, params.mirror_pairs, (one, many))
             runs.setdefault(run, {})[target] = entry
             tables.setdefault(target, {})[run] = per_class_accuracy(probs, kept, classes)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if params.raw_pixels:
+        for target in finetune.targets:
+            classes = dataset_classes(class_mapping, target)
+            rows, labels = clip_rows(video_manifest, target, params.split, keep=params.max_clips)
+            probs, kept, view1 = _raw_pixel_probs(video_manifest, target, len(classes), rows, labels, params, finetune)
+            entry = _entry(probs, kept, view1, classes, [], target, params.mirror_pairs, (one, many))
+            runs.setdefault(RAW_PIXELS, {})[target] = entry
+            tables[target][RAW_PIXELS] = per_class_accuracy(probs, kept, classes)
     figures = {
         f"per_class_{target}.png": per_class_accuracy_plot(by_run, f"{target}: per-class top-1 ({many} views)")
         for target, by_run in tables.items()
