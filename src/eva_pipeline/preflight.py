@@ -199,18 +199,15 @@ def check_video_sources(params: VideoIngestionParams) -> list[str]:
 
 
 def check_video_finetune(name: str, params: VideoFinetuneParams, pretrain: PretrainParams) -> list[str]:
-    """A video stage: the student's patch divides its image size, its device and precision exist here, one rank."""
+    """A video stage: the student's patch divides its image size, its device and precision exist here, and its ranks
+    have their GPUs."""
     problems = []
     try:
         check_img_size(pretrain.model.name, pretrain.model.overrides, params.img_size)
     except ValueError as exc:
         problems.append(f"{name}.img_size (student pretrain.model): {exc}")
     problems += check_device(params.device, params.precision, name)
-    if params.world_size > 1:
-        problems.append(
-            f"{name}.world_size is {params.world_size}: video fine-tuning runs in one process in this version; set "
-            f"{name}.world_size: 1"
-        )
+    problems += check_world_size(params, name)
     return problems
 
 

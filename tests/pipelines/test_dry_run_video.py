@@ -63,6 +63,6 @@ def test_the_target_stages_are_16_frames_with_layer_decay_and_epochs_per_version
 def test_the_report_lists_what_this_machine_lacks(eva01_video):
     missing = "\n".join(eva01_video.missing)
     assert "video_ingestion.versions[0] (k400): annotations folder data/01_raw/kinetics400/annotations" in missing
-    assert "finetune_video_intermediate.world_size is 32: video fine-tuning runs in one process" in missing
+    assert "finetune_video_intermediate.world_size is 32 (one process per GPU)" in missing
     rendered = eva01_video.render()
     assert "4 temporal clips x 3 spatial crops" in rendered and "2,048 tokens" in rendered

@@ -59,5 +59,6 @@ def test_a_video_stage_is_checked_against_the_student_and_this_machine():
     problems = check_video_finetune("finetune_video", VideoFinetuneParams.model_validate(stage), make_params())
     text = "\n".join(problems)
     assert "finetune_video.img_size" in text and "divisible" in text  # patch 4 does not divide 30
-    assert "finetune_video.world_size is 2" in text
+    if torch.cuda.device_count() < 2:
+        assert "finetune_video.world_size is 2 (one process per GPU)" in text
     assert ("finetune_video.device is 'cuda'" in text) != torch.cuda.is_available()

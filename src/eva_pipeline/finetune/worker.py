@@ -20,16 +20,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from eva_pipeline.config import FinetuneParams, TargetFinetuneParams
+from eva_pipeline.config import FinetuneParams, TargetFinetuneParams, TargetVideoFinetuneParams, VideoFinetuneParams
 from eva_pipeline.fileio import replace_atomically
 from eva_pipeline.finetune.augment import eval_transform, train_transform
 from eva_pipeline.finetune.loop import run_finetuning
+from eva_pipeline.finetune.video import eval_clips, train_clips
 from eva_pipeline.loader.classification import ClassificationDataset
 from eva_pipeline.loader.pixels import ManifestPixels
 from eva_pipeline.loader.rows import FrameRows
 from eva_pipeline.models import (
     ClassifierCheckpoint,
     EvaClassifier,
+    EvaVideoClassifier,
     load_classifier_checkpoint,
     save_classifier_checkpoint,
 )
@@ -59,7 +61,10 @@ class FinetuneRunSpec(RunFile):
 
 
 def stage_params(data: dict[str, Any]) -> FinetuneParams:
-    """The stage block as the node had it (the target stage's carries ``runs``)."""
+    """The stage block as the node had it: an image stage (the target stage's carries ``runs``) or a video stage
+    (``num_frames``; the target stage's carries ``targets``)."""
+    if "num_frames" in data:
+        return (TargetVideoFinetuneParams if "targets" in data else VideoFinetuneParams).model_validate(data)
     return (TargetFinetuneParams if "runs" in data else FinetuneParams).model_validate(data)
 
 
@@ -68,14 +73,14 @@ def _dataset(rows: str, labels: str, transform: object, seed: int) -> Classifica
     return ClassificationDataset(ManifestPixels(FrameRows(frame)), np.load(labels), transform, seed)
 
 
-def run(spec: FinetuneRunSpec) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    params = stage_params(spec.params)
-    if params.device in ("cuda", "auto") and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    initial = load_classifier_checkpoint(spec.initial)
-    model = EvaClassifier(initial.config, len(initial.classes), freeze_patch_embed=params.freeze_patch_embed)
-    model.load_state_dict(initial.model, strict=True)
+def _datasets(spec: FinetuneRunSpec, params: FinetuneParams) -> tuple[Any, Any]:
+    """The rank's training and validation datasets: images through the stage's transforms, or clips."""
+    has_validation = spec.validation_rows is not None and spec.validation_labels is not None
+    if isinstance(params, VideoFinetuneParams):
+        train = train_clips(pd.read_parquet(spec.train_rows), np.load(spec.train_labels), params)
+        if not has_validation:
+            return train, None
+        return train, eval_clips(pd.read_parquet(spec.validation_rows), np.load(spec.validation_labels), params)
     a = params.augmentation
     train = _dataset(
         spec.train_rows,
@@ -84,9 +89,26 @@ def run(spec: FinetuneRunSpec) -> None:
         params.seed,
     )
     validation = None
-    if spec.validation_rows is not None and spec.validation_labels is not None:
+    if has_validation:
         transform = eval_transform(params.img_size, params.crop_pct)
         validation = _dataset(spec.validation_rows, spec.validation_labels, transform, params.seed)
+    return train, validation
+
+
+def run(spec: FinetuneRunSpec) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    params = stage_params(spec.params)
+    if params.device in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    initial = load_classifier_checkpoint(spec.initial)
+    if isinstance(params, VideoFinetuneParams):
+        model: EvaClassifier = EvaVideoClassifier(
+            initial.config, len(initial.classes), **initial.video, freeze_patch_embed=params.freeze_patch_embed
+        )
+    else:
+        model = EvaClassifier(initial.config, len(initial.classes), freeze_patch_embed=params.freeze_patch_embed)
+    model.load_state_dict(initial.model, strict=True)
+    train, validation = _datasets(spec, params)
     logger = None
     if spec.mlflow is not None:
         logger = MlflowStepLogger(spec.mlflow["run_id"], spec.mlflow["tracking_uri"], prefix=spec.prefix, rank=rank)

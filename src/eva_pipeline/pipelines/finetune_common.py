@@ -103,7 +103,7 @@ def train_run(
     start(model)
     identity = run_identity(start_id, *train)
     if params.world_size > 1:
-        return _train_distributed(run, params, classes, model, train, validation, identity, checkpoints)
+        return train_distributed(run, params, classes, model, train, validation, identity, checkpoints)
     rows, labels = train
     a = params.augmentation
     train_set = _dataset(
@@ -151,7 +151,7 @@ def fit(
     return checkpoint, result.run_history, run_summary(result.run_history, result.steps, result.ema_decay)
 
 
-def _train_distributed(
+def train_distributed(
     run: str,
     params: FinetuneParams,
     classes: Sequence[str],
@@ -162,7 +162,8 @@ def _train_distributed(
     checkpoints: Path,
 ) -> tuple[ClassifierCheckpoint, list[dict], dict[str, float]]:
     """Launch ``world_size`` ranks of ``eva_pipeline.finetune.worker`` on a frozen run file: the initialised
-    classifier, the rows and labels are written to ``checkpoints/launch/<run>/``; rank 0's results are read back."""
+    classifier (image or video), the rows (manifest or clip rows) and labels are written to
+    ``checkpoints/launch/<run>/``; rank 0's results are read back."""
     run_dir = Path(checkpoints) / "launch" / run
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (RESULT_FILE, HISTORY_FILE):

@@ -12,7 +12,7 @@ import torch
 from eva_pipeline.config import PretrainParams, VideoFinetuneParams
 from eva_pipeline.finetune.video import clip_rows, dataset_classes, eval_clips, make_video_classifier, train_clips
 from eva_pipeline.models import ClassifierCheckpoint
-from eva_pipeline.pipelines.finetune_common import fit, run_identity
+from eva_pipeline.pipelines.finetune_common import fit, run_identity, train_distributed
 
 #: Clip manifest columns that identify a clip's frames (a run's checkpoints are tied to them).
 CLIP_COLUMNS = ("clip_id", "path", "num_frames")
@@ -42,13 +42,11 @@ def train_video_run(
 ) -> tuple[ClassifierCheckpoint, list[dict], dict[str, float]]:
     """One video run: the student's architecture as a space-time classifier, initialised by ``start`` (from a seeded
     init, so random init is reproducible), trained by the image stages' loop on clips."""
-    if params.world_size > 1:
-        raise NotImplementedError(
-            "video fine-tuning runs in one process for now (world_size 1); multi-rank video runs are not built yet"
-        )
     torch.manual_seed(params.seed)
     model = make_video_classifier(params, student.model, len(classes))
     start(model)
     identity = run_identity(start_id, *train, columns=CLIP_COLUMNS)
+    if params.world_size > 1:  # the launched ranks of eva_pipeline.finetune.worker, as the image stages
+        return train_distributed(run, params, classes, model, train, validation, identity, checkpoints)
     val_set = None if validation is None else eval_clips(*validation, params)
     return fit(run, params, model, classes, train_clips(*train, params), val_set, identity, checkpoints)
