@@ -11,7 +11,6 @@ exactly those keys, so a checkpoint of another depth is an error instead of a ha
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +26,8 @@ from eva_pipeline.models import (
     extract_state_dict,
     load_official_checkpoint,
 )
+from eva_pipeline.models.checkpoint import HEAD_KEYS, check_start_keys, listed
 from eva_pipeline.models.eva import HEAD_INIT_SCALE, HEAD_INIT_STD
-
-HEAD_KEYS: tuple[str, str] = ("head.weight", "head.bias")
-#: Checkpoint tensors a classifier has no use for (pre-training only), ignored as the official loader does.
-MIM_ONLY_KEYS: frozenset[str] = frozenset({"mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"})
-#: Classifier tensors a MIM checkpoint (or a dropped head) does not provide: they keep the model's fresh init.
-FRESH_KEYS: frozenset[str] = frozenset({"fc_norm.weight", "fc_norm.bias", *HEAD_KEYS})
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-_LISTED = 10
 
 
 class HeadMappingError(CheckpointError):
@@ -51,11 +43,6 @@ class StartReport:
     new_classes: list[str] = field(default_factory=list)
 
 
-def _names(items: Sequence[str]) -> str:
-    shown = ", ".join(repr(x) for x in items[:_LISTED])
-    return shown + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
-
-
 def _index(classes: Sequence[str], what: str) -> dict[str, int]:
     index: dict[str, int] = {}
     duplicates = []
@@ -64,7 +51,7 @@ def _index(classes: Sequence[str], what: str) -> dict[str, int]:
             duplicates.append(name)
         index.setdefault(name, i)
     if duplicates:
-        raise HeadMappingError(f"{what} classes repeat names: {_names(duplicates)}")
+        raise HeadMappingError(f"{what} classes repeat names: {listed(duplicates)}")
     return index
 
 
@@ -94,7 +81,7 @@ def remap_head(
     if missing and not reinit_missing:
         raise HeadMappingError(
             f"{len(missing)} of the {len(target_classes)} target classes are not in the checkpoint's head: "
-            f"{_names(missing)}; pass reinit_missing=True to give them freshly initialised rows"
+            f"{listed(missing)}; pass reinit_missing=True to give them freshly initialised rows"
         )
     new_weight = torch.empty((len(target_classes), weight.shape[1]), dtype=weight.dtype)
     new_bias = torch.zeros(len(target_classes), dtype=bias.dtype)
@@ -109,27 +96,6 @@ def remap_head(
     out = dict(state)
     out["head.weight"], out["head.bias"] = new_weight, new_bias
     return out, missing
-
-
-def _depth(keys: object) -> int:
-    return 1 + max((int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))), default=-1)
-
-
-def _check_keys(model: EvaClassifier, state: Mapping[str, torch.Tensor]) -> None:
-    """Refuse any missing or unexpected key besides the MIM-only and fresh ones, before anything is loaded."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state) - FRESH_KEYS)
-    unexpected = sorted(set(state) - set(expected) - MIM_ONLY_KEYS)
-    if not missing and not unexpected:
-        return
-    lines = [f"checkpoint does not fit {type(model).__name__} (a checkpoint of another model size?)"]
-    if _depth(state) != _depth(expected):
-        lines.append(f"  checkpoint has {_depth(state)} blocks, the model {_depth(expected)}")
-    if missing:
-        lines.append(f"  missing from checkpoint: {_names(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected in checkpoint: {_names(unexpected)}")
-    raise CheckpointError("\n".join(lines))
 
 
 def load_finetune_start(
@@ -179,7 +145,7 @@ def load_finetune_start(
             head = "loaded"
     elif target_classes is not None:
         raise HeadMappingError("checkpoint has no head (head.weight, head.bias) to map by class name")
-    _check_keys(model, state)
+    check_start_keys(model, state)
     report = load_official_checkpoint(model, state, strict=False, resample_pos_embed=True, antialias=antialias)
     return StartReport(load=report, head=head, new_classes=new_classes)
 

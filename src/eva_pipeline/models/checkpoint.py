@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,44 @@ STATE_DICT_KEYS: tuple[str, ...] = ("model", "module", "model_ema")
 _WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 # Number of tokens in front of the patch tokens in pos_embed (cls).
 _NUM_PREFIX_TOKENS = 1
+
+#: The classifier head's tensors.
+HEAD_KEYS: tuple[str, str] = ("head.weight", "head.bias")
+#: Checkpoint tensors a classifier has no use for (pre-training only), ignored as the official loader does.
+MIM_ONLY_KEYS: frozenset[str] = frozenset({"mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"})
+#: Classifier tensors a MIM checkpoint (or a dropped head) does not provide: they keep the model's fresh init.
+FRESH_KEYS: frozenset[str] = frozenset({"fc_norm.weight", "fc_norm.bias", *HEAD_KEYS})
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_LISTED = 10
+
+
+def listed(items: Sequence[object]) -> str:
+    """The first few items of a list for an error message, and how many more there are."""
+    shown = ", ".join(repr(x) for x in items[:_LISTED])
+    return shown + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
+def block_count(keys: Iterable[str]) -> int:
+    """The number of ``blocks.<i>.`` of a state dict's keys (its depth)."""
+    return 1 + max((int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))), default=-1)
+
+
+def check_start_keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a start checkpoint with any missing or unexpected key besides :data:`FRESH_KEYS` and
+    :data:`MIM_ONLY_KEYS` (the official loader's ``strict=False`` narrowed to them), before anything is loaded."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - FRESH_KEYS)
+    unexpected = sorted(set(state) - set(expected) - MIM_ONLY_KEYS)
+    if not missing and not unexpected:
+        return
+    lines = [f"checkpoint does not fit {type(model).__name__} (a checkpoint of another model size?)"]
+    if block_count(state) != block_count(expected):
+        lines.append(f"  checkpoint has {block_count(state)} blocks, the model {block_count(expected)}")
+    if missing:
+        lines.append(f"  missing from checkpoint: {listed(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected in checkpoint: {listed(unexpected)}")
+    raise CheckpointError("\n".join(lines))
 
 
 class CheckpointError(ValueError, RuntimeError):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from eva_pipeline.models.checkpoint import (
+    HEAD_KEYS,
     CheckpointError,
     LoadReport,
+    block_count,
+    check_start_keys,
     extract_state_dict,
+    listed,
     load_official_checkpoint,
     resample_image_pos_embed,
 )
@@ -39,14 +42,6 @@ VIDEO_KEY = "video"
 VIDEO_FIELDS: tuple[str, str] = ("num_frames", "tubelet")
 # EVA-01 video: tubelet 1 (configs/kinetics*_ft.yaml, TUBELET_SIZE: 1).
 DEFAULT_TUBELET = 1
-
-_HEAD_KEYS: tuple[str, str] = ("head.weight", "head.bias")
-# Pre-training-only tensors a classifier ignores, and classifier tensors a MIM checkpoint (or a dropped head) lacks:
-# the same narrow exceptions as the image start loader (eva_pipeline.finetune.weights), which models may not import.
-_MIM_ONLY_KEYS = frozenset({"mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias"})
-_FRESH_KEYS = frozenset({"fc_norm.weight", "fc_norm.bias", *_HEAD_KEYS})
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-_LISTED = 10
 
 
 def check_video_fields(num_frames: int, tubelet: int) -> None:
@@ -190,7 +185,7 @@ def inflate_image_state(
     check_video_fields(num_frames, tubelet)
     missing = [k for k in ("patch_embed.proj.weight", "pos_embed") if k not in state]
     if missing:
-        raise CheckpointError(f"not an EVA state dict: no {missing} (keys: {sorted(state)[:_LISTED]} ...)")
+        raise CheckpointError(f"not an EVA state dict: no {missing} (keys: {listed(sorted(state))})")
     weight, pos = state["patch_embed.proj.weight"], state["pos_embed"]
     if weight.ndim != 4:
         raise CheckpointError(
@@ -257,22 +252,13 @@ class VideoStartReport:
     head: str  # "loaded", "indexed", "reinitialised" or "new" (the checkpoint has none)
 
 
-def _names(items: Sequence[str]) -> str:
-    shown = ", ".join(repr(x) for x in items[:_LISTED])
-    return shown + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
-
-
-def _depth(keys: object) -> int:
-    return 1 + max((int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))), default=-1)
-
-
 def _check_model_size(model: EvaVideoClassifier, state: Mapping[str, torch.Tensor]) -> None:
     """A checkpoint of another depth or width is refused first, naming both sizes, instead of a list of keys."""
     weight = state.get("patch_embed.proj.weight")
     if weight is None or "pos_embed" not in state:
         missing = [k for k in ("patch_embed.proj.weight", "pos_embed") if k not in state]
-        raise CheckpointError(f"not an EVA checkpoint: no {missing} (keys: {_names(sorted(state))})")
-    got = (_depth(state), int(weight.shape[0]))
+        raise CheckpointError(f"not an EVA checkpoint: no {missing} (keys: {listed(sorted(state))})")
+    got = (block_count(state), int(weight.shape[0]))
     want = (len(model.blocks), model.config.embed_dim)
     if got != want:
         raise CheckpointError(
@@ -295,7 +281,7 @@ def _head_rows(class_index: Sequence[int] | torch.Tensor, rows: int, num_classes
     bad = [f"class {j} -> row {int(i)}" for j, i in enumerate(values) if not 0 <= i < rows]
     if bad:
         raise CheckpointError(
-            f"class_index out of range for a checkpoint head of {rows} rows (valid 0..{rows - 1}): {_names(bad)}"
+            f"class_index out of range for a checkpoint head of {rows} rows (valid 0..{rows - 1}): {listed(bad)}"
         )
     return torch.tensor([int(v) for v in values], dtype=torch.long)
 
@@ -314,13 +300,13 @@ def _select_head(
             raise CheckpointError("class_index given but the checkpoint has no head (head.weight, head.bias)")
         return "new"
     if reinit_head:
-        for key in _HEAD_KEYS:
+        for key in HEAD_KEYS:
             state.pop(key, None)
         return "reinitialised"
     rows = state["head.weight"].shape[0]
     if class_index is not None:
         index = _head_rows(class_index, rows, model.num_classes)
-        for key in _HEAD_KEYS:
+        for key in HEAD_KEYS:
             state[key] = state[key][index]
         return "indexed"
     if rows != model.num_classes:
@@ -351,20 +337,6 @@ def _source_grid(
             "checkpoint at another image size; pass source_frames (its frame count) to resize it"
         )
     return (tokens // per_frame, *model.patch_embed.grid_size)
-
-
-def _check_keys(model: EvaVideoClassifier, state: Mapping[str, torch.Tensor]) -> None:
-    """Refuse any missing or unexpected key besides the MIM-only and fresh ones, before anything is loaded."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state) - _FRESH_KEYS)
-    unexpected = sorted(set(state) - set(expected) - _MIM_ONLY_KEYS)
-    if missing or unexpected:
-        lines = [f"checkpoint does not fit {type(model).__name__}"]
-        if missing:
-            lines.append(f"  missing from checkpoint: {_names(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected in checkpoint: {_names(unexpected)}")
-        raise CheckpointError("\n".join(lines))
 
 
 def load_video_start(
@@ -414,6 +386,6 @@ def load_video_start(
         state["pos_embed"] = resample_video_pos_embed(pos, grid, new_grid)
     else:
         raise CheckpointError(f"patch_embed.proj.weight has shape {tuple(weight.shape)}: neither Conv2d nor Conv3d")
-    _check_keys(model, state)
+    check_start_keys(model, state)
     report = load_official_checkpoint(model, state, strict=False)
     return VideoStartReport(load=report, source=source, source_grid=grid, head=head)
