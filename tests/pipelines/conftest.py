@@ -22,26 +22,15 @@ from typing import Any
 import pytest
 import yaml
 
+from eva_pipeline.config import PARAMETER_BLOCKS
 from eva_pipeline.pipeline_registry import STAGES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_BASE = PROJECT_ROOT / "conf" / "base"
 RAW = PROJECT_ROOT / "data" / "01_raw" / "fashion_mnist"
 PIPELINES = STAGES
-#: The parameter files of conf/base, one block each.
-PARAMETER_FILES = (
-    "ingestion",
-    "teacher_targets",
-    "pretrain",
-    "evaluation",
-    "finetune_intermediate",
-    "finetune",
-    "classification_eval",
-    "video_ingestion",
-    "finetune_video_intermediate",
-    "finetune_video",
-    "video_eval",
-)
+#: The parameter files of conf/base, one block each (parameters_<block>.yml).
+PARAMETER_FILES = tuple(PARAMETER_BLOCKS)
 PRETRAIN_IMAGES, PROBE_IMAGES, BATCH, STEPS = 256, 200, 32, 5
 FINETUNE_IMAGES, EVAL_IMAGES = 60, 40  # limits of the animal_mnist and fashion_mnist_fresh sources
 VALIDATION_IMAGES = 40  # of the probe images: the held-out MIM loss
