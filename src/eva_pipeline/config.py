@@ -376,6 +376,13 @@ class FinetuneOptimizerParams(OptimizerParams):
 
     layer_decay: float = Field(gt=0, le=1)
     warmup_lr: float = Field(default=0.0, ge=0, description="LR at the first warmup step (EVA-01 21K stage: 1e-6)")
+    embed_lr_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="extra LR factor of the embeddings (patch_embed, pos_embed, cls_token); EVA: 1. An inflated "
+        "video model starts blind to frame order (pos_embed repeated per frame, kernel averaged over the tubelet): "
+        "a larger factor breaks that symmetry sooner in a short run",
+    )
 
 
 class FinetuneValidationParams(_Params):
@@ -530,7 +537,11 @@ class SyntheticVideoParams(_Params):
     test_images: Path
     test_labels: Path
     frames: int = Field(default=16, ge=2)
-    size: int = Field(default=28, ge=8, description="canvas side in pixels (even: H.264 in yuv420p)")
+    size: int = Field(default=28, ge=8, description="canvas height in pixels (even: H.264 in yuv420p)")
+    width: int | None = Field(
+        default=None, ge=8, description="canvas width (even, >= size); null: square. Wider frames make the 3 test "
+        "crops differ, as on Kinetics"
+    )
     item_size: int = Field(default=14, ge=4)
     fps: int = Field(default=8, ge=1)
     train_per_class: int = Field(default=40, ge=1)

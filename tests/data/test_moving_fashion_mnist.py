@@ -300,6 +300,27 @@ def test_rendering_is_exact_and_repeatable(arrays) -> None:
     assert bigger.shape == (8, 40, 40)
 
 
+def test_wide_canvas_keeps_the_motion_and_wraps_on_its_own_width(arrays) -> None:
+    """``width``: the same jitter stream and item, on a 28 x 36 torus; the height's geometry (travel, size) is
+    unchanged, the centre's x is uniform over the wider canvas, and it wraps at 36."""
+    image = arrays[0][7]
+    square = mfm.render_clip(image, "right", np.random.default_rng(5))
+    wide = mfm.render_clip(image, "right", np.random.default_rng(5), width=36)
+    assert wide.shape == (16, 28, 36) and wide.dtype == np.uint8
+    assert int(wide.sum()) == pytest.approx(int(square.sum()), rel=1e-3)  # the same item at the same sizes (rounding apart)
+    cy, cx, _ = mfm.trajectory("right", np.random.default_rng(5), frames=16, size=28, width=36)
+    sy, sx, _ = mfm.trajectory("right", np.random.default_rng(5), frames=16, size=28)
+    assert np.allclose(cy, sy)
+    assert np.allclose(wrapped_steps(cx[:, None], 36), wrapped_steps(sx[:, None], 28))  # the same travel
+    xs = np.array(
+        [mfm.trajectory("up", np.random.default_rng(i), frames=2, size=28, width=36)[1][0] for i in range(400)]
+    )
+    assert xs.min() >= 0 and xs.max() < 36 and xs.max() > 30  # uniform over the wide canvas, not the square one
+    for bad in (26, 27, 37):
+        with pytest.raises(ValueError, match="width must be even and >= size"):
+            mfm.render_clip(image, "right", np.random.default_rng(5), width=bad)
+
+
 @pytest.mark.slow
 def test_default_set_size_and_time(arrays, tmp_path) -> None:
     """The default set (1416 distinct clips in 3036 clip files): ~5 s on one core; bound loosely for CI."""

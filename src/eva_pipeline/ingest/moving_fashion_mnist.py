@@ -1,7 +1,7 @@
 """Moving Fashion-MNIST: the demo's synthetic, deterministic stand-in for Kinetics-400/600/700 (real H.264 clips).
 
 No labelled action clips exist offline, so the demo makes its own: a Fashion-MNIST item, shrunk to ``item_size``,
-moves on a black ``size`` x ``size`` canvas along one of eight :data:`MOTIONS` for ``frames`` frames. A class is
+moves on a black ``size`` x ``width`` canvas (height x width; square unless ``width`` is given) along one of eight :data:`MOTIONS` for ``frames`` frames. A class is
 (item group, motion): 3 :data:`GROUPS` x 8 motions = 24 classes (e.g. ``"footwear zooming in"``).
 
 What one frame reveals (why the set needs a video model): the canvas is a torus (an item leaving one side comes
@@ -151,14 +151,18 @@ def item_image(image: np.ndarray, item_size: int) -> np.ndarray:
     return np.asarray(pil.resize((item_size, item_size), Image.Resampling.BOX), dtype=np.float64)
 
 
-def trajectory(motion: str, rng: np.random.Generator, *, frames: int, size: int) -> tuple[np.ndarray, ...]:
-    """Per-frame item centre (y, x), in canvas pixels on the torus, and scale (item side / ``item_size``).
+def trajectory(
+    motion: str, rng: np.random.Generator, *, frames: int, size: int, width: int | None = None
+) -> tuple[np.ndarray, ...]:
+    """Per-frame item centre (y, x), in canvas pixels on the ``size`` x ``width`` torus, and scale (item side /
+    ``item_size``). Travel and orbit radius are fractions of the height (``size``) whatever the width.
 
     Eight uniforms are drawn whatever the motion, so the stream is the same shape for every clip. Image axes:
     x to the right, y down, so an angle that grows turns clockwise on screen."""
+    width = size if width is None else width
     u = rng.random(8)
     t = np.arange(frames, dtype=np.float64) / (frames - 1) - 0.5  # -0.5 .. 0.5, symmetric about the middle frame
-    cy, cx = np.full(frames, u[0] * size), np.full(frames, u[1] * size)
+    cy, cx = np.full(frames, u[0] * size), np.full(frames, u[1] * width)
     lo, hi = math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1])
     log_scale = np.full(frames, lo + u[2] * (hi - lo))
     travel = size * (TRAVEL_RANGE[0] + u[3] * (TRAVEL_RANGE[1] - TRAVEL_RANGE[0]))
@@ -177,7 +181,7 @@ def trajectory(motion: str, rng: np.random.Generator, *, frames: int, size: int)
         log_scale = middle + (sweep if motion == "zoom_in" else -sweep) * t
     else:
         raise ValueError(f"unknown motion {motion!r}; expected one of {MOTIONS}")
-    return cy % size, cx % size, np.exp(log_scale)
+    return cy % size, cx % width, np.exp(log_scale)
 
 
 def _sampling_matrices(centre: np.ndarray, scale: np.ndarray, size: int, item_size: int) -> np.ndarray:
@@ -198,32 +202,46 @@ def _sampling_matrices(centre: np.ndarray, scale: np.ndarray, size: int, item_si
     return np.rint(weights[:, :, reach : reach + item_size] * _WEIGHT_STEP) / _WEIGHT_STEP
 
 
-def render(item: np.ndarray, cy: np.ndarray, cx: np.ndarray, scale: np.ndarray, size: int) -> np.ndarray:
-    """Frames of ``item`` (float (m, m)) centred at (cy, cx) with side ``scale * m`` -> uint8 (T, size, size).
+def render(
+    item: np.ndarray, cy: np.ndarray, cx: np.ndarray, scale: np.ndarray, size: int, width: int | None = None
+) -> np.ndarray:
+    """Frames of ``item`` (float (m, m)) centred at (cy, cx) with side ``scale * m`` -> uint8 (T, size, width).
 
     Item values are integers and the weights multiples of 1/256, so every product and sum is exact in float64:
     the frames are the same bytes on any machine, BLAS and summation order."""
     rows = _sampling_matrices(cy, scale, size, item.shape[0])
-    cols = _sampling_matrices(cx, scale, size, item.shape[1])
+    cols = _sampling_matrices(cx, scale, size if width is None else width, item.shape[1])
     frames = rows @ item @ cols.transpose(0, 2, 1)
     return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
 
 
 def render_clip(
-    image: np.ndarray, motion: str, rng: np.random.Generator, *, frames: int = 16, size: int = 28, item_size: int = 14
+    image: np.ndarray,
+    motion: str,
+    rng: np.random.Generator,
+    *,
+    frames: int = 16,
+    size: int = 28,
+    item_size: int = 14,
+    width: int | None = None,
 ) -> np.ndarray:
     """One grayscale clip: ``image`` (H, W) uint8 shrunk to ``item_size``, moving along ``motion`` with the jitter
-    drawn from ``rng`` -> uint8 (frames, size, size)."""
-    _check_geometry(frames, size, item_size)
-    cy, cx, scale = trajectory(motion, rng, frames=frames, size=size)
-    return render(item_image(image, item_size), cy, cx, scale, size)
+    drawn from ``rng`` -> uint8 (frames, size, width), width ``size`` by default."""
+    _check_geometry(frames, size, item_size, width)
+    cy, cx, scale = trajectory(motion, rng, frames=frames, size=size, width=width)
+    return render(item_image(image, item_size), cy, cx, scale, size, width)
 
 
-def _check_geometry(frames: int, size: int, item_size: int) -> None:
+def _check_geometry(frames: int, size: int, item_size: int, width: int | None = None) -> None:
     if frames < 2:
         raise ValueError(f"frames must be >= 2 (a motion needs two frames), got {frames}")
     if size < 2 or size % 2:
         raise ValueError(f"size must be even and >= 2 (H.264 yuv420p needs even sides), got {size}")
+    if width is not None and (width < size or width % 2):
+        raise ValueError(
+            f"width must be even and >= size {size} (landscape, like Kinetics; H.264 yuv420p needs even sides), "
+            f"got {width}"
+        )
     if item_size < 1 or item_size * SCALE_RANGE[1] > size:
         raise ValueError(
             f"item_size {item_size} must be >= 1 and at most size / {SCALE_RANGE[1]} = {size / SCALE_RANGE[1]:.1f}: "
@@ -382,6 +400,7 @@ def generate(
     frames: int = 16,
     size: int = 28,
     item_size: int = 14,
+    width: int | None = None,
     fps: int = 8,
     train_per_class: int = 40,
     validate_per_class: int = 10,
@@ -397,7 +416,7 @@ def generate(
     the digest of each clip's decoded frames (:func:`~eva_pipeline.ingest.video.decoded_digest`, any build)."""
     train_images, train_labels = _check_source(train_images, train_labels, "train")
     test_images, test_labels = _check_source(test_images, test_labels, "test")
-    _check_geometry(frames, size, item_size)
+    _check_geometry(frames, size, item_size, width)
     counts = {"train_per_class": train_per_class, "validate_per_class": validate_per_class}
     counts |= {"train_shift": train_shift, "leaks_per_class": leaks_per_class}
     if min(counts.values()) < 0 or min(train_per_class, validate_per_class, fps) < 1:
@@ -405,6 +424,8 @@ def generate(
     duration_s = math.ceil(frames / fps)
     layout = plan(train_labels, test_labels, seed=seed, duration_s=duration_s, **counts)
     params = {"seed": seed, "frames": frames, "size": size, "item_size": item_size, "fps": fps, "crf": crf} | counts
+    if width is not None:  # square sets keep the checksums of before
+        params["width"] = width
     images = {"train": train_images, "test": test_images}
 
     out_dir = Path(out_dir)
@@ -420,7 +441,7 @@ def generate(
         for stem, clip in unique.items():
             gray = render_clip(
                 images[clip.source][clip.image_index], clip.motion, clip_rng(seed, clip),
-                frames=frames, size=size, item_size=item_size,
+                frames=frames, size=size, item_size=item_size, width=width,
             )  # fmt: skip
             path = encode_video(staging / f"{stem}.mp4", np.repeat(gray[..., None], 3, axis=3), fps=fps, crf=crf)
             decoded[stem] = decoded_digest(path)

@@ -31,6 +31,7 @@ def generate_synthetic_clips(params: VideoIngestionParams) -> dict[str, Any]:
         frames=s.frames,
         size=s.size,
         item_size=s.item_size,
+        width=s.width,
         fps=s.fps,
         train_per_class=s.train_per_class,
         validate_per_class=s.validate_per_class,
