@@ -53,8 +53,10 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" -q -n auto
 
+# A static site of every pipeline in build/, built offline; a browser needs it served (file:// cannot load its data).
 viz: $(STAMP)
 	$(BIN)/kedro viz build
+	@echo "Serve it: $(BIN)/python -m http.server -d build --bind 127.0.0.1 4141, then open http://127.0.0.1:4141"
 
 # JupyterLab on notebooks/ (explore_run.ipynb explores a finished run), served on this machine only and fetching
 # nothing (no news, update checks or extension index); e.g. JUPYTER_ARGS="--no-browser --allow-root" in a container.
