@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install pretrain run lint format test test-fast viz mlflow-ui clean
+.PHONY: install pretrain run lint format test test-fast viz notebook mlflow-ui clean
 
 install: $(STAMP)
 
@@ -32,16 +32,18 @@ pretrain: $(STAMP)
 run: $(STAMP)
 	$(BIN)/kedro run
 
-# Layers (import-linter), lint and format (ruff): the checks `make test` runs before the tests.
+# Layers (import-linter), lint and format (ruff), notebooks without outputs: the checks `make test` runs first.
 lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/nbstripout --verify notebooks/*.ipynb
 
-# Apply ruff's safe fixes and formatting in place.
+# Apply ruff's safe fixes and formatting in place; strip the notebooks' outputs.
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+	$(BIN)/nbstripout notebooks/*.ipynb
 
 test: lint
 	$(BIN)/python -m pytest
@@ -51,8 +53,18 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" -q -n auto
 
+# A static site of every pipeline in build/, built offline; a browser needs it served (file:// cannot load its data).
 viz: $(STAMP)
 	$(BIN)/kedro viz build
+	@echo "Serve it: $(BIN)/python -m http.server -d build --bind 127.0.0.1 4141, then open http://127.0.0.1:4141"
+
+# JupyterLab on notebooks/ (explore_run.ipynb explores a finished run), served on this machine only and fetching
+# nothing (no news, update checks or extension index); e.g. JUPYTER_ARGS="--no-browser --allow-root" in a container.
+JUPYTER_ARGS ?=
+notebook: $(STAMP)
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 --LabApp.news_url=None \
+		--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate --LabApp.extension_manager=readonly \
+		$(JUPYTER_ARGS)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

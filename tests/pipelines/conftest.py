@@ -266,4 +266,5 @@ def pl() -> SimpleNamespace:
         run_pipeline=run_pipeline,
         file_listing=file_listing,
         project_context=project_context,
+        write_project=write_project,
     )

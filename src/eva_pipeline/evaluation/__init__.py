@@ -1,5 +1,6 @@
 """Evaluation: frozen-feature extraction, the linear probe, classification scores, robustness stand-ins, the
-evaluation sets of the classification table and the table itself, and the report's figures (no Kedro here)."""
+evaluation sets of the classification table and the table itself, and the report's figures (no Kedro here).
+``eva_pipeline.evaluation.explore`` looks into a finished run for notebooks/explore_run.ipynb."""
 
 from eva_pipeline.evaluation.classification import (
     PAPER_AVERAGE_SETS,
