@@ -4,4 +4,8 @@ The library parts (``models``, ``masking``, ``teachers``, ``training``, ``data``
 can be used alone; ``pipelines`` wires them into Kedro.
 """
 
+from eva_pipeline.runtime.quiet import silence_third_party_warnings
+
 __version__ = "0.1.0"
+
+silence_third_party_warnings()
