@@ -103,6 +103,15 @@ def test_read_checkpoint_names_what_it_cannot_use(tmp_path, small):
         read_checkpoint(tmp_path / "video.pt")
 
 
+def test_an_official_file_with_an_ema_gives_the_ema_unless_asked_otherwise(tmp_path, small, perturb):
+    model, ema = (perturb(create_classifier("eva_tiny_patch4_28", 3, **small), seed) for seed in (0, 1))
+    torch.save({"model": model.state_dict(), "model_ema": ema.state_dict()}, tmp_path / "official.pt")
+    released = read_checkpoint(tmp_path / "official.pt")
+    assert torch.equal(released.state["head.weight"], ema.head.weight) and "model_ema" in released.source
+    trained = read_checkpoint(tmp_path / "official.pt", use_ema=False)
+    assert torch.equal(trained.state["head.weight"], model.head.weight)
+
+
 def test_load_model_resamples_pos_embed_and_refuses_a_size_the_patch_does_not_divide(tmp_path, small):
     model = create_classifier("eva_tiny_patch4_28", 3, **small)
     path = save_classifier_checkpoint(ClassifierCheckpoint.from_modules(model, ["a", "b", "c"]), tmp_path / "c.pt")

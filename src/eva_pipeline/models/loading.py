@@ -59,8 +59,8 @@ class LoadedModel:
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, use_ema: bool = True) -> LoadedState:
-    """The weights of ``path`` with official keys: a classifier of ours (EMA weights when ``use_ema`` and present),
-    an official EVA-01 file, or a timm ``Eva`` ``.safetensors`` file. Every unusable file is a
+    """The weights of ``path`` with official keys: a classifier of ours, an official EVA-01 file (both: the EMA
+    weights when ``use_ema`` and present), or a timm ``Eva`` ``.safetensors`` file. Every unusable file is a
     :class:`CheckpointError` naming it and saying what was expected."""
     path = Path(path)
     if not path.is_file():
@@ -113,9 +113,11 @@ def _from_mapping(data: Mapping[str, Any], use_ema: bool) -> LoadedState:
         state = checkpoint.released if use_ema else checkpoint.model
         source = f"classifier checkpoint of this project ({'EMA' if ema else 'trained'} weights)"
         return LoadedState(dict(state), "classifier", source, checkpoint.config, checkpoint.classes)
-    state = extract_state_dict(data)
+    ema = use_ema and isinstance(data.get("model_ema"), Mapping)  # EVA's fine-tune files: the EMA is the release
+    state = extract_state_dict(data, "model_ema" if ema else None)
     kind = checkpoint_kind(state)
-    return LoadedState(state, kind, f"official EVA-01 {'MIM' if kind == 'mim' else 'fine-tuned'} checkpoint")
+    what = "MIM" if kind == "mim" else "fine-tuned"
+    return LoadedState(state, kind, f"official EVA-01 {what} checkpoint{' (model_ema)' if ema else ''}")
 
 
 def build_model(
