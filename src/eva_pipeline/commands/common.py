@@ -137,7 +137,12 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Shorter side resized to img_size / crop_pct (bicubic), then centre crop: EVA's evaluation.",
         ),
-        click.option("--no-ema", "no_ema", is_flag=True, help="Use a classifier's trained weights, not its EMA."),
+        click.option(
+            "--no-ema",
+            "no_ema",
+            is_flag=True,
+            help="A checkpoint with an EMA: its trained weights (the EMA is the default).",
+        ),
         click.option(
             "--skip-bad", is_flag=True, help="Leave unreadable images out (listed on stderr) instead of stopping."
         ),
