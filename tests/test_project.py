@@ -23,7 +23,10 @@ def test_installed_metadata_matches_pyproject():
     assert importlib.metadata.version("eva_pipeline") == pyproject["project"]["version"]
     assert Path(eva_pipeline.__file__).resolve().is_relative_to(PROJECT_ROOT / "src")  # editable install of this tree
     entry_points = importlib.metadata.entry_points(group="console_scripts")
-    assert any(ep.name == "eva-pipeline" and ep.value == "eva_pipeline.__main__:main" for ep in entry_points)
+    # the console script as pyproject declares it (a stale install, made before a change there, fails here)
+    script = pyproject["project"]["scripts"]["eva-pipeline"]
+    assert script == "eva_pipeline.commands:main"
+    assert any(ep.name == "eva-pipeline" and ep.value == script for ep in entry_points)
     kedro = pyproject["tool"]["kedro"]
     assert (kedro["package_name"], kedro["source_dir"]) == ("eva_pipeline", "src")
     assert kedro["kedro_init_version"] == importlib.metadata.version("kedro")
