@@ -1,4 +1,5 @@
-"""Kedro hooks: pre-flight checks before a pipeline runs; MLflow params of typed blocks and run closing."""
+"""Kedro hooks: pre-flight checks before a pipeline runs; MLflow params of typed blocks and run closing; the result
+tables and plots printed at the end of a run."""
 
 from __future__ import annotations
 
@@ -126,3 +127,45 @@ class MlflowRunHook:
             return
         while mlflow.active_run() is not None:
             mlflow.end_run(status)
+
+
+#: Datasets printed when a run that wrote them ends: name -> (title, how its loaded value becomes markdown).
+RESULT_TABLES: dict[str, tuple[str, str]] = {
+    "probe_metrics": ("Linear probe on held-out images", "probe"),
+    "classification_table": ("Fine-tuning: the classification table", "markdown"),
+    "video_table": ("Video fine-tuning: 1x1 and multi-view top-1", "markdown"),
+}
+#: Where the catalog writes reports and plots (Kedro's data-layer convention), relative to the project.
+REPORTING_FOLDER = "data/08_reporting"
+
+
+class RunSummaryHook:
+    """At the end of a run: its result tables (those of the datasets this run wrote) and the plots it wrote, printed,
+    so that ``make pretrain`` ends with its result rather than a path to find."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        import time
+
+        self._started = time.time()
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from pathlib import Path
+
+        from eva_pipeline.evaluation.summary import files_written_since, probe_markdown, run_summary
+
+        written = pipeline.all_outputs()
+        tables = {}
+        for name, (title, kind) in RESULT_TABLES.items():
+            if name in written:
+                value = catalog.load(name)
+                tables[title] = probe_markdown(value) if kind == "probe" else str(value)
+        project = Path(run_params.get("project_path") or ".")
+        figures = files_written_since(project / REPORTING_FOLDER, self._started)
+        text = run_summary(tables, figures, relative_to=project)
+        if text:
+            print("\n" + text, flush=True)

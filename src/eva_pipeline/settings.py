@@ -1,7 +1,7 @@
 """Kedro project settings."""
 
 from eva_pipeline.config_loader import KindAwareConfigLoader
-from eva_pipeline.hooks import MlflowRunHook, PreflightHook
+from eva_pipeline.hooks import MlflowRunHook, PreflightHook, RunSummaryHook
 
 # OmegaConfigLoader whose environments replace (not merge) blocks that name a `kind` (teacher, ...): config_loader.py.
 CONFIG_LOADER_CLASS = KindAwareConfigLoader
@@ -12,4 +12,4 @@ CONFIG_LOADER_ARGS = {
     "merge_strategy": {"parameters": "soft"},
 }
 
-HOOKS = (PreflightHook(), MlflowRunHook())
+HOOKS = (PreflightHook(), MlflowRunHook(), RunSummaryHook())
