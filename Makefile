@@ -18,8 +18,15 @@ export PYTHONUNBUFFERED := 1
 
 install: $(STAMP)
 
+# The project pins Python 3.11 (pyproject.toml requires-python): stop before creating anything with another one.
+PY_CHECK := import sys; v = sys.version_info; sys.exit(0 if v[:2] == (3, 11) else \
+	f"eva_pipeline needs Python 3.11, {sys.executable} is {v[0]}.{v[1]}: run make with PYTHON=python3.11 " \
+	"(and remove $(VENV) if it was made with another Python)")
+
 # Re-install only when the dependency declaration changes.
 $(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "eva_pipeline needs Python 3.11: '$(PYTHON)' not found; run make with PYTHON=python3.11"; exit 1; }
+	@test -x $(BIN)/python && $(BIN)/python -c '$(PY_CHECK)' || $(PYTHON) -c '$(PY_CHECK)'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
