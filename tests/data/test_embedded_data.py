@@ -182,7 +182,9 @@ def test_the_default_ingestion_conf_splits_and_names_the_embedded_data() -> None
     }
     animals = report["sources"]["animal_mnist"]
     assert (animals["found"], animals["kept"], animals["duplicates"], animals["rejected"]) == (10000, 9716, 284, 0)
-    assert all(d["duplicate_of"].startswith("animal_mnist/") for d in animals["duplicate_examples"])
+    assert all(d["duplicate_of_source"] == "animal_mnist" for d in animals["duplicate_examples"])
+    assert all(d["duplicate_of"].split("#")[0] == d["location"].split("#")[0] for d in animals["duplicate_examples"])
+    assert animals["label_conflicts"] == 0 and report["warnings"] == []  # in-class copies: each with its own label
     assert report["totals"]["duplicates"] == 284  # nothing else is a copy: no source loses an image to another
     names = {name: src["classes"] for name, src in report["sources"].items()}
     fashion_names = _class_names("fashion_mnist")

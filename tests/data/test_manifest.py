@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -74,7 +75,8 @@ def test_report_counts_are_consistent(embedded) -> None:
         src = report["sources"][name]
         assert src["found"] == src["available"] == src["kept"] == expected
         assert src["found"] == src["kept"] + src["rejected"] + src["duplicates"]
-    assert report["totals"] == {"found": 15000, "kept": 15000, "rejected": 0, "duplicates": 0}
+    assert report["totals"] == {"found": 15000, "kept": 15000, "rejected": 0, "duplicates": 0, "label_conflicts": 0}
+    assert report["warnings"] == []
     assert report["splits"]["pretrain"]["items"] == 10000 and report["splits"]["probe"]["labelled"] == 5000
     for split in ("pretrain", "probe"):
         rows = manifest[manifest["split"] == split]
@@ -117,8 +119,23 @@ def test_dedup_counts_and_keeps_probe_copy(tmp_path) -> None:
     a, b = report["sources"]["a"], report["sources"]["b"]
     assert (a["found"], a["kept"], a["duplicates"], a["rejected"]) == (5, 2, 3, 0)
     assert (b["found"], b["kept"], b["duplicates"]) == (2, 2, 0)
-    assert {d["id"]: d["duplicate_of"] for d in a["duplicate_examples"]} == {"a/2": "a/0", "a/3": "b/1", "a/4": "a/0"}
-    assert report["totals"] == {"found": 7, "kept": 4, "rejected": 0, "duplicates": 3}
+    at = {name: (tmp_path / name).as_posix() for name in ("a.idx.gz", "b.idx")}
+    # each duplicate by its location and its kept copy's (the manifest id of the kept copy too), with both labels
+    assert [
+        (d["location"], d["duplicate_of"], d["duplicate_of_id"], d["label"], d["duplicate_of_label"])
+        for d in a["duplicate_examples"]
+    ] == [
+        (f"{at['a.idx.gz']}#2", f"{at['a.idx.gz']}#0", "a/0", "2", "0"),
+        (f"{at['a.idx.gz']}#3", f"{at['b.idx']}#1", "b/1", "3", None),  # the probe copy has no label: no conflict
+        (f"{at['a.idx.gz']}#4", f"{at['a.idx.gz']}#0", "a/0", "4", "0"),
+    ]
+    assert set(manifest["location"]) >= {d["duplicate_of"] for d in a["duplicate_examples"]}
+    assert set(manifest["id"]) >= {d["duplicate_of_id"] for d in a["duplicate_examples"]}
+    # a/2 and a/4 are copies of a/0 with other labels: label conflicts, counted and listed
+    assert [d["label_conflict"] for d in a["duplicate_examples"]] == [True, False, True]
+    assert a["label_conflicts"] == 2 and a["label_conflict_examples"] == [a["duplicate_examples"][i] for i in (0, 2)]
+    assert b["label_conflicts"] == 0 and b["duplicate_examples"] == b["label_conflict_examples"] == []
+    assert report["totals"] == {"found": 7, "kept": 4, "rejected": 0, "duplicates": 3, "label_conflicts": 2}
     assert report["totals"]["found"] == sum(report["totals"][k] for k in ("kept", "rejected", "duplicates"))
     assert manifest["label"].tolist()[:2] == [0, 1] and manifest["label"].isna().tolist()[2:] == [True, True]
     assert report["splits"]["probe"] == {"items": 2, "labelled": 0, "sources": ["b"]}
@@ -154,10 +171,16 @@ def test_an_eval_source_claims_its_images_before_training_sources(tmp_path) -> N
     manifest, report = build_manifest(specs)
     assert manifest["id"].tolist() == ["pre/0", "pre/1", "pre/2", "tune/1", "tune/3", *(f"fresh/{i}" for i in range(4))]
     assert select_split(manifest, "finetune")["label"].tolist() == [1, 1]
-    duplicates = {name: report["sources"][name]["duplicate_examples"] for name in ("pre", "tune", "fresh")}
+    duplicates = {
+        name: [
+            (Path(d["location"]).name, Path(d["duplicate_of"]).name, d["duplicate_of_id"])
+            for d in report["sources"][name]["duplicate_examples"]
+        ]
+        for name in ("pre", "tune", "fresh")
+    }
     assert duplicates == {
-        "pre": [{"id": "pre/3", "duplicate_of": "fresh/2"}],
-        "tune": [{"id": "tune/0", "duplicate_of": "pre/1"}, {"id": "tune/2", "duplicate_of": "fresh/3"}],
+        "pre": [("pre.idx#3", "fresh.idx#2", "fresh/2")],
+        "tune": [("tune.idx#0", "pre.idx#1", "pre/1"), ("tune.idx#2", "fresh.idx#3", "fresh/3")],
         "fresh": [],
     }
     assert report["splits"]["eval"] == {"items": 4, "labelled": 0, "sources": ["fresh"]}

@@ -126,26 +126,40 @@ def test_failed_validation_writes_nothing(tmp_path, registry) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- de-duplication
-def _reference_dedup(specs, items) -> tuple[list[str], dict[str, list[dict]]]:
-    """The previous build's algorithm: a dict of every hash, held-out (probe, eval) sources first."""
-    owner: dict[str, str] = {}
+def _reference_dedup(specs, items) -> tuple[list[str], dict[str, list[dict]], dict[str, int]]:
+    """The previous build's algorithm: a dict of every hash, held-out (probe, eval) sources first; each duplicate
+    with its kept copy (location, source, manifest id) and both labels (the toy sources' class names are "0"..)."""
+    owner: dict[str, tuple[str, str, str, int | None]] = {}  # hash -> (location, source, id, label)
     dropped: set[str] = set()
     examples: dict[str, list[dict]] = {s.name: [] for s in specs}
+    conflicts = {s.name: 0 for s in specs}
     for k in sorted(range(len(specs)), key=lambda k: (specs[k].split not in ("probe", "eval"), k)):
         accepted = [it for it in items[specs[k].name] if it[2] != "REJECT"]
-        for i, (_, _, digest) in enumerate(accepted):
+        for i, (location, label, digest) in enumerate(accepted):
             item_id = f"{specs[k].name}/{i}"
             if digest in owner:
                 dropped.add(item_id)
+                kept_location, kept_source, kept_id, kept_label = owner[digest]
+                conflicts[specs[k].name] += label is not None and kept_label is not None and label != kept_label
                 if len(examples[specs[k].name]) < scan_mod.REPORT_EXAMPLES:
-                    examples[specs[k].name].append({"id": item_id, "duplicate_of": owner[digest]})
+                    examples[specs[k].name].append(
+                        {
+                            "location": location,
+                            "duplicate_of": kept_location,
+                            "duplicate_of_source": kept_source,
+                            "duplicate_of_id": kept_id,
+                            "label": None if label is None else str(label),
+                            "duplicate_of_label": None if kept_label is None else str(kept_label),
+                            "label_conflict": label is not None and kept_label is not None and label != kept_label,
+                        }
+                    )
             elif digest is not None:
-                owner[digest] = item_id
+                owner[digest] = (location, specs[k].name, item_id, label)
     kept = []
     for spec in specs:
         n = sum(1 for it in items[spec.name] if it[2] != "REJECT")
         kept += [f"{spec.name}/{i}" for i in range(n) if f"{spec.name}/{i}" not in dropped]
-    return kept, examples
+    return kept, examples, conflicts
 
 
 def test_disk_dedup_keeps_held_out_first_semantics(tmp_path, registry) -> None:
@@ -167,7 +181,7 @@ def test_disk_dedup_keeps_held_out_first_semantics(tmp_path, registry) -> None:
         SourceSpec("fresh", "toy", "eval", tmp_path),  # listed last, claims its hashes before every training source
     ]
     _register_items("toy", items)
-    kept, examples = _reference_dedup(specs, items)
+    kept, examples, conflicts = _reference_dedup(specs, items)
     manifest, report = build_manifest(specs, chunk_rows=8)
     assert manifest["id"].tolist() == kept
     for spec in specs:
@@ -176,6 +190,11 @@ def test_disk_dedup_keeps_held_out_first_semantics(tmp_path, registry) -> None:
         assert src["found"] == src["kept"] + src["rejected"] + src["duplicates"]
     assert report["sources"]["held_out"]["duplicates"] > 0 and report["sources"]["web"]["duplicates"] > 20
     assert any(d["duplicate_of"].startswith("fresh/") for d in report["sources"]["tune"]["duplicate_examples"])
+    for spec in specs:  # every label conflict counted; the first ones listed
+        src = report["sources"][spec.name]
+        assert src["label_conflicts"] == conflicts[spec.name]
+        assert src["label_conflict_examples"][:3] == [d for d in src["duplicate_examples"] if d["label_conflict"]][:3]
+    assert report["totals"]["label_conflicts"] == sum(conflicts.values()) > 20
     held_out = set(manifest.loc[manifest["split"].isin(["probe", "eval"]), "content_hash"].dropna())
     assert held_out and not held_out & set(
         manifest.loc[manifest["split"].isin(["pretrain", "finetune"]), "content_hash"].dropna()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -161,6 +162,9 @@ def layout(tmp_path_factory) -> Path:
     return root
 
 
+SOURCES = ("tree", "flat", "list", "wds")
+
+
 def _specs(root: Path) -> list[SourceSpec]:
     return [
         SourceSpec("tree", "image_folder", "pretrain", root / "tree"),
@@ -261,8 +265,21 @@ def test_file_list_resolves_paths_labels_missing_and_duplicates(ingested) -> Non
     root, manifest, report = ingested
     src = report["sources"]["list"]
     assert src["found"] == 6 and src["kept"] == 2 and src["duplicates"] == 1 and src["rejected"] == 3
-    good_id = manifest.loc[manifest["location"].str.endswith("tree/cat/good.jpg"), "id"].item()
-    assert src["duplicate_examples"] == [{"id": "list/0", "duplicate_of": good_id}]
+    good = manifest.loc[manifest["location"].str.endswith("tree/cat/good.jpg")]
+    # the duplicate by its location, the kept copy by its location and manifest id; the list's label 5 is class "5",
+    # the kept copy's class is "cat": a label conflict (sources are combined by class name)
+    assert src["duplicate_examples"] == [
+        {
+            "location": (root / "lists/imgs/dup.jpg").as_posix(),
+            "duplicate_of": good["location"].item(),
+            "duplicate_of_source": "tree",
+            "duplicate_of_id": good["id"].item(),
+            "label": "5",
+            "duplicate_of_label": "cat",
+            "label_conflict": True,
+        }
+    ]
+    assert src["label_conflicts"] == 1 and src["label_conflict_examples"] == src["duplicate_examples"]
     reasons = {r["location"].split("/lists/")[-1]: r["reason"] for r in src["rejected_examples"]}
     assert reasons == {"imgs/missing.jpg": "missing file", "imgs/gray.png": "repeated entry", "list.txt:8": "bad line"}
     rows = manifest[manifest["source"] == "list"]
@@ -335,8 +352,19 @@ def test_an_image_folder_takes_no_class_names(layout) -> None:
 def test_rejections_file_lists_everything(ingested) -> None:
     root, _, report = ingested
     lines = [json.loads(x) for x in (root / "report" / "rejections.jsonl").read_text().splitlines()]
-    assert len(lines) == report["totals"]["rejected"] and report["rejections_file"].endswith("rejections.jsonl")
-    assert {"source", "location", "reason", "detail"} <= set(lines[0])
+    totals = report["totals"]
+    assert len(lines) == totals["rejected"] + totals["duplicates"]  # every item found and not kept
+    assert report["rejections_file"].endswith("rejections.jsonl")
+    assert all({"source", "location", "reason", "detail"} <= set(line) for line in lines)
+    assert [line["source"] for line in lines] == sorted((line["source"] for line in lines), key=list(SOURCES).index)
+    duplicates = [line for line in lines if line["reason"] == "duplicate"]
+    assert len(duplicates) == totals["duplicates"] == 1
+    assert duplicates[0] == {"source": "list", **report["sources"]["list"]["duplicate_examples"][0]} | {
+        "reason": "duplicate",
+        "detail": f"same content as {(root / 'tree/cat/good.jpg').as_posix()} (source 'tree'), the copy kept; "
+        "label conflict: class '5' here, 'cat' on the kept copy (the manifest's)",
+    }
+    assert not [line for line in lines if re.search(r"\b0x[0-9a-fA-F]+", line["detail"])]  # no memory address
 
 
 def test_limits_and_explicit_layout(layout) -> None:
@@ -405,8 +433,6 @@ def test_source_with_nothing_readable(tmp_path) -> None:
 
 def test_small_chunks_give_the_same_manifest_and_rejections(ingested, tmp_path) -> None:
     """Every reader through 2-item chunks (spilled items and rejections) and 3-row row groups: the same output."""
-    import re
-
     import pandas as pd
 
     layout, manifest, report = ingested
@@ -416,21 +442,16 @@ def test_small_chunks_give_the_same_manifest_and_rejections(ingested, tmp_path) 
             _specs(layout), rejections_path=tmp_path / "rejections.jsonl", chunk_rows=2, row_group_rows=3
         )
     pd.testing.assert_frame_equal(small, manifest)
-
-    def same(text):  # PIL names a BytesIO by its address
-        return re.sub(r" at 0x[0-9a-f]+", "", text)
-
     small_report["rejections_file"] = report["rejections_file"]
-    assert same(json.dumps(small_report, sort_keys=True)) == same(json.dumps(report, sort_keys=True))
-    rejections = (layout / "report" / "rejections.jsonl").read_text()
-    assert same((tmp_path / "rejections.jsonl").read_text()) == same(rejections)
+    assert json.dumps(small_report, sort_keys=True) == json.dumps(report, sort_keys=True)  # byte for byte
+    rejections = (layout / "report" / "rejections.jsonl").read_bytes()
+    assert (tmp_path / "rejections.jsonl").read_bytes() == rejections
 
 
 def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_path, monkeypatch) -> None:
     """Decoding ahead in threads changes nothing but speed: same rows, same report, same rejections, same order;
     and a cached re-run with threads reads nothing."""
     import dataclasses
-    import re
 
     import pandas as pd
 
@@ -457,15 +478,13 @@ def test_parallel_decode_gives_the_same_manifest_report_and_cache(ingested, tmp_
     )
     assert any(name.startswith("ingest-decode") for name in threads)  # really decoded in the pool
     pd.testing.assert_frame_equal(parallel, manifest)
-    same = lambda text: re.sub(r" at 0x[0-9a-f]+", "", text)  # noqa: E731 - PIL names a BytesIO by its address
     for source, entry in parallel_report["sources"].items():
         expected = report["sources"][source]
         for key in ("found", "kept", "rejected", "duplicates", "rejection_reasons", "available"):
             assert entry[key] == expected[key], (source, key)
-        assert same(json.dumps(entry["rejected_examples"])) == same(json.dumps(expected["rejected_examples"]))
-    assert same((tmp_path / "rejections.jsonl").read_text()) == same(
-        (layout / "report" / "rejections.jsonl").read_text()
-    )
+        assert entry["rejected_examples"] == expected["rejected_examples"]
+        assert entry["duplicate_examples"] == expected["duplicate_examples"]
+    assert (tmp_path / "rejections.jsonl").read_bytes() == (layout / "report" / "rejections.jsonl").read_bytes()
     threads.clear()
     again, again_report = build_manifest(specs, cache_dir=tmp_path / "cache")
     pd.testing.assert_frame_equal(again, manifest)

@@ -10,12 +10,14 @@ chunk (:data:`~eva_pipeline.ingest.spill.CHUNK_ROWS` items) of a source in Pytho
 sqlite table of content hashes (:class:`~eva_pipeline.ingest.spill.DiskSet`, bounded page cache), validates chunk
 by chunk and writes the manifest to Parquet in row groups. :func:`build_manifest` is the same build returning a
 DataFrame, for small manifests (tests, notebooks). Every unreadable item is recorded as a rejection with its
-reason (:mod:`eva_pipeline.ingest.decode`), never dropped silently nor replaced by another image.
+reason (:mod:`eva_pipeline.ingest.decode`), never dropped silently nor replaced by another image; every duplicate
+is listed with its kept copy.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import tempfile
 from collections import Counter
@@ -35,6 +37,8 @@ from eva_pipeline.ingest.scan_cache import UnitCache, cache_file, source_setting
 from eva_pipeline.ingest.spill import CHUNK_ROWS, build_settings
 from eva_pipeline.ingest.write import write_pass
 from eva_pipeline.manifest import ROW_GROUP_ROWS, Manifest
+
+log = logging.getLogger(__name__)
 
 
 def _check_paths(spec: SourceSpec) -> None:
@@ -71,6 +75,7 @@ def write_manifest(
     chunk_rows: int | None = None,
     row_group_rows: int | None = None,
     work_dir: str | os.PathLike[str] | None = None,
+    rejections_name: str | None = None,
 ) -> tuple[Manifest, dict[str, Any]]:
     """Scan every source, write the manifest to Parquet at ``path`` and return ``(Manifest handle, report)``.
 
@@ -83,7 +88,11 @@ def write_manifest(
     histogram of each split (:mod:`eva_pipeline.ingest.report`). Each source lists its first
     :data:`~eva_pipeline.ingest.scan.REPORT_EXAMPLES` rejections and the count of every rejection reason; with
     ``rejections_path`` every rejection of every source is also written there as JSON lines (``source``,
-    ``location``, ``reason``, ``detail``), and the report names the file.
+    ``location``, ``reason``, ``detail``), followed by its duplicates (reason ``duplicate``, with the kept copy's
+    location ``duplicate_of`` and both labels), and the report names the file. Nothing in either depends on the run
+    (no memory address in a detail). A duplicate whose kept copy has another class is a label conflict: counted per
+    source (``label_conflicts``), listed, and logged once as a warning naming the rejections list
+    (``rejections_name``, default ``rejections_path``).
 
     With ``cache_dir`` the scan is incremental (:mod:`eva_pipeline.ingest.scan_cache`): each unit of input (an image
     file, a shard, an IDX pair) whose path, size and mtime are unchanged is taken from the cache without being
@@ -124,14 +133,18 @@ def write_manifest(
                         raise ValueError("invalid manifest:\n  - " + "\n  - ".join(errors))
                     report = ingestion_report(specs, scans, dedup, deduped, written, cache_reports)
                     if rejections_path is not None:
-                        write_rejections(Path(rejections_path), specs, scans)
+                        write_rejections(Path(rejections_path), specs, scans, deduped, written)
                         report["rejections_file"] = str(rejections_path)
                     os.replace(tmp, path)
                 finally:
                     tmp.unlink(missing_ok=True)
+                    deduped.close()
             finally:
                 for scan in scans:
                     scan.close()
+    where = rejections_name or (None if rejections_path is None else str(rejections_path))
+    for warning in report["warnings"]:  # logged once per build, with where the list is
+        log.warning("ingestion: %s%s", warning, "" if where is None else f"; the rejections list: {where}")
     return Manifest(path), report
 
 

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from eva_pipeline.ingest.details import exception_detail
+
 #: File name extensions treated as images (compared lower-case).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 #: Images smaller than this on either side (after EXIF rotation) are rejected.
@@ -54,10 +56,14 @@ def decode_image(
     The whole image is decoded (a truncated file fails here, not later in training); ``Image.MAX_IMAGE_PIXELS``
     (read at call time) guards against decompression bombs; the EXIF orientation is applied; alpha is composited
     on white; 16-bit grayscale is scaled to 8 bits; CMYK, palette, grayscale and the other modes become RGB.
+    The detail of a rejection is the same on every run (no memory address: :mod:`eva_pipeline.ingest.details`).
     """
     if len(data) == 0:
         return None, Rejection(EMPTY, f"{name}: 0 bytes")
     limit = Image.MAX_IMAGE_PIXELS
+    # PIL names the BytesIO it read from by its address ("cannot identify image file <_io.BytesIO object at 0x..>"):
+    # the file's name takes its place, so a detail is the same on every run.
+    subject = repr(name) if name else "<bytes>"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked explicitly below
@@ -66,18 +72,18 @@ def decode_image(
                 return None, Rejection(BOMB, f"{name}: {img.width}x{img.height} pixels exceed the limit of {limit}")
             img.load()
     except Image.DecompressionBombError as exc:
-        return None, Rejection(BOMB, f"{name}: {exc}")
+        return None, Rejection(BOMB, f"{name}: {exception_detail(exc, subject, with_type=False)}")
     except UnidentifiedImageError as exc:
-        return None, Rejection(NOT_AN_IMAGE, f"{name}: {exc}")
+        return None, Rejection(NOT_AN_IMAGE, f"{name}: {exception_detail(exc, subject, with_type=False)}")
     except Exception as exc:
-        return None, Rejection(CORRUPT, f"{name}: {type(exc).__name__}: {exc}")
+        return None, Rejection(CORRUPT, f"{name}: {exception_detail(exc, subject)}")
     try:
         img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img)
     except _Unsupported as exc:
-        return None, Rejection(UNSUPPORTED, f"{name}: {exc}")
+        return None, Rejection(UNSUPPORTED, f"{name}: {exception_detail(exc, subject, with_type=False)}")
     except Exception as exc:
-        return None, Rejection(CORRUPT, f"{name}: {type(exc).__name__}: {exc}")
+        return None, Rejection(CORRUPT, f"{name}: {exception_detail(exc, subject)}")
     if min(rgb.width, rgb.height) < min_side:
         return None, Rejection(TOO_SMALL, f"{name}: {rgb.width}x{rgb.height}, under {min_side} px on a side")
     return rgb, None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 
 from eva_pipeline.config import KINETICS_ALIASES
 from eva_pipeline.fileio import replace_atomically
+from eva_pipeline.ingest.details import exception_detail
 
 #: The splits of a Kinetics version, in manifest order; validate and test are held out.
 SPLITS: tuple[str, ...] = ("train", "validate", "test")
@@ -79,7 +79,6 @@ REJECTION_COLUMNS: tuple[str, ...] = ("dataset", "split", "clip_id", "path", "re
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _EXAMPLES = 5  # how many offending rows an error message lists
 
 
@@ -416,7 +415,7 @@ def _probe_one(probe: Probe, path: str | os.PathLike[str], min_frames: int) -> P
             if not isinstance(exc, (ValueError, OSError)):
                 raise  # a bug in the probe, not a bad clip
             reason = UNREADABLE
-        detail = _MEMORY_ADDRESS.sub("", f"{type(exc).__name__}: {exc}")
+        detail = exception_detail(exc)  # no memory address: the rejections are a DVC-tracked output
         return ProbeResult(-1, float("nan"), -1, -1, reason, detail)
     frames = int(info.num_frames)
     if frames < min_frames:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from eva_pipeline.ingest.details import stable_text
 from eva_pipeline.ingest.spill import current_chunk_rows, spill_file, unlink_all
 from eva_pipeline.manifest import SPLITS
 
@@ -168,8 +169,9 @@ class SourceScan:
             self._spill_items()
 
     def reject(self, location: str, reason: str, detail: str = "") -> None:
-        """Record one unreadable item: ``reason`` is a stable code, ``detail`` the specifics."""
-        self.rejections.append({"location": location, "reason": reason, "detail": detail})
+        """Record one unreadable item: ``reason`` is a stable code, ``detail`` the specifics (any memory address in
+        it is dropped, so that the rejections list is the same on every run)."""
+        self.rejections.append({"location": location, "reason": reason, "detail": stable_text(detail)})
         if len(self.rejections) >= self._chunk:
             self._spill_rejections()
 

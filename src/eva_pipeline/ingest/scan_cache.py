@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when the cache layout or what a reader produces for a unit changes: older caches are then ignored.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: rejection details without memory addresses
 #: A file whose mtime is this close to (or after) the time it was stamped is not cached.
 RACY_NS = 2_000_000_000
 #: sqlite page cache of a scan's cache database (new + previous), in KiB.

@@ -45,7 +45,8 @@ def test_node_returns_an_owned_handle_and_save_moves_it(node_output):
     assert rejections.parent == root / "02_intermediate" and rejections.is_file()  # until its dataset moves it
     listing = JsonLinesDataset(filepath=str(root / "08_reporting" / "rejections.jsonl"))
     listing.save(rejections)
-    assert len(listing.load()) == report["totals"]["rejected"] and "rejections_file" not in report
+    lines, totals = listing.load(), report["totals"]
+    assert len(lines) == totals["rejected"] + totals["duplicates"] and "rejections_file" not in report
     assert sorted(p.name for p in (root / "02_intermediate").iterdir()) == ["ingestion_cache"]
     assert any(p.suffix == ".sqlite" for p in (root / "02_intermediate" / "ingestion_cache").iterdir())
 

@@ -116,7 +116,15 @@ def test_rejections_and_scan_cache_are_catalog_datasets(workspace):
     """The listing of rejected items and the incremental scan cache are where the catalog says, nowhere else."""
     workspace.run("ingestion")
     report = json.loads(workspace.path("ingestion_report").read_text())
-    assert workspace.catalog.load("ingestion_rejections") == []  # the embedded data decodes cleanly
+    # the embedded data decodes cleanly: what is not kept is Animal-MNIST's one copy, listed with its kept copy
+    listing = workspace.catalog.load("ingestion_rejections")
+    assert [(r["source"], r["reason"], r["duplicate_of_source"]) for r in listing] == [
+        ("animal_mnist", "duplicate", "animal_mnist")
+    ]
+    assert listing[0]["label"] == listing[0]["duplicate_of_label"] and not listing[0]["label_conflict"]
+    assert report["sources"]["animal_mnist"]["duplicate_examples"] == [
+        {k: v for k, v in listing[0].items() if k not in ("source", "reason", "detail")}
+    ]
     assert workspace.path("ingestion_rejections").is_file() and "rejections_file" not in report
     cache = workspace.catalog.load("ingestion_scan_cache")
     databases = sorted(p.suffix for p in cache.iterdir())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from eva_pipeline.ingest.decode import decode_image
+from eva_pipeline.ingest.details import exception_detail
 from eva_pipeline.ingest.scan import SourceScan, SourceSpec
 from eva_pipeline.ingest.scan_cache import KEEP_LABEL, UnitCache
 
@@ -49,10 +50,10 @@ def ingest_file(scan: SourceScan, location: str, label: int | None) -> None:
         with open(location, "rb") as fh:
             data = fh.read()
     except FileNotFoundError as exc:
-        scan.reject(location, MISSING, str(exc))
+        scan.reject(location, MISSING, exception_detail(exc, with_type=False))
         return
     except OSError as exc:
-        scan.reject(location, UNREADABLE, f"{type(exc).__name__}: {exc}")
+        scan.reject(location, UNREADABLE, exception_detail(exc))
         return
     ingest_item(scan, location, label, data, location)
 

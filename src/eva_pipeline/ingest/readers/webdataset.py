@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eva_pipeline.ingest.decode import IMAGE_EXTENSIONS
+from eva_pipeline.ingest.details import exception_detail
 from eva_pipeline.ingest.readers.common import UNSUPPORTED_PATH, UnitRunner, ingest_item, no_labels_file
 from eva_pipeline.ingest.scan import SourceScan, SourceSpec, register_source_kind
 from eva_pipeline.ingest.scan_cache import UnitCache
@@ -123,7 +124,7 @@ def _read_shard(scan: SourceScan, shard: Path, remaining: int | None) -> dict[st
     except Exception as exc:
         errors.append(exc)
     for exc in errors:
-        scan.reject(shard_loc, CORRUPT_SHARD, f"{type(exc).__name__}: {exc}")
+        scan.reject(shard_loc, CORRUPT_SHARD, exception_detail(exc, repr(shard_loc)))
     return {"samples": samples, "stopped": stopped, "quota": remaining}
 
 
@@ -151,6 +152,6 @@ def _ingest_sample(scan: SourceScan, shard_loc: str, sample: dict[str, Any]) -> 
         try:
             label = int(sample["cls"].decode("utf-8").strip())
         except (UnicodeDecodeError, ValueError) as exc:
-            scan.reject(location, BAD_LABEL, f"{key}.cls: {exc}")
+            scan.reject(location, BAD_LABEL, f"{key}.cls: {exception_detail(exc, with_type=False)}")
             return
     ingest_item(scan, location, label, sample[ext], location)

@@ -18,7 +18,8 @@ from eva_pipeline.manifest import Manifest
 
 def build_manifest(params: IngestionParams, scan_cache: Path) -> tuple[Manifest, dict, Path]:
     """Index every configured source into one manifest; the report counts what was found, kept and rejected, and
-    every rejected item (unreadable, corrupt, too small, ...) is listed with its reason in a JSON-lines file.
+    every item not kept (unreadable, corrupt, too small, ..., or a duplicate: with its kept copy) is listed with its
+    reason in a JSON-lines file. Label conflicts among the duplicates are logged once as a warning.
 
     ``scan_cache``: the folder of the incremental scan cache (``ingestion_scan_cache``), updated in place: a re-run
     reads only the files / shards that are new or changed since the last run.
@@ -37,7 +38,11 @@ def build_manifest(params: IngestionParams, scan_cache: Path) -> tuple[Manifest,
     rejections = Path(name)
     try:
         built, report = write_manifest(
-            specs, tmp / "manifest.parquet", rejections_path=rejections, cache_dir=scan_cache
+            specs,
+            tmp / "manifest.parquet",
+            rejections_path=rejections,
+            cache_dir=scan_cache,
+            rejections_name="the ingestion_rejections dataset (rejections.jsonl beside the ingestion report)",
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
