@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from video_fakes import FakeDecode, clip_rows, synthetic_frames, unnormalise
 
 from eva_pipeline.evaluation.video import (
+    distinct_views,
     mirror_pair_report,
     multiview_pixel_probs,
     multiview_probs,
@@ -93,6 +94,46 @@ def test_multiview_averages_softmax_and_picks_the_1x1_view() -> None:
     }
     assert video_scores(view1, labels, ks=(1,)) == {"top1": pytest.approx(1 / 3), "clips": 3}
     assert dataset.bad_clips == []
+
+
+class CountingLinear(torch.nn.Module):
+    """A linear map of the mean pixel per channel and frame; counts the views it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(3 * T, 3)
+        self.views = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.views += x.shape[0]
+        return self.fc(x.mean(dim=(3, 4)).flatten(1))
+
+
+def test_identical_crops_of_square_frames_run_once_with_the_same_scores() -> None:
+    """Square frames: the 3 crops are the same pixels, so the model runs on 4 views per clip, not 12, and the
+    scores equal those of every view run (landscape frames, above, run all 12)."""
+    square = VideoViewsDataset(
+        clip_rows(3), num_frames=T, img_size=SIZE, num_clips=CLIPS, num_crops=CROPS,
+        decode=FakeDecode(height=SIZE, width=SIZE),
+    )  # fmt: skip
+    model = CountingLinear()
+    probs, labels, view1 = multiview_probs(model, square, batch_size=2, device="cpu")
+    assert model.views == 3 * CLIPS
+    with torch.no_grad():
+        every = torch.stack([model(square[i][0]).softmax(-1) for i in range(3)])  # (3, 12, K): all views
+    assert torch.allclose(probs, every.mean(dim=1), atol=1e-6)
+    assert torch.allclose(view1, every[:, MIDDLE], atol=1e-6)
+    assert labels.tolist() == [0, 1, 2]
+
+
+def test_distinct_views_by_hand() -> None:
+    a, b = torch.zeros(2, 2), torch.ones(2, 2)
+    views = torch.stack([torch.stack([a, b, a, b, b]), torch.stack([b, b, b, a, a])])  # (2 clips, 5 views, 2, 2)
+    distinct, inverse = distinct_views(views)
+    assert distinct.tolist() == [0, 1, 5, 8]
+    assert inverse.tolist() == [0, 1, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert torch.equal(views.flatten(0, 1)[distinct][inverse], views.flatten(0, 1))
 
 
 def test_multiview_skips_bad_clips_and_records_them_from_workers() -> None:

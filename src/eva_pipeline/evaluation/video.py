@@ -42,6 +42,29 @@ def _collate_views(
     return torch.stack([v for v, _ in good]), torch.stack([y for _, y in good]), bad
 
 
+def distinct_views(views: Tensor) -> tuple[Tensor, Tensor]:
+    """``views`` (B, V, ...) -> ``(distinct, inverse)``: indices into ``views.flatten(0, 1)`` of the views to run
+    and, for each of the B*V views, the position in ``distinct`` of the identical view that stands for it.
+
+    The 3 spatial crops of a clip whose frames are square after the short-side resize are the same pixels (the
+    demo's clips; Kinetics' landscape clips have distinct crops): the model runs once per distinct view, a third of
+    the work there, with the same per-view softmax (compared exactly, per clip)."""
+    batch, num = views.shape[:2]
+    distinct: list[int] = []
+    inverse = torch.empty(batch * num, dtype=torch.int64)
+    for b in range(batch):
+        kept: list[int] = []  # view indices of this clip that stand for themselves
+        for v in range(num):
+            same = next((k for k in kept if torch.equal(views[b, v], views[b, k])), None)
+            if same is None:
+                kept.append(v)
+                inverse[b * num + v] = len(distinct)
+                distinct.append(b * num + v)
+            else:
+                inverse[b * num + v] = inverse[b * num + same]
+    return torch.tensor(distinct, dtype=torch.int64), inverse
+
+
 def multiview_probs(
     model: torch.nn.Module,
     dataset: VideoViewsDataset,
@@ -87,8 +110,15 @@ def multiview_probs(
                 if views is None:
                     continue
                 count = views.shape[0]
-                logits = model(views.flatten(0, 1).to(device=device, dtype=dtype))
-                if logits.ndim != 2 or logits.shape[0] != count * num_views:
+                distinct, inverse = distinct_views(views)
+                logits = model(views.flatten(0, 1)[distinct].to(device=device, dtype=dtype))
+                if logits.ndim != 2 or logits.shape[0] != len(distinct):
+                    raise ValueError(
+                        f"the model returned {tuple(logits.shape)} for {len(distinct)} distinct views of {count} "
+                        "clips; expected (views, classes)"
+                    )
+                logits = logits[inverse.to(logits.device)]
+                if logits.shape[0] != count * num_views:
                     raise ValueError(
                         f"the model returned {tuple(logits.shape)} for {count} clips x {num_views} views; "
                         "expected (clips x views, classes)"
