@@ -64,15 +64,15 @@ def test_the_default_pipeline_runs_the_whole_dag_into_one_mlflow_run(default_run
     report = json.loads((data / "08_reporting/classification_metrics.json").read_text())
     for run_name, entry in report["runs"].items():
         for set_name in report["sets"]:
-            key = f"classification.{run_name}.{set_name}.top1"
+            key = f"classification_eval/{run_name}/{set_name}/top1"
             assert run.data.metrics[key] == pytest.approx(entry[set_name]["top1"]), key
-        assert run.data.metrics[f"classification.{run_name}.gap"] == pytest.approx(entry["gap"])
+        assert run.data.metrics[f"classification_eval/{run_name}/gap"] == pytest.approx(entry["gap"])
     # the video table: every run, version and view, as in its JSON report
     video = json.loads((data / "08_reporting/video_metrics.json").read_text())
     for run_name, targets in video["runs"].items():
         for target, entry in targets.items():
             for view in video["views"]:
-                key = f"video.{run_name}.{target}.{view}.top1"
+                key = f"video_eval/{run_name}/{target}/{view}/top1"
                 assert run.data.metrics[key] == pytest.approx(entry[view]["top1"]), key
     history = pd.read_csv(data / "07_model_output/video_intermediate_history.csv")
     logged = client.get_metric_history(run.info.run_id, "finetune_video_intermediate/student/loss")
