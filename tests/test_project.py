@@ -44,9 +44,10 @@ def test_module_entry_point_shows_kedro_run_help():
 
 def test_settings_register_the_project_hooks_and_soft_parameter_merge():
     from eva_pipeline import settings
-    from eva_pipeline.hooks import MlflowRunHook, PreflightHook
+    from eva_pipeline.hooks import MlflowModelHook, MlflowRunHook, PreflightHook, ProjectMlflowHook
 
-    assert {type(h) for h in settings.HOOKS} == {PreflightHook, MlflowRunHook}
+    assert {type(h) for h in settings.HOOKS} == {PreflightHook, ProjectMlflowHook, MlflowRunHook, MlflowModelHook}
+    assert "kedro_mlflow" in settings.DISABLE_HOOKS_FOR_PLUGINS  # its entry point's hook: ProjectMlflowHook replaces it
     assert settings.CONFIG_LOADER_ARGS["merge_strategy"] == {"parameters": "soft"}
     assert settings.CONFIG_LOADER_ARGS["base_env"] == "base"
 
