@@ -73,7 +73,13 @@ notebook: $(STAMP)
 		--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate --LabApp.extension_manager=readonly \
 		$(JUPYTER_ARGS)
 
+# MLflow 3.17's UI opens on GenAI traces unless told `workflowType=machine_learning` (then remembered): print the URL
+# of the experiment's runs (its id read from the store; 1 on a fresh one).
 mlflow-ui: $(STAMP)
+	@$(BIN)/python -c "import os, sqlite3; \
+	rows = os.path.exists('mlflow.db') and sqlite3.connect('mlflow.db').execute( \
+	    \"select experiment_id from experiments where name = 'eva_pipeline'\").fetchall(); \
+	print(f'Training runs: http://127.0.0.1:5000/#/experiments/{rows[0][0] if rows else 1}/runs?workflowType=machine_learning')"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:

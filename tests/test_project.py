@@ -47,9 +47,22 @@ def test_module_entry_point_shows_kedro_run_help():
 
 def test_settings_register_the_project_hooks_and_soft_parameter_merge():
     from eva_pipeline import settings
-    from eva_pipeline.hooks import MlflowRunHook, PreflightHook, RunSummaryHook
+    from eva_pipeline.hooks import (
+        MlflowModelHook,
+        MlflowRunHook,
+        PreflightHook,
+        ProjectMlflowHook,
+        RunSummaryHook,
+    )
 
-    assert {type(h) for h in settings.HOOKS} == {PreflightHook, MlflowRunHook, RunSummaryHook}
+    assert {type(h) for h in settings.HOOKS} == {
+        PreflightHook,
+        ProjectMlflowHook,
+        MlflowRunHook,
+        MlflowModelHook,
+        RunSummaryHook,
+    }
+    assert "kedro_mlflow" in settings.DISABLE_HOOKS_FOR_PLUGINS  # its entry point's hook: ProjectMlflowHook replaces it
     assert settings.CONFIG_LOADER_ARGS["merge_strategy"] == {"parameters": "soft"}
     assert settings.CONFIG_LOADER_ARGS["base_env"] == "base"
 

@@ -539,8 +539,10 @@ class SyntheticVideoParams(_Params):
     frames: int = Field(default=16, ge=2)
     size: int = Field(default=28, ge=8, description="canvas height in pixels (even: H.264 in yuv420p)")
     width: int | None = Field(
-        default=None, ge=8, description="canvas width (even, >= size); null: square. Wider frames make the 3 test "
-        "crops differ, as on Kinetics"
+        default=None,
+        ge=8,
+        description="canvas width (even, >= size); null: square. Wider frames make the 3 test "
+        "crops differ, as on Kinetics",
     )
     item_size: int = Field(default=14, ge=4)
     fps: int = Field(default=8, ge=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 import yaml
 from kedro.io import AbstractDataset, DatasetError
+from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 from pydantic import ValidationError
 from torch import nn
 
@@ -33,6 +34,22 @@ from eva_pipeline.models import (
 )
 from eva_pipeline.targets.layout import TargetStoreError
 from eva_pipeline.targets.store import TargetStore
+
+
+class MlflowMetricsDataset(MlflowMetricsHistoryDataset):
+    """kedro-mlflow's metrics dataset under the project's one naming scheme: ``<prefix>/<key>`` (kedro-mlflow joins
+    with a dot), e.g. ``evaluation/probe_top1_pretrained``; the node's keys use ``/`` too. Values as kedro-mlflow's:
+    ``{"value": v, "step": s}`` or a list of those."""
+
+    def _build_args_list_from_metric_item(self, key: str, value: Any) -> Iterator[tuple[str, float, int]]:
+        name = f"{self._prefix}/{key}" if self._prefix else key
+        items = [value] if isinstance(value, dict) else value
+        if not isinstance(items, list) or not items:
+            raise DatasetError(f"metric {name!r}: expected {{'value': v, 'step': s}} or a list of them, got {value!r}")
+        return ((name, float(item["value"]), int(item["step"])) for item in items)
+
+    def _is_dataset_metric(self, key: str) -> bool:
+        return self._prefix is None or key.startswith(f"{self._prefix}/")
 
 
 class EvaCheckpointDataset(AbstractDataset[nn.Module, dict[str, torch.Tensor]]):

@@ -1,11 +1,15 @@
-"""Kedro hooks: pre-flight checks before a pipeline runs; MLflow params of typed blocks and run closing; the result
-tables and plots printed at the end of a run."""
+"""Kedro hooks: pre-flight checks before a pipeline runs; the MLflow record (kedro-mlflow's run, with readable
+params, the tags that link restarts and ``dvc repro`` stages, runs of dead processes closed, models registered); the
+result tables and plots printed at the end of a run."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from kedro.framework.hooks import hook_impl
+from kedro_mlflow.framework.hooks import MlflowHook
 from pydantic import BaseModel
 
 from eva_pipeline.config import PARAMETER_BLOCKS
@@ -127,6 +131,140 @@ class MlflowRunHook:
             return
         while mlflow.active_run() is not None:
             mlflow.end_run(status)
+
+
+class ProjectMlflowHook(MlflowHook):
+    """kedro-mlflow's hook (registered in its place: settings ``DISABLE_HOOKS_FOR_PLUGINS``) with what this project
+    adds to the run it opens.
+
+    * A pydantic ``params:`` input is not logged as one object dump (``sources=[SourceParams(...)]``):
+      :class:`MlflowRunHook` logs its fields one by one (``ingestion.sources.0.limit``).
+    * At the start of a run: the experiment tagged as model training (``mlflow.experimentKind``), the run tagged with
+      its process (host, pid), the RUNNING runs of dead processes on this host marked KILLED
+      (:func:`~eva_pipeline.tracking.close_dead_runs`), and under ``dvc repro`` the run nested with the other stages
+      of the same invocation under one parent run (:func:`~eva_pipeline.tracking.join_dvc_repro`).
+    """
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], is_async: bool) -> None:
+        plain = {k: v for k, v in inputs.items() if not isinstance(v, BaseModel)}
+        super().before_node_run(node=node, catalog=catalog, inputs=plain, is_async=is_async)
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        super().before_pipeline_run(run_params=run_params, pipeline=pipeline, catalog=catalog)
+        import os
+
+        import mlflow
+
+        from eva_pipeline import tracking
+
+        run = mlflow.active_run()
+        if not self._is_mlflow_enabled or run is None:
+            return
+        client = mlflow.MlflowClient()
+        run_id, experiment_id = run.info.run_id, run.info.experiment_id
+        tracking.mark_model_development(client, experiment_id)
+        for key, value in tracking.process_tags().items():
+            client.set_tag(run_id, key, value)
+        tracking.close_dead_runs(client, experiment_id, closed_by=run_id)
+        repro = tracking.dvc_repro_id()
+        if repro is not None:
+            tracking.join_dvc_repro(client, run_id, experiment_id, repro, os.environ["DVC_STAGE"])
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """A catalog dataset of trained weights, logged as an MLflow model: its registered name and the metric prefix
+    of its training (``{part}``: the partition of a folder dataset, one model per run)."""
+
+    registered_name: str
+    metric_prefix: str
+
+
+#: The weights logged and registered as MLflow models when a run saves them.
+MODEL_OUTPUTS = {
+    "eva_student": ModelOutput("eva-student", "pretrain"),
+    "eva_intermediate": ModelOutput("eva-intermediate", "finetune_intermediate"),
+    "finetuned_models": ModelOutput("eva-finetune-{part}", "finetune/{part}"),
+    "video_intermediate_models": ModelOutput("eva-video-intermediate-{part}", "finetune_video_intermediate/{part}"),
+    "finetuned_video_models": ModelOutput("eva-finetune-video-{part}", "finetune_video/{part}"),
+}
+
+
+class MlflowModelHook:
+    """Logs the weights a run saves (:data:`MODEL_OUTPUTS`) as MLflow models (``mlflow.pytorch``, with signature and
+    input example) in the run, registered under stable names; the run's metrics at the training's last step are
+    linked to the model.
+
+    The model is rebuilt from what the catalog reads back, so that it is the weights file exactly (the student's
+    fp16 weights included); the student is logged as :class:`~eva_pipeline.models.EvaTokens` (images -> tokens), a
+    classifier as itself (images or clips -> logits, the EMA weights when kept, as released).
+    """
+
+    def __init__(self) -> None:
+        self._catalog: Any = None
+
+    @hook_impl
+    def before_pipeline_run(self, catalog: Any) -> None:
+        self._catalog = catalog
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
+        output = MODEL_OUTPUTS.get(dataset_name)
+        if output is None or self._catalog is None:
+            return
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:  # tracking disabled for this pipeline
+            return
+        stored = self._catalog.load(dataset_name)
+        if isinstance(data, dict):  # a folder of models: the partitions this node saved
+            for part in sorted(data):
+                self._log(run.info.run_id, dataset_name, output, _model_from(stored[part]()), part)
+        else:
+            self._log(run.info.run_id, dataset_name, output, _model_from(stored, data), None)
+
+    def _log(self, run_id: str, dataset: str, output: ModelOutput, model: Any, part: str | None) -> None:
+        import mlflow
+
+        from eva_pipeline import tracking
+
+        fill = {"part": part or ""}
+        prefix = output.metric_prefix.format(**fill)
+        history = mlflow.MlflowClient().get_metric_history(run_id, tracking.metric_key(prefix, "loss"))
+        tracking.log_torch_model(
+            model,
+            _input_example(model),
+            name=output.registered_name.format(**fill),
+            registered_name=output.registered_name.format(**fill),
+            run_id=run_id,
+            step=max((m.step for m in history), default=0),
+            tags={"eva.dataset": dataset, "eva.metric_prefix": prefix},
+        )
+
+
+def _model_from(stored: Any, saved: Any = None) -> Any:
+    """The module to log from what the catalog read back: a classifier checkpoint's classifier, or the student
+    (``saved``, the module the node returned, gives the architecture; ``stored`` its weights)."""
+    from eva_pipeline.models import ClassifierCheckpoint, EvaMIM, EvaTokens, load_official_checkpoint
+
+    if isinstance(stored, ClassifierCheckpoint):
+        return stored.classifier()
+    student = EvaMIM(saved.config, initialise=False)
+    load_official_checkpoint(student, stored)
+    return EvaTokens(student).eval()
+
+
+def _input_example(model: Any) -> np.ndarray:
+    """Two inputs of the shape the model takes (images, or clips of its frames), fixed values in [0, 1): a batch of 2
+    keeps the exported model's batch size free."""
+    config = getattr(model, "config", None) or model.student.config
+    shape = [2, config.in_chans, config.img_size, config.img_size]
+    if getattr(model, "video", None):
+        shape.insert(2, model.video["num_frames"])
+    return np.random.default_rng(0).random(shape, dtype=np.float32)
 
 
 #: Datasets printed when a run that wrote them ends: name -> (title, how its loaded value becomes markdown).

@@ -1,7 +1,7 @@
 """Kedro project settings."""
 
 from eva_pipeline.config_loader import KindAwareConfigLoader
-from eva_pipeline.hooks import MlflowRunHook, PreflightHook, RunSummaryHook
+from eva_pipeline.hooks import MlflowModelHook, MlflowRunHook, PreflightHook, ProjectMlflowHook, RunSummaryHook
 
 # OmegaConfigLoader whose environments replace (not merge) blocks that name a `kind` (teacher, ...): config_loader.py.
 CONFIG_LOADER_CLASS = KindAwareConfigLoader
@@ -12,4 +12,7 @@ CONFIG_LOADER_ARGS = {
     "merge_strategy": {"parameters": "soft"},
 }
 
-HOOKS = (PreflightHook(), MlflowRunHook(), RunSummaryHook())
+# kedro-mlflow's hook is registered as ProjectMlflowHook (its subclass: readable params, run tags, dead runs closed)
+# instead of the instance its entry point registers (distribution name as pluggy reads it; both spellings).
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow", "kedro-mlflow")
+HOOKS = (PreflightHook(), ProjectMlflowHook(), MlflowRunHook(), MlflowModelHook(), RunSummaryHook())

@@ -307,7 +307,7 @@ def test_wide_canvas_keeps_the_motion_and_wraps_on_its_own_width(arrays) -> None
     square = mfm.render_clip(image, "right", np.random.default_rng(5))
     wide = mfm.render_clip(image, "right", np.random.default_rng(5), width=36)
     assert wide.shape == (16, 28, 36) and wide.dtype == np.uint8
-    assert int(wide.sum()) == pytest.approx(int(square.sum()), rel=1e-3)  # the same item at the same sizes (rounding apart)
+    assert int(wide.sum()) == pytest.approx(int(square.sum()), rel=1e-3)  # same item, same sizes
     cy, cx, _ = mfm.trajectory("right", np.random.default_rng(5), frames=16, size=28, width=36)
     sy, sx, _ = mfm.trajectory("right", np.random.default_rng(5), frames=16, size=28)
     assert np.allclose(cy, sy)

@@ -110,7 +110,7 @@ def catalog_config(workdir: Path) -> dict[str, dict]:
     for name, entry in list(conf.items()):
         if entry["type"].endswith("MlflowArtifactDataset"):
             entry = conf[name] = entry["dataset"]
-        elif entry["type"].startswith("kedro_mlflow."):
+        elif entry["type"].startswith("kedro_mlflow.") or entry["type"].endswith(".MlflowMetricsDataset"):
             conf[name] = {"type": "kedro.io.MemoryDataset"}
             continue
         for key in ("filepath", "path"):  # path: a PartitionedDataset's folder

@@ -64,19 +64,27 @@ def test_the_default_pipeline_runs_the_whole_dag_into_one_mlflow_run(default_run
     report = json.loads((data / "08_reporting/classification_metrics.json").read_text())
     for run_name, entry in report["runs"].items():
         for set_name in report["sets"]:
-            key = f"classification.{run_name}.{set_name}.top1"
+            key = f"classification_eval/{run_name}/{set_name}/top1"
             assert run.data.metrics[key] == pytest.approx(entry[set_name]["top1"]), key
-        assert run.data.metrics[f"classification.{run_name}.gap"] == pytest.approx(entry["gap"])
+        assert run.data.metrics[f"classification_eval/{run_name}/gap"] == pytest.approx(entry["gap"])
     # the video table: every run, version and view, as in its JSON report
     video = json.loads((data / "08_reporting/video_metrics.json").read_text())
     for run_name, targets in video["runs"].items():
         for target, entry in targets.items():
             for view in video["views"]:
-                key = f"video.{run_name}.{target}.{view}.top1"
+                key = f"video_eval/{run_name}/{target}/{view}/top1"
                 assert run.data.metrics[key] == pytest.approx(entry[view]["top1"]), key
     history = pd.read_csv(data / "07_model_output/video_intermediate_history.csv")
     logged = client.get_metric_history(run.info.run_id, "finetune_video_intermediate/student/loss")
     assert sorted(m.step for m in logged) == history.loc[history["run"] == "student", "step"].tolist()
+    # one naming scheme: <block>/<name>; every trained model registered under its stable name
+    blocks = {"ingestion", "pretrain", "evaluation", "classification_eval", "video_eval", "finetune_intermediate",
+              "finetune", "finetune_video_intermediate", "finetune_video"}  # fmt: skip
+    assert {key.split("/")[0] for key in run.data.metrics} <= blocks
+    registered = {m.name for m in client.search_registered_models()}
+    expected = {"eva-student", "eva-intermediate", "eva-finetune-intermediate", "eva-finetune-student",
+                "eva-finetune-random", "eva-video-intermediate-student", "eva-finetune-video-random_v700"}  # fmt: skip
+    assert expected <= registered
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"classification_top1.png", "classification_table.md", "finetune_loss.png"} <= artifacts
     assert {"video_table.md", "report.json"} <= artifacts

@@ -15,6 +15,8 @@ import pytest
 from kedro.framework.session import KedroSession
 from mlflow.tracking import MlflowClient
 
+from eva_pipeline.config import PARAMETER_BLOCKS
+
 STEP_METRICS = ("pretrain/loss", "pretrain/lr", "pretrain/grad_norm", "pretrain/images_per_second")
 TOP1 = ("probe_top1_pretrained", "probe_top1_random", "probe_top1_teacher")
 
@@ -83,6 +85,14 @@ def test_mlflow_run_records_params_step_metrics_probe_and_artifacts(pretrain_run
     assert params["teacher_targets.teacher.kind"] == "efficientnet_lite0"
     assert params["ingestion.sources.0.limit"] == str(pl.PRETRAIN_IMAGES)
     assert params["evaluation.probe.C"] == "1.0"
+    blocks = set(PARAMETER_BLOCKS) | {"parameters"}  # a block logged whole is a dump
+    dumps = sorted(k for k, v in params.items() if k in blocks or "Params(" in v or "PosixPath(" in v)
+    assert not dumps, f"params logged as object dumps, not leaves: {dumps}"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Machine learning"
+    assert {"eva.host", "eva.pid", "eva.training.pretrain"} <= set(run.data.tags)
+    assert all(key.startswith(("ingestion/", "pretrain/", "evaluation/")) for key in run.data.metrics)
+    (version,) = client.search_model_versions("name = 'eva-student'")
+    assert version.run_id == run.info.run_id  # the final student, a registered model of this run
 
     for key in STEP_METRICS:
         history = client.get_metric_history(run.info.run_id, key)

@@ -35,7 +35,7 @@ from eva_pipeline.models import EvaClassifier
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine
-from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, report_step
+from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, StepReport
 from eva_pipeline.training.nonfinite import NonFiniteGuard, roll_back
 from eva_pipeline.training.recipe import step_seed
 from eva_pipeline.training.schedule import WarmupCosineSchedule
@@ -134,6 +134,8 @@ def run_finetuning(
     trajectory = RunHistory(run.ckpt_dir / RUN_HISTORY_FILE, enabled=rank == 0)
     trajectory.truncate(run.start_step)
     bar = tqdm(total=run.last_step, initial=run.start_step, desc=desc, unit="step", disable=not progress or rank != 0)
+    report = StepReport(bar, metrics_fn if rank == 0 else None, params.log_every_steps, run.last_step)
+    report.start(run.fingerprint, run.start_step, trajectory.read())  # a resumed run's steps, logged again
     guard = NonFiniteGuard(params.nonfinite.max_consecutive_skips, params.nonfinite.max_rollbacks)
     run.engine.train()
     step = run.start_step
@@ -172,14 +174,15 @@ def run_finetuning(
             bar.reset(total=run.last_step)
             bar.update(step)
             trajectory.truncate(step)
+            report.discard(step)
             batches = run.batches(train, step)
             continue
-        if rank == 0:
-            report_step(bar, metrics_fn, record, params.log_every_steps, run.last_step)
+        report.step(record)
         if applied and ((step + 1) % params.checkpoint.every_steps == 0 or step + 1 == run.last_step):
             _save(run, step + 1)
+            report.commit(step + 1)
         step += 1
-    bar.close()
+    report.close()
     return FinetuneResult(
         model=run.engine.module,
         ema=None if run.ema is None else run.ema.module,

@@ -1,8 +1,9 @@
 """Moving Fashion-MNIST: the demo's synthetic, deterministic stand-in for Kinetics-400/600/700 (real H.264 clips).
 
 No labelled action clips exist offline, so the demo makes its own: a Fashion-MNIST item, shrunk to ``item_size``,
-moves on a black ``size`` x ``width`` canvas (height x width; square unless ``width`` is given) along one of eight :data:`MOTIONS` for ``frames`` frames. A class is
-(item group, motion): 3 :data:`GROUPS` x 8 motions = 24 classes (e.g. ``"footwear zooming in"``).
+moves on a black ``size`` x ``width`` canvas (square unless ``width`` is given) along one of eight :data:`MOTIONS` for
+``frames`` frames. A class is (item group, motion): 3 :data:`GROUPS` x 8 motions = 24 classes (e.g.
+``"footwear zooming in"``).
 
 What one frame reveals (why the set needs a video model): the canvas is a torus (an item leaving one side comes
 back on the other) and every clip's centre is uniform on it, so the item's position in any single frame has the

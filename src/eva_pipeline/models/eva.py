@@ -246,6 +246,18 @@ class EvaMIM(EvaViT):
         return self.lm_head(self.norm(x))
 
 
+class EvaTokens(nn.Module):
+    """A pre-trained student as a one-input model (what MLflow's pytorch flavour and serving call): images (B, C, H,
+    W) -> its final-norm tokens (B, 1 + N, D), cls first; the features that the linear probe reads."""
+
+    def __init__(self, student: EvaMIM) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.forward_features(images)
+
+
 class EvaClassifier(EvaViT):
     """Fine-tune model (EVA-01 ``run_class_finetuning.py``): mean of patch tokens (cls excluded) -> fc_norm -> head.
 

@@ -31,7 +31,7 @@ from eva_pipeline.models import EvaConfig, EvaMIM
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.engine import check_precision, initialize_engine
-from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, report_step
+from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, StepReport
 from eva_pipeline.training.nonfinite import NonFiniteGuard, roll_back
 from eva_pipeline.training.recipe import initial_student, make_optimizer, make_plan, make_schedule, training_fingerprint
 from eva_pipeline.training.schedule import WarmupCosineSchedule
@@ -113,7 +113,9 @@ def run_pretraining(
     official EVA-01 format). ``data_fingerprint`` identifies the images and targets (e.g. manifest digest and
     teacher) so that a checkpoint is never resumed on other data of the same size.
     ``validation``: held-out images and targets whose fixed-mask loss is recorded as ``val_loss`` every
-    ``validation.every_steps`` steps and at the last step.
+    ``validation.every_steps`` steps and at the last step. ``metrics_fn`` gets each due record once a checkpoint holds
+    its step, and first those of the steps a resumed run starts from
+    (:class:`~eva_pipeline.training.history.StepReport`).
     """
     if isinstance(pixels, torch.Tensor):
         pixels = TensorPixels(pixels)
@@ -126,6 +128,8 @@ def run_pretraining(
     bar = tqdm(
         total=run.last_step, initial=run.start_step, desc="pretrain", unit="step", disable=not progress or run.rank != 0
     )
+    report = StepReport(bar, metrics_fn if run.rank == 0 else None, params.log_every_steps, run.last_step)
+    report.start(run.fingerprint, run.start_step, trajectory.read())  # a resumed run's steps, logged again
     run.engine.train()
     guard = NonFiniteGuard(params.nonfinite.max_consecutive_skips, params.nonfinite.max_rollbacks)
     step = run.start_step
@@ -157,14 +161,15 @@ def run_pretraining(
             bar.reset(total=run.last_step)
             bar.update(step)
             trajectory.truncate(step)
+            report.discard(step)
             batches = run.batches(step)
             continue
-        if run.rank == 0:
-            report_step(bar, metrics_fn, record, params.log_every_steps, run.last_step)
+        report.step(record)
         if applied and run.checkpoint_due(step + 1):
             _save(run, step + 1)
+            report.commit(step + 1)
         step += 1
-    bar.close()
+    report.close()
 
     return PretrainResult(
         model=run.engine.module,

@@ -163,5 +163,5 @@ def test_source_metrics_are_named_per_source_and_count():
         }
     }
     metrics = source_metrics(source_table(report))
-    assert metrics["cc 3m/v1_.kept"] == {"value": 3.0, "step": 0}
-    assert metrics["total.rejected"] == {"value": 1.0, "step": 0} and len(metrics) == 8
+    assert metrics["cc 3m_v1_/kept"] == {"value": 3.0, "step": 0}  # "/" only between the parts of a name
+    assert metrics["total/rejected"] == {"value": 1.0, "step": 0} and len(metrics) == 8

@@ -71,7 +71,7 @@ def evaluate_classifiers(
     """Score each run (its EMA weights with ``params.use_ema``, the released ones) on every set through the
     evaluation transform at the run's own image size (``finetune.crop_pct``), with ``params.raw_pixels`` also a
     ``raw_pixels`` row (a logistic regression on the target stage's training pixels); returns the JSON report, the
-    markdown table, the bar plot and the MLflow metrics (``classification.<run>.<set>.top1`` ...)."""
+    markdown table, the bar plot and the MLflow metrics (``classification_eval/<run>/<set>/top1`` ...)."""
     if not finetuned_models:
         raise ValueError("no fine-tuned model to evaluate: run the finetune pipeline first")
     sources = list(dict.fromkeys([s for eval_set in params.sets for s in eval_set.sources] + params.reference_sources))
@@ -118,13 +118,13 @@ def evaluate_classifiers(
         average=table["average"].to_dict(),
     )
     metrics = {
-        f"{run}.{name}.{metric}": {"value": float(entry[name][metric]), "step": 0}
+        f"{run}/{name}/{metric}": {"value": float(entry[name][metric]), "step": 0}
         for run, entry in report["runs"].items()
         for name in selected
         for metric in ("top1", "top5")
     }
     metrics.update(
-        {f"{run}.{key}": {"value": float(entry[key]), "step": 0} for run, entry in report["runs"].items()
+        {f"{run}/{key}": {"value": float(entry[key]), "step": 0} for run, entry in report["runs"].items()
          for key in ("average", "gap")}
     )  # fmt: skip
     return report, table_markdown(table, sets, params.target), figure, metrics

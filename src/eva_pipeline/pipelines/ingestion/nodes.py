@@ -80,10 +80,10 @@ def source_table(report: dict) -> pd.DataFrame:
 
 
 def source_metrics(table: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """The table's counts as MLflow metrics (``ingestion.<source>.<count>``, kedro-mlflow's format), comparable
-    across runs; characters MLflow does not allow in a metric name become ``_``."""
+    """The table's counts as MLflow metrics (``ingestion/<source>/<count>``, kedro-mlflow's format), comparable
+    across runs; characters MLflow does not allow in a metric name, and ``/`` (the separator), become ``_``."""
     return {
-        f"{re.sub(r'[^A-Za-z0-9_./ -]', '_', str(row.source))}.{k}": {"value": float(getattr(row, k)), "step": 0}
+        f"{re.sub(r'[^A-Za-z0-9_. -]', '_', str(row.source))}/{k}": {"value": float(getattr(row, k)), "step": 0}
         for row in table.itertuples()
         for k in ("found", "kept", "duplicates", "rejected")
     }

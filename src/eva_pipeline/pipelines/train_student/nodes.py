@@ -34,7 +34,7 @@ def pretrain_student(
     params: PretrainParams,
     teacher_params: TeacherTargetsParams,
 ) -> tuple[nn.Module, pd.DataFrame, dict, Figure]:
-    """Pre-train the student; per-step metrics stream to the MLflow run while it trains.
+    """Pre-train the student; per-step metrics go to the MLflow run as checkpoints hold them (a resumed run's too).
 
     ``params``: the resolved student config (``student_config``). ``teacher_targets``: what the teacher_targets
     stage made (the stored targets' reader, or the teacher to run

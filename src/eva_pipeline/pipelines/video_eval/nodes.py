@@ -147,7 +147,7 @@ def evaluate_video(
         for target, by_run in tables.items()
     }
     metrics = {
-        f"{run}.{target}.{view}.{metric}": {"value": float(entry[view][metric]), "step": 0}
+        f"{run}/{target}/{view}/{metric}": {"value": float(entry[view][metric]), "step": 0}
         for run, targets in runs.items()
         for target, entry in targets.items()
         for view in (one, many)
@@ -155,7 +155,7 @@ def evaluate_video(
     }
     if params.mirror_pairs:
         metrics.update(
-            {f"{run}.{target}.mirror_rate": {"value": float(entry["mirror"]["mirror_rate"]), "step": 0}
+            {f"{run}/{target}/mirror_rate": {"value": float(entry["mirror"]["mirror_rate"]), "step": 0}
              for run, targets in runs.items() for target, entry in targets.items()
              if not math.isnan(entry["mirror"]["mirror_rate"])}
         )  # fmt: skip
