@@ -97,20 +97,6 @@ def test_layer_decay_one_is_flat(classifier) -> None:
     assert {g["lr_scale"] for g in layer_decay_param_groups(classifier, WD, 1.0)} == {1.0}
 
 
-def test_embed_lr_scale_multiplies_layer_zero_only(classifier) -> None:
-    """``embed_lr_scale`` scales patch_embed, pos_embed and cls_token (layer 0) on top of the layer decay; every
-    other parameter keeps EVA's scale."""
-    plain = _by_name(layer_decay_param_groups(classifier, WD, LRD))
-    scaled = _by_name(layer_decay_param_groups(classifier, WD, LRD, embed_lr_scale=10.0))
-    embeddings = {n for n in plain if n.split(".")[0] in ("patch_embed", "pos_embed", "cls_token")}
-    assert embeddings >= {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
-    for name, (lr_scale, decay) in plain.items():
-        factor = 10.0 if name in embeddings else 1.0
-        assert scaled[name] == (pytest.approx(lr_scale * factor, rel=1e-12), decay), name
-    with pytest.raises(ValueError, match="embed_lr_scale must be > 0"):
-        layer_decay_param_groups(classifier, WD, LRD, embed_lr_scale=0.0)
-
-
 def test_encoder_without_head_is_refused(small: dict) -> None:
     """timm numbers layers up to the largest id it finds: without a head the last block would get scale 1."""
     encoder = EvaViT(get_config("eva_tiny_patch4_28", **small))

@@ -23,21 +23,16 @@ from eva_pipeline.training.optim import AdamWConfig, build_adamw
 _BIAS_PATTERN = "*.bias"
 
 
-def layer_decay_param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float, embed_lr_scale: float = 1.0
-) -> list[dict]:
+def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """Trainable parameters grouped by (layer, decay), each group with ``lr_scale`` and ``param_names``.
 
-    ``layer_decay`` 1.0 gives every group scale 1 (the official code then builds no assigner); ``embed_lr_scale``
-    multiplies the scale of layer 0 (patch_embed, pos_embed, cls_token; EVA: 1). Raises ``ValueError`` when the model
-    has no ``group_matcher`` or no parameter after its last block, where timm's scales would shift.
+    ``layer_decay`` 1.0 gives every group scale 1 (the official code then builds no assigner). Raises ``ValueError``
+    when the model has no ``group_matcher`` or no parameter after its last block, where timm's scales would shift.
     """
     if not hasattr(model, "group_matcher") or not hasattr(model, "blocks"):
         raise ValueError(f"{type(model).__name__} has no group_matcher()/blocks: not an EVA ViT")
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-    if embed_lr_scale <= 0.0:
-        raise ValueError(f"embed_lr_scale must be > 0, got {embed_lr_scale}")
     depth = len(model.blocks)
     layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     if max(layer_of.values()) != depth + 1:
@@ -54,8 +49,6 @@ def layer_decay_param_groups(
     name_of = {id(p): n for n, p in model.named_parameters()}
     for group in groups:
         group["param_names"] = [name_of[id(p)] for p in group["params"]]
-        if layer_of[group["param_names"][0]] == 0:
-            group["lr_scale"] *= embed_lr_scale
     return groups
 
 
@@ -64,12 +57,10 @@ def frozen_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if not p.requires_grad]
 
 
-def build_finetune_adamw(
-    model: nn.Module, cfg: AdamWConfig, layer_decay: float, embed_lr_scale: float = 1.0
-) -> torch.optim.AdamW:
+def build_finetune_adamw(model: nn.Module, cfg: AdamWConfig, layer_decay: float) -> torch.optim.AdamW:
     """Decoupled AdamW over :func:`layer_decay_param_groups`; set each step's LR with ``training.optim.apply_lr``.
 
     ``cfg`` carries lr, betas, eps and weight decay: (0.9, 0.98), 1e-6 in the IN-21K intermediate stage, torch's
     defaults (0.9, 0.999), 1e-8 in the IN-1K stage (EVA-01 README commands).
     """
-    return build_adamw(layer_decay_param_groups(model, cfg.weight_decay, layer_decay, embed_lr_scale), cfg)
+    return build_adamw(layer_decay_param_groups(model, cfg.weight_decay, layer_decay), cfg)

@@ -43,7 +43,7 @@ def make_optimizer(model: nn.Module, params: FinetuneParams) -> torch.optim.Adam
     """AdamW over the layer-decayed groups of the trainable parameters (frozen ones left out)."""
     o = params.optimizer
     config = AdamWConfig(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    return build_finetune_adamw(model, config, o.layer_decay, o.embed_lr_scale)
+    return build_finetune_adamw(model, config, o.layer_decay)
 
 
 def make_schedule(params: FinetuneParams, steps: int) -> WarmupCosineSchedule:
