@@ -376,13 +376,6 @@ class FinetuneOptimizerParams(OptimizerParams):
 
     layer_decay: float = Field(gt=0, le=1)
     warmup_lr: float = Field(default=0.0, ge=0, description="LR at the first warmup step (EVA-01 21K stage: 1e-6)")
-    embed_lr_scale: float = Field(
-        default=1.0,
-        gt=0,
-        description="extra LR factor of the embeddings (patch_embed, pos_embed, cls_token); EVA: 1. An inflated "
-        "video model starts blind to frame order (pos_embed repeated per frame, kernel averaged over the tubelet): "
-        "a larger factor breaks that symmetry sooner in a short run",
-    )
 
 
 class FinetuneValidationParams(_Params):
