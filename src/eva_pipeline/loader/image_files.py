@@ -89,7 +89,8 @@ class ImageFiles(Dataset):
             return index, None, f"unreadable file: {err.strerror or err}"
         image, rejection = decode_image(data, str(path), min_side=MIN_SIDE)
         if rejection is not None:
-            detail = rejection.detail.removeprefix(f"{path}: ")
+            # the caller names the path once; inside the reason the file name is enough
+            detail = rejection.detail.removeprefix(f"{path}: ").replace(str(path), path.name)
             return index, None, f"{rejection.reason} ({detail})"
         return index, self.transform(image), None
 
