@@ -573,6 +573,11 @@ class VideoStageDataParams(_Params):
 class VideoAugmentationParams(_Params):
     """EVA-01 video training transform: TSN sampling, MultiScaleCrop + flip (+ colour jitter, grayscale)."""
 
+    sampling: Literal["tsn", "strided"] = Field(
+        default="tsn",
+        description="training frames: tsn (EVA: a random frame per segment) or strided (one random offset for all "
+        "segments: evenly spaced frames, the motion kept)",
+    )
     scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
     hflip: bool = Field(default=True, description="off where left/right motion is the label (a flip swaps them)")
     color_jitter: float = Field(default=0.0, ge=0, le=1, description="probability (official: 0.8)")

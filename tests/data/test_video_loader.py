@@ -25,6 +25,7 @@ from eva_pipeline.loader.video import (
     middle_view,
     multiscale_crop_box,
     spatial_crops,
+    strided_indices,
     train_clip_transform,
     tsn_indices,
     uniform_view_indices,
@@ -67,6 +68,36 @@ def test_tsn_indices_deterministic_per_seed_and_random_across_seeds() -> None:
     for s in range(400):
         seen[tsn_indices(30, 8, np.random.default_rng(s))] = True
     assert seen.all()
+
+
+@pytest.mark.parametrize(("n", "t"), [(32, 8), (40, 8), (17, 16), (9, 4)])
+def test_strided_indices_evenly_spaced_one_offset_inside_each_segment(n: int, t: int) -> None:
+    bounds = (np.arange(t + 1) * n) // t
+    offsets = set()
+    for seed in range(40):
+        picked = strided_indices(n, t, np.random.default_rng(seed))
+        assert picked.shape == (t,) and picked.dtype == np.int64
+        assert np.all(picked >= bounds[:-1]) and np.all(picked < bounds[1:]) and np.all(np.diff(picked) > 0)
+        offsets.add(tuple(picked - bounds[:-1]))
+    assert all(len(set(o)) == 1 for o in offsets)  # one offset for every segment
+    assert len(offsets) == int((bounds[1:] - bounds[:-1]).min())  # and every offset that fits each segment drawn
+    if n % t == 0:
+        assert all(len(set(np.diff(np.asarray(o) + bounds[:-1]))) == 1 for o in offsets)  # evenly spaced
+    assert np.array_equal(strided_indices(n, t), tsn_indices(n, t))  # testing: the same segment middles
+
+
+def test_the_training_sampling_is_a_dataset_option() -> None:
+    def frames_of(sampling: str) -> list[list[int]]:
+        dataset = VideoClipDataset(
+            clip_rows(3, frames=40), num_frames=8, img_size=SIZE, train=True, sampling=sampling, decode=FakeDecode()
+        )
+        return [frame_ids(dataset[i][0]) for i in range(3)]
+
+    strided = frames_of("strided")
+    assert all(len(set(np.diff(ids))) == 1 for ids in strided[:1])  # clip 0 has 40 frames: spacing 5 everywhere
+    assert frames_of("tsn") != strided
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        VideoClipDataset(clip_rows(3), num_frames=T, img_size=SIZE, train=True, sampling="dense")
 
 
 def test_tsn_centres_equal_the_official_test_sampling() -> None:

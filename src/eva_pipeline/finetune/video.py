@@ -87,7 +87,8 @@ def make_video_classifier(params: VideoFinetuneParams, student: ModelParams, num
 
 
 def train_clips(rows: pd.DataFrame, labels: np.ndarray, params: VideoFinetuneParams) -> VideoClipDataset:
-    """Training clips: TSN sampling, multi-scale crop (+ flip, jitter, grayscale), a function of (seed, epoch, i)."""
+    """Training clips: TSN (or strided) sampling, multi-scale crop (+ flip, jitter, grayscale), a function of
+    (seed, epoch, i)."""
     a = params.augmentation
     mean, std = NORMALISATION[a.normalize]
     return VideoClipDataset(
@@ -103,6 +104,7 @@ def train_clips(rows: pd.DataFrame, labels: np.ndarray, params: VideoFinetunePar
         scales=a.scales,
         color_jitter=a.color_jitter,
         grayscale=a.grayscale,
+        sampling=a.sampling,
     )
 
 

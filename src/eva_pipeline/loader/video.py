@@ -98,6 +98,22 @@ def tsn_indices(num_video_frames: int, num_segments: int, rng: np.random.Generat
     return bounds[:-1] + rng.integers(0, bounds[1:] - bounds[:-1])
 
 
+def strided_indices(num_video_frames: int, num_segments: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Like :func:`tsn_indices`, but one random offset for every segment (the same frame of each segment): the
+    frames stay evenly spaced, so the motion between two sampled frames is the same all through the clip. TSN's
+    independent draws space them anywhere from 1 to 2N/T - 1 frames apart, which hides motion (what the demo's
+    Moving Fashion-MNIST classes are) from a short fine-tune. Without ``rng`` the test sampling, as TSN's."""
+    n, t = _check_counts(num_video_frames, num_segments)
+    if rng is None or n < t:
+        return uniform_view_indices(n, t, 1)[0]
+    bounds = (np.arange(t + 1, dtype=np.int64) * n) // t
+    return bounds[:-1] + rng.integers(0, int((bounds[1:] - bounds[:-1]).min()))
+
+
+#: Training frame sampling by name: TSN (EVA's) or evenly spaced with one random offset.
+TEMPORAL_SAMPLING = {"tsn": tsn_indices, "strided": strided_indices}
+
+
 def uniform_view_indices(num_video_frames: int, num_segments: int, num_clips: int) -> np.ndarray:
     """Deterministic test clips: (num_clips, num_segments) frame indices, clip ``c`` taking in segment ``i`` the
     frame shown at ``(i + (c + 0.5) / num_clips) N / T`` (time in frames): the clips interleave evenly inside the
@@ -407,10 +423,14 @@ class VideoClipDataset(torch.utils.data.Dataset):
         scales: Sequence[float] = MULTISCALE_SCALES,
         color_jitter: float = 0.0,
         grayscale: float = 0.0,
+        sampling: str = "tsn",
         decode: Decode | None = None,
     ) -> None:
         if num_frames < 1 or img_size < 1:
             raise ValueError(f"num_frames and img_size must be >= 1, got {num_frames} and {img_size}")
+        if sampling not in TEMPORAL_SAMPLING:
+            raise ValueError(f"sampling must be one of {sorted(TEMPORAL_SAMPLING)}, got {sampling!r}")
+        self.sample = TEMPORAL_SAMPLING[sampling]
         _check_probabilities(color_jitter=color_jitter, grayscale=grayscale)
         self.clips = _ClipRows(rows, labels, root, decode)
         self.num_frames, self.img_size, self.train = int(num_frames), int(img_size), bool(train)
@@ -431,7 +451,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
     def _clip(self, index: int, clip: int) -> Tensor | None:
         rng = item_rng(self.seed, self.epoch, index, clip) if self.train else None
-        decoded = self.clips.decode_unique(clip, tsn_indices(self.clips.num_frames(clip), self.num_frames, rng))
+        decoded = self.clips.decode_unique(clip, self.sample(self.clips.num_frames(clip), self.num_frames, rng))
         if isinstance(decoded, BadClip):
             return None
         frames = decoded[0][decoded[1]]
