@@ -652,6 +652,15 @@ def parse_variant(text: str) -> tuple[str, bool, bool]:
     return attn, "ckpt" in flags, "compile" in flags
 
 
+def parse_build(text: str) -> tuple[str, tuple[str, bool, bool] | None]:
+    """``bf16`` -> ("bf16", None); ``bf16:eager`` -> ("bf16", ("eager", False, False)): a precision and, optionally,
+    the variant its build keeps whatever ``--variants`` says."""
+    precision, _, variant = text.partition(":")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {text!r}: expected one of {sorted(PRECISIONS)}, optionally :VARIANT")
+    return precision, parse_variant(variant) if variant else None
+
+
 def set_variant(bench: Bench, attn: str, grad_checkpointing: bool, compile_students: bool) -> None:
     """Switch the built steps in place (no rebuild of a 1B-parameter model per variant).
 
@@ -737,13 +746,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 def format_precision_ratios(results: list[dict[str, Any]]) -> str:
     """Images/s of every mode at each precision over the first precision's, measured in the same rounds."""
-    names = [r["precision"] for r in results]
+    names = [f"{r['precision']}:{r['attn']}" for r in results]  # attn: ours (the reference keeps timm's sdpa)
     lines = [
-        f"images/s vs {names[0]} (same run, interleaved rounds), attn(ours)={results[0]['attn']}:",
-        f"| {'mode':<12} | " + " | ".join(f"{n:>6}" for n in names) + " |",
+        f"images/s vs {names[0]} (same run, interleaved rounds; precision:attention of ours):",
+        f"| {'mode':<12} | " + " | ".join(f"{n:>11}" for n in names) + " |",
     ]
     for m in MODES:
-        lines.append(f"| {m:<12} | " + " | ".join(f"{r['vs_first_precision'][m]:>5.2f}x" for r in results) + " |")
+        lines.append(f"| {m:<12} | " + " | ".join(f"{r['vs_first_precision'][m]:>10.2f}x" for r in results) + " |")
     return "\n".join(lines)
 
 
@@ -777,11 +786,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", choices=["small", "giant", "demo"], default="small")
     p.add_argument(
         "--precision",
-        choices=sorted(PRECISIONS),
         nargs="+",
         default=None,
-        help="default: fp32 on CPU, bf16 on CUDA; several (e.g. fp32 bf16): one build each, rounds interleaved, "
-        "and each mode's images/s as a ratio to the first precision's",
+        metavar="PRECISION[:VARIANT]",
+        help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA); several (e.g. fp32 bf16): one build each, "
+        "rounds interleaved, each mode's images/s as a ratio to the first build's; ':VARIANT' fixes a build's "
+        "variant (e.g. fp32:sdpa bf16:eager), else it follows --variants/--attn",
     )
     p.add_argument("--batch", type=int, default=None, help="default: 16 (small), 32 (giant), 128 (demo)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
@@ -824,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU visible to torch")
-    precisions = args.precision or ["bf16" if device.type == "cuda" else "fp32"]
+    builds = [parse_build(b) for b in args.precision or ["bf16" if device.type == "cuda" else "fp32"]]
     cfg = size_config(args.size)
     if args.batch:
         cfg = dataclasses.replace(cfg, batch=args.batch)
@@ -836,10 +846,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compiles = [c for _, _, c in variants]
     if compiles != sorted(compiles):
         raise SystemExit("--variants: +compile variants must come last (compilation cannot be undone)")
-    first = variants[0]
-    benches = [
-        build_bench(cfg, device, p, first[0], first[1], first[2], zero_stage=args.zero_stage) for p in precisions
-    ]
+    benches = [build_bench(cfg, device, p, *(fixed or variants[0]), zero_stage=args.zero_stage) for p, fixed in builds]
     peaks, sources = [], []
     for bench in benches:  # bench.precision: the effective one (bf16 -> fp32 on a CPU without bf16)
         peak = peak_tflops(device, bench.precision, args.peak_tflops)
@@ -851,8 +858,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     many = bool(args.variants) or len(benches) > 1
     for attn, ckpt, compiled in variants:
-        for bench in benches:
-            set_variant(bench, attn, ckpt, compiled)
+        for bench, (_, fixed) in zip(benches, builds, strict=True):
+            set_variant(bench, *(fixed or (attn, ckpt, compiled)))
         batch = run_benchmarks(benches, args.steps, args.rounds, args.warmup, peaks, args.breakdown)
         for result, source in zip(batch, sources, strict=True):
             result["peak_source"] = source

@@ -209,6 +209,14 @@ def test_precisions_are_timed_in_the_same_rounds(bench_module, monkeypatch, caps
     assert {p.dtype for p in bench.ours.teacher.parameters()} == {torch.float32}  # autocast, not bf16 weights
     assert bench.reference.amp and bench.reference.dtype == torch.bfloat16
 
+    fixed = bm.main([*argv, "--precision", "fp32:sdpa", "bf16:eager", "--variants", "sdpa+ckpt"])
+    assert [(r["precision"], r["attn"], r["grad_checkpointing"]) for r in fixed] == [
+        ("fp32", "sdpa", False),  # a build's own variant wins over --variants
+        ("bf16", "eager", False),
+    ]
+    with pytest.raises(ValueError, match="expected one of"):
+        bm.parse_build("fp8:sdpa")
+
     monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     assert bm.build_bench(tiny_config(bm), torch.device("cpu"), "bf16", zero_stage=0).precision == "fp32"
 
