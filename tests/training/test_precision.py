@@ -187,3 +187,14 @@ def test_a_fallback_run_is_an_fp32_run(native_bf16, data, tmp_path, caplog):
     reference = _run(make_params(precision="fp32", max_steps=4), data, tmp_path / "ref")
     for key, value in reference.model.state_dict().items():
         assert torch.equal(fell_back.model.state_dict()[key], value), key
+
+
+def test_an_fp32_run_after_a_bf16_run_in_one_process_is_unchanged(native_bf16, data, tmp_path):
+    """DeepSpeed records torch_autocast process-wide (``deepspeed.runtime.torch_autocast``): a ``kedro run`` that
+    pre-trains in bf16 and then fine-tunes in fp32 must get the fp32 engine it would get alone."""
+    native_bf16(True)
+    before = _run(make_params(precision="fp32", max_steps=3), data, tmp_path / "a")
+    _run(make_params(precision="bf16", max_steps=1), data, tmp_path / "b")
+    after = _run(make_params(precision="fp32", max_steps=3), data, tmp_path / "c")
+    for key, value in before.model.state_dict().items():
+        assert torch.equal(after.model.state_dict()[key], value), key
