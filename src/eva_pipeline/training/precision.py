@@ -8,13 +8,14 @@
 * **bf16 on a CPU**: a DeepSpeed fp32 engine with DeepSpeed's ``torch_autocast`` section, i.e.
   ``torch.autocast("cpu", dtype=torch.bfloat16)`` around every forward of the engine (training and validation),
   and the same autocast around the online teacher (:meth:`Precision.autocast`). The weights, their gradients, the
-  optimiser state and the loss stay fp32; only autocast's matmul-class ops (linear, conv, bmm, sdpa) run in bf16.
+  optimiser state, the residual stream and the loss stay fp32; autocast's matmul-class ops (linear, conv, bmm,
+  sdpa) run in bf16, and so do the elementwise ops on their outputs (e.g. the MLP's GELU).
 
   Why not DeepSpeed's bf16 engine on CPU: it does keep fp32 master weights in the ZeRO optimiser (checked:
-  ``single_partition_of_fp32_groups`` is fp32) but runs the whole model in bf16: bf16 residual stream, bf16
-  gradients, and every LayerNorm/GELU/softmax in bf16 where autocast keeps fp32. On this project's CPU it was also
-  slower than autocast (demo student, batch 128, eager attention: 613 ms vs 469 ms per step, fp32 1099 ms; measured
-  in one process, ``benchmarks/README.md``). DeepSpeed's ``torch_autocast`` and a hand-written
+  ``single_partition_of_fp32_groups`` is fp32) but holds the model itself in bf16: bf16 weights in the forward, a
+  bf16 residual stream and bf16 gradients, where autocast keeps all three fp32. On this project's CPU it was also
+  slower than autocast (demo student, batch 128, eager attention: 613 ms against 469 ms per step, one run in one
+  process on a loaded machine; ``benchmarks/README.md``). DeepSpeed's ``torch_autocast`` and a hand-written
   ``torch.autocast`` around the engine gave bit-identical weights after 20 steps at world size 1; the DeepSpeed
   section is used so the engine's own forward carries it everywhere (both training loops, their validations, the
   benchmark), with ``lower_precision_safe_modules: []`` so that gradients are all-reduced in fp32 when several
