@@ -12,7 +12,10 @@ Three training steps are timed in one process, on the same batch, masks and prec
 ``ours_online``
     ``eva_pipeline.training.step.train_step``, the very step ``run_pretraining`` runs (not a copy of it): ``EvaMIM``
     (lm_head on masked tokens only), ``mim_cosine_loss``, DeepSpeed engine (ZeRO-1) from ``initialize_engine`` over
-    ``build_adamw(param_groups(..))``, targets from ``OpenClipTeacher.targets`` every step.
+    ``build_adamw(param_groups(..))``, targets from ``OpenClipTeacher.targets`` every step. Precision as the loop
+    resolves it (``eva_pipeline.training.precision``): bf16 on CPU is an fp32 engine with DeepSpeed's
+    ``torch_autocast`` and the teacher (fp32 weights) under the same autocast, as the reference; where the CPU has no
+    native bf16 both steps run fp32.
 ``ours_cached``
     The same step and engine with targets looked up in a precomputed fp16 store (``cached_targets``), the mode of
     the embedded default configuration.
@@ -37,6 +40,7 @@ wasted work and not counted. MFU = images/s * FLOPs per image / peak FLOP/s.
 Usage (CPU, small)::
 
     .venv/bin/python benchmarks/pretrain_step.py --device cpu --size small --batch 16 --steps 5 --rounds 3
+    .venv/bin/python benchmarks/pretrain_step.py --device cpu --size demo --precision bf16 --variants eager sdpa
     .venv/bin/python benchmarks/pretrain_step.py --device cuda --size giant --precision bf16   # batch 32 / GPU
 """
 
@@ -121,13 +125,19 @@ class BenchConfig:
 
 
 def size_config(size: str) -> BenchConfig:
-    """``small``: CPU-friendly (112 px, 8x8 grid, 6 x 384 student, 4 x 256 teacher); ``giant``: EVA-g + ViT-L/14.
+    """``small``: CPU-friendly (112 px, 8x8 grid, 6 x 384 student, 4 x 256 teacher); ``giant``: EVA-g + ViT-L/14;
+    ``demo``: the embedded demo's student and batch (``conf/base``: 28 px, 7x7 grid, 4 x 128, 20 of 49 patches
+    masked, batch 128, 112-d targets) with a stand-in online teacher (the demo's EfficientNet targets are cached).
 
     The small teacher/student forward-FLOP ratio (~0.3) is the giant pair's (ViT-L/14 vs EVA-g), so the share of the
     step spent in the teacher is representative.
     """
     from eva_pipeline.models import get_config
 
+    if size == "demo":
+        student = get_config("eva_tiny_patch4_28", target_dim=112, drop_path_rate=0.0)
+        teacher = TeacherShape(image_size=28, patch_size=4, width=128, layers=2, heads=4, mlp_ratio=4.0, output_dim=112)
+        return BenchConfig("demo", student, teacher, None, batch=128, num_masking_patches=20, min_num_patches=4)
     if size == "small":
         student = get_config("eva_small_patch14_224", img_size=112, depth=4)
         teacher = TeacherShape(
@@ -140,7 +150,7 @@ def size_config(size: str) -> BenchConfig:
             image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0, output_dim=768
         )
         return BenchConfig("giant", student, teacher, "ViT-L-14", batch=32, num_masking_patches=105, min_num_patches=16)
-    raise ValueError(f"unknown size {size!r}; choose small or giant")
+    raise ValueError(f"unknown size {size!r}; choose small, giant or demo")
 
 
 def open_clip_config(teacher: TeacherShape) -> dict:
@@ -411,12 +421,13 @@ class OursStep:
     ) -> None:
         from eva_pipeline.models import EvaMIM
         from eva_pipeline.teachers import OpenClipTeacher
-        from eva_pipeline.training.engine import check_precision, initialize_engine
+        from eva_pipeline.training.engine import initialize_engine
         from eva_pipeline.training.optim import AdamWConfig, build_adamw, param_groups
+        from eva_pipeline.training.precision import resolve_precision
         from eva_pipeline.training.step import cached_targets
 
-        check_precision(precision, device)
-        self.device, self.dtype = device, PRECISIONS[precision]
+        self.device, self.precision = device, resolve_precision(precision, device)
+        precision = self.precision.name
         student = dataclasses.replace(cfg.student, attn_impl=attn, grad_checkpointing=grad_checkpointing)
         model = EvaMIM(student)
         params = pretrain_params(cfg, device, precision, zero_stage)
@@ -427,15 +438,21 @@ class OursStep:
             model.compile()  # in place: parameter names (and so the groups above) are unchanged
         self.engine = initialize_engine(model, optimizer, params, device)
         self.engine.train()
-        self.teacher = OpenClipTeacher(teacher_name, pretrained=None, device=str(device), precision=precision)
+        # bf16 on CPU: fp32 weights under the loop's autocast (step_inputs), as the reference's teacher
+        teacher_precision = "fp32" if self.precision.cpu_autocast else precision
+        self.teacher = OpenClipTeacher(teacher_name, pretrained=None, device=str(device), precision=teacher_precision)
         self.grid = (student.grid_size, student.grid_size)
         store = torch.randn(cfg.batch, student.num_patches, student.target_dim).to(torch.float16)  # target store
         self.target_fns: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-            "online": lambda index, x: self.teacher.targets(x, self.grid),
+            "online": lambda index, x: self._online(x),
             "cached": cached_targets(store),
         }
         self.index = torch.arange(cfg.batch)
         self.step = 0  # train_step seeds drop path from (seed, rank, step), as the loop does
+
+    def _online(self, images: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast():  # as step_inputs runs the online teacher
+            return self.teacher.targets(images, self.grid)
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor, targets: str) -> float:
         from eva_pipeline.training.step import train_step
@@ -444,7 +461,7 @@ class OursStep:
         mask = masks.to(device, non_blocking=True)
         with _phase("teacher" if targets == "online" else "targets"):
             target = self.target_fns[targets](self.index, images).to(device, non_blocking=True)[mask]
-        x = images.to(device, self.dtype, non_blocking=True)
+        x = images.to(device, self.precision.input_dtype, non_blocking=True)
         record = train_step(self.engine, x, mask, target, LR, num_masked=int(masks.sum()), step=self.step, seed=0)
         self.step += 1
         return record["loss"]
@@ -499,11 +516,14 @@ def build_bench(
     zero_stage: int = 1,
 ) -> Bench:
     from eva_pipeline.training.engine import ensure_single_process_env, import_deepspeed
+    from eva_pipeline.training.precision import resolve_precision
 
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import_deepspeed(device)
     ensure_single_process_env()
+    precision = resolve_precision(precision, device).name  # both steps at what training would run (bf16 -> fp32
+    # on a CPU without native bf16, with the loop's log line)
     teacher_name = cfg.open_clip_name or register_teacher(cfg.teacher)
     torch.manual_seed(seed)
     reference = ReferenceStep(cfg, teacher_name, device, precision, grad_checkpointing, compile_student)
@@ -516,25 +536,60 @@ def run_benchmark(
     bench: Bench, steps: int = 5, rounds: int = 3, warmup: int = 2, peak: float | None = None, breakdown: bool = False
 ) -> dict[str, Any]:
     """Warm up every mode, then ``rounds`` interleaved rounds of ``steps`` timed steps; median images/s per mode."""
+    return run_benchmarks([bench], steps, rounds, warmup, [peak], breakdown)[0]
+
+
+def run_benchmarks(
+    benches: list[Bench],
+    steps: int = 5,
+    rounds: int = 3,
+    warmup: int = 2,
+    peaks: list[float | None] | None = None,
+    breakdown: bool = False,
+) -> list[dict[str, Any]]:
+    """:func:`run_benchmark` of several builds (e.g. one per precision) with their rounds interleaved: every round
+    times every mode of every build, in an order that alternates, so a load spike on a shared machine hits all of
+    them alike and their ratios hold."""
     if steps < 1 or rounds < 1 or warmup < 0:
         raise ValueError("steps and rounds must be >= 1, warmup >= 0")
-    fns = bench.steps
-    cuda = bench.device.type == "cuda"
-    for mode in MODES:
-        for _ in range(warmup):
-            fns[mode]()
-    resident = torch.cuda.memory_allocated(bench.device) / 2**30 if cuda else None
-    per_round: dict[str, list[float]] = {m: [] for m in MODES}
-    peak_gib: dict[str, float] = dict.fromkeys(MODES, 0.0)
+    cuda = benches[0].device.type == "cuda"
+    for bench in benches:
+        for mode in MODES:
+            for _ in range(warmup):
+                bench.steps[mode]()
+    resident = torch.cuda.memory_allocated(benches[0].device) / 2**30 if cuda else None
+    per_round: list[dict[str, list[float]]] = [{m: [] for m in MODES} for _ in benches]
+    peak_gib: list[dict[str, float]] = [dict.fromkeys(MODES, 0.0) for _ in benches]
+    slots = [(i, mode) for i in range(len(benches)) for mode in MODES]
     for r in range(rounds):
-        order = MODES if r % 2 == 0 else MODES[::-1]  # alternate the order: no mode always runs first
-        for mode in order:
+        for i, mode in slots if r % 2 == 0 else slots[::-1]:  # alternate the order: no mode always runs first
+            bench = benches[i]
             if cuda:
                 torch.cuda.reset_peak_memory_stats(bench.device)
-            seconds = time_steps(fns[mode], steps, bench.device)
-            per_round[mode].append(bench.cfg.batch * steps / seconds)
+            seconds = time_steps(bench.steps[mode], steps, bench.device)
+            per_round[i][mode].append(bench.cfg.batch * steps / seconds)
             if cuda:
-                peak_gib[mode] = max(peak_gib[mode], torch.cuda.max_memory_allocated(bench.device) / 2**30)
+                peak_gib[i][mode] = max(peak_gib[i][mode], torch.cuda.max_memory_allocated(bench.device) / 2**30)
+    peaks = peaks or [None] * len(benches)
+    return [
+        _result(bench, per_round[i], steps, rounds, warmup, peaks[i], resident, peak_gib[i], breakdown)
+        for i, bench in enumerate(benches)
+    ]
+
+
+def _result(
+    bench: Bench,
+    per_round: dict[str, list[float]],
+    steps: int,
+    rounds: int,
+    warmup: int,
+    peak: float | None,
+    resident: float | None,
+    peak_gib: dict[str, float],
+    breakdown: bool,
+) -> dict[str, Any]:
+    """One build's result from its timed rounds (medians, ratios, FLOPs, MFU, memory)."""
+    cuda = bench.device.type == "cuda"
     throughput = {m: statistics.median(v) for m, v in per_round.items()}
     ratios = {f"{a}/{b}": throughput[a] / throughput[b] for a, b in RATIOS}
     masked = float(bench.masks.sum()) / bench.masks.shape[0]
@@ -595,6 +650,15 @@ def parse_variant(text: str) -> tuple[str, bool, bool]:
     if attn not in ("eager", "sdpa") or not set(flags) <= {"ckpt", "compile"}:
         raise ValueError(f"variant {text!r}: expected eager|sdpa followed by +ckpt and/or +compile")
     return attn, "ckpt" in flags, "compile" in flags
+
+
+def parse_build(text: str) -> tuple[str, tuple[str, bool, bool] | None]:
+    """``bf16`` -> ("bf16", None); ``bf16:eager`` -> ("bf16", ("eager", False, False)): a precision and, optionally,
+    the variant its build keeps whatever ``--variants`` says."""
+    precision, _, variant = text.partition(":")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {text!r}: expected one of {sorted(PRECISIONS)}, optionally :VARIANT")
+    return precision, parse_variant(variant) if variant else None
 
 
 def set_variant(bench: Bench, attn: str, grad_checkpointing: bool, compile_students: bool) -> None:
@@ -680,6 +744,18 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_precision_ratios(results: list[dict[str, Any]]) -> str:
+    """Images/s of every mode at each precision over the first precision's, measured in the same rounds."""
+    names = [f"{r['precision']}:{r['attn']}" for r in results]  # attn: ours (the reference keeps timm's sdpa)
+    lines = [
+        f"images/s vs {names[0]} (same run, interleaved rounds; precision:attention of ours):",
+        f"| {'mode':<12} | " + " | ".join(f"{n:>11}" for n in names) + " |",
+    ]
+    for m in MODES:
+        lines.append(f"| {m:<12} | " + " | ".join(f"{r['vs_first_precision'][m]:>10.2f}x" for r in results) + " |")
+    return "\n".join(lines)
+
+
 def profile_modes(bench: Bench, rows: int = 12) -> str:
     """torch.profiler of one step per mode: time per phase (teacher/forward/backward/optimizer) and top ops."""
     from torch.profiler import ProfilerActivity, profile
@@ -707,9 +783,17 @@ def profile_modes(bench: Bench, rows: int = 12) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--size", choices=["small", "giant"], default="small")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default=None, help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--batch", type=int, default=None, help="default: 16 (small), 32 (giant)")
+    p.add_argument("--size", choices=["small", "giant", "demo"], default="small")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=None,
+        metavar="PRECISION[:VARIANT]",
+        help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA); several (e.g. fp32 bf16): one build each, "
+        "rounds interleaved, each mode's images/s as a ratio to the first build's; ':VARIANT' fixes a build's "
+        "variant (e.g. fp32:sdpa bf16:eager), else it follows --variants/--attn",
+    )
+    p.add_argument("--batch", type=int, default=None, help="default: 16 (small), 32 (giant), 128 (demo)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
@@ -750,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU visible to torch")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    builds = [parse_build(b) for b in args.precision or ["bf16" if device.type == "cuda" else "fp32"]]
     cfg = size_config(args.size)
     if args.batch:
         cfg = dataclasses.replace(cfg, batch=args.batch)
@@ -762,26 +846,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compiles = [c for _, _, c in variants]
     if compiles != sorted(compiles):
         raise SystemExit("--variants: +compile variants must come last (compilation cannot be undone)")
-    first = variants[0]
-    bench = build_bench(cfg, device, precision, first[0], first[1], first[2], zero_stage=args.zero_stage)
-    peak, peak_source = peak_tflops(device, precision, args.peak_tflops), "given" if args.peak_tflops else "data sheet"
-    if peak is None:
-        peak, peak_source = measure_matmul_tflops(device, precision), f"measured: 1024^3 {precision} matmuls"
+    benches = [build_bench(cfg, device, p, *(fixed or variants[0]), zero_stage=args.zero_stage) for p, fixed in builds]
+    peaks, sources = [], []
+    for bench in benches:  # bench.precision: the effective one (bf16 -> fp32 on a CPU without bf16)
+        peak = peak_tflops(device, bench.precision, args.peak_tflops)
+        sources.append("given" if args.peak_tflops else "data sheet")
+        if peak is None:
+            peak, sources[-1] = measure_matmul_tflops(device, bench.precision), f"measured: 1024^3 {bench.precision}"
+        peaks.append(peak)
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     results: list[dict[str, Any]] = []
+    many = bool(args.variants) or len(benches) > 1
     for attn, ckpt, compiled in variants:
-        set_variant(bench, attn, ckpt, compiled)
-        result = run_benchmark(bench, args.steps, args.rounds, args.warmup, peak, args.breakdown)
-        result["peak_source"] = peak_source
-        result["command"] = command
-        print(format_table(result), "\n", flush=True)
-        results.append(result)
+        for bench, (_, fixed) in zip(benches, builds, strict=True):
+            set_variant(bench, *(fixed or (attn, ckpt, compiled)))
+        batch = run_benchmarks(benches, args.steps, args.rounds, args.warmup, peaks, args.breakdown)
+        for result, source in zip(batch, sources, strict=True):
+            result["peak_source"] = source
+            result["command"] = command
+            result["vs_first_precision"] = {
+                m: result["images_per_second"][m] / batch[0]["images_per_second"][m] for m in MODES
+            }
+            print(format_table(result), "\n", flush=True)
+        if len(benches) > 1:
+            print(format_precision_ratios(batch), "\n", flush=True)
+        results.extend(batch)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results if args.variants else result, indent=2, default=str))
+            args.json.write_text(json.dumps(results if many else results[0], indent=2, default=str))
     if args.profile:
-        print(profile_modes(bench), flush=True)
-    return results if args.variants else results[0]
+        for bench in benches:
+            print(f"## precision {bench.precision}\n{profile_modes(bench)}", flush=True)
+    return results if many else results[0]
 
 
 if __name__ == "__main__":

@@ -186,6 +186,41 @@ def test_variants_switch_one_build_in_place(bench_module, monkeypatch, tmp_path)
         bm.main(["--device", "cpu", "--variants", "sdpa+compile", "eager"])
 
 
+def test_precisions_are_timed_in_the_same_rounds(bench_module, monkeypatch, capsys):
+    """``--precision fp32 bf16``: one build per precision, each mode's images/s over fp32's; ours runs bf16 as the
+    loop does (autocast over an fp32 engine, the teacher under it), and both steps fall back where the loop would."""
+    from eva_pipeline.training import precision as precision_module
+
+    bm = bench_module
+    monkeypatch.setattr(bm, "size_config", lambda size: tiny_config(bm))
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    argv = ["--device", "cpu", "--steps", "1", "--rounds", "2", "--warmup", "0", "--peak-tflops", "1.0"]
+    fp32, bf16 = bm.main([*argv, "--precision", "fp32", "bf16"])
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["vs_first_precision"] == dict.fromkeys(bm.MODES, 1.0)
+    assert bf16["vs_first_precision"]["ours_cached"] == pytest.approx(
+        bf16["images_per_second"]["ours_cached"] / fp32["images_per_second"]["ours_cached"]
+    )
+    assert all(len(v) == 2 for v in bf16["images_per_second_rounds"].values())
+    assert "images/s vs fp32" in capsys.readouterr().out
+
+    bench = bm.build_bench(tiny_config(bm), torch.device("cpu"), "bf16", zero_stage=0)
+    assert bench.ours.engine.torch_autocast_enabled() and bench.ours.precision.cpu_autocast
+    assert {p.dtype for p in bench.ours.teacher.parameters()} == {torch.float32}  # autocast, not bf16 weights
+    assert bench.reference.amp and bench.reference.dtype == torch.bfloat16
+
+    fixed = bm.main([*argv, "--precision", "fp32:sdpa", "bf16:eager", "--variants", "sdpa+ckpt"])
+    assert [(r["precision"], r["attn"], r["grad_checkpointing"]) for r in fixed] == [
+        ("fp32", "sdpa", False),  # a build's own variant wins over --variants
+        ("bf16", "eager", False),
+    ]
+    with pytest.raises(ValueError, match="expected one of"):
+        bm.parse_build("fp8:sdpa")
+
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+    assert bm.build_bench(tiny_config(bm), torch.device("cpu"), "bf16", zero_stage=0).precision == "fp32"
+
+
 def test_cpu_peak_is_measured_when_no_data_sheet_applies(bench_module):
     bm = bench_module
     assert bm.peak_tflops(bm.torch.device("cpu"), "fp32", None) is None

@@ -11,6 +11,7 @@ from eva_pipeline.finetune import eval_transform, train_transform
 from eva_pipeline.finetune.loop import run_finetuning
 from eva_pipeline.loader.classification import ClassificationDataset
 from eva_pipeline.models import ClassifierCheckpoint, create_classifier
+from eva_pipeline.training import precision as precision_module
 
 from .conftest import NUM_CLASSES, SMALL
 
@@ -64,11 +65,13 @@ def _same_state(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path) -> None:
-    whole = _run(_params(), tmp_path / "whole")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path, monkeypatch, precision) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)  # bf16: autocast, whatever this CPU has
+    whole = _run(_params(precision=precision), tmp_path / "whole")
     assert whole.steps == 8 and whole.resumed_from_step == 0  # 32 images / 8 per batch * 2 epochs
-    _run(_params(max_steps=3), tmp_path / "cut")  # stops after the checkpoint of step 3, mid-epoch
-    resumed = _run(_params(), tmp_path / "cut")
+    _run(_params(precision=precision, max_steps=3), tmp_path / "cut")  # stops after the checkpoint of step 3, mid-epoch
+    resumed = _run(_params(precision=precision), tmp_path / "cut")
     assert resumed.resumed_from_step == 3
     _same_state(whole.model.state_dict(), resumed.model.state_dict())
     _same_state(whole.ema.state_dict(), resumed.ema.state_dict())  # the EMA travels in the checkpoint

@@ -25,6 +25,7 @@ from eva_pipeline.targets.store import TargetStore
 from eva_pipeline.training import checkpointing
 from eva_pipeline.training.checkpointing import COMPLETE_MARKER
 from eva_pipeline.training.loop import run_pretraining
+from eva_pipeline.training.precision import cpu_has_native_bf16
 from eva_pipeline.training.step import cached_targets
 from eva_pipeline.training.worker import WEIGHTS_FILE, RunSpec
 from eva_test_support import make_params
@@ -43,9 +44,9 @@ def workspace(tmp_path_factory):
     return root, manifest, store
 
 
-def _spec(workspace, out: Path, every_steps: int = 1) -> RunSpec:
+def _spec(workspace, out: Path, every_steps: int = 1, precision: str = "fp32") -> RunSpec:
     root, _, store = workspace
-    params = make_params(epochs=3, checkpoint={"every_steps": every_steps, "keep_last": 2})
+    params = make_params(epochs=3, precision=precision, checkpoint={"every_steps": every_steps, "keep_last": 2})
     return RunSpec(
         params=params.model_dump(mode="json"),
         images=str(root / "manifest.parquet"),
@@ -70,12 +71,21 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_arbitrary_points_then_restart_is_bit_identical(workspace, tmp_path):
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "fp32",
+        pytest.param(  # the worker detects bf16 itself: where it falls back to fp32 this would test fp32 again
+            "bf16", marks=pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+        ),
+    ],
+)
+def test_sigkill_at_arbitrary_points_then_restart_is_bit_identical(workspace, tmp_path, precision):
     clean_dir, crash_dir = tmp_path / "clean", tmp_path / "crash"
-    clean_spec = _spec(workspace, clean_dir).write(clean_dir / "run.json")
+    clean_spec = _spec(workspace, clean_dir, precision=precision).write(clean_dir / "run.json")
     subprocess.run(_command(clean_spec), env=_env(), check=True, capture_output=True)
 
-    crash_spec = _spec(workspace, crash_dir).write(crash_dir / "run.json")
+    crash_spec = _spec(workspace, crash_dir, precision=precision).write(crash_dir / "run.json")
     rng = random.Random(20261129)
     kills = 0
     for _attempt in range(3):

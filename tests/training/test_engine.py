@@ -18,9 +18,10 @@ from eva_pipeline.models import EvaMIM, get_config, get_layer_id
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.tracking import MlflowStepLogger
 from eva_pipeline.training import loop, recipe
-from eva_pipeline.training.engine import check_precision, deepspeed_config, initialize_engine
+from eva_pipeline.training.engine import deepspeed_config, initialize_engine
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import AdamWConfig, apply_lr, build_adamw, param_groups
+from eva_pipeline.training.precision import check_precision
 from eva_pipeline.training.schedule import WarmupCosineSchedule
 from eva_pipeline.training.step import cached_targets
 from eva_test_support import TINY, merge_nested
@@ -35,7 +36,7 @@ def make_params(**changes) -> PretrainParams:
 # ------------------------------------------------------------------------------------------- deepspeed_config
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_deepspeed_config_carries_the_reference_settings(tmp_path, precision):
-    cfg = deepspeed_config(make_params(precision=precision, batch_size=32), world_size=1)
+    cfg = deepspeed_config(make_params(precision=precision, batch_size=32), world_size=1, device=torch.device("cuda"))
     assert cfg["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 500_000_000}
     assert cfg["gradient_clipping"] == 3.0
     assert cfg["train_batch_size"] == 32 and cfg["train_micro_batch_size_per_gpu"] == 32
@@ -52,9 +53,20 @@ def test_deepspeed_config_carries_the_reference_settings(tmp_path, precision):
         }
         assert "bf16" not in cfg
     elif precision == "bf16":
-        assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg
+        assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg and "torch_autocast" not in cfg
     else:
-        assert "fp16" not in cfg and "bf16" not in cfg
+        assert "fp16" not in cfg and "bf16" not in cfg and "torch_autocast" not in cfg
+
+
+def test_bf16_on_cpu_is_an_fp32_engine_with_autocast():
+    """On CPU bf16 is DeepSpeed's torch_autocast over fp32 weights (training/precision.py says why), gradients
+    all-reduced in fp32 (no lower-precision modules); the device comes from the params when not given."""
+    params = make_params(precision="bf16")
+    cfg = deepspeed_config(params, world_size=1, device=torch.device("cpu"))
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in cfg and "fp16" not in cfg
+    assert deepspeed_config(params, world_size=1) == cfg  # make_params: device cpu
+    assert "torch_autocast" not in deepspeed_config(make_params(precision="fp32"), world_size=1)
 
 
 def test_deepspeed_config_follows_the_params(tmp_path):

@@ -34,14 +34,14 @@ from eva_pipeline.loader.classification import ClassificationDataset, classifica
 from eva_pipeline.models import EvaClassifier
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training import checkpointing
-from eva_pipeline.training.engine import check_precision, initialize_engine
+from eva_pipeline.training.engine import initialize_engine
 from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, StepReport
 from eva_pipeline.training.nonfinite import NonFiniteGuard, roll_back
+from eva_pipeline.training.precision import Precision, resolve_precision
 from eva_pipeline.training.recipe import step_seed
 from eva_pipeline.training.schedule import WarmupCosineSchedule
 from eva_pipeline.training.step import optimizer_step
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MIX_SEED_TAG = 0xC07_313  # the CutMix/Mixup draw of a step, apart from its drop path draw
 
 
@@ -76,7 +76,7 @@ class _Run:
     ema: ModelEmaV3 | None
     ema_decay: float | None
     device: torch.device
-    dtype: torch.dtype
+    precision: Precision  # effective: bf16 asked on a CPU without bf16 runs (and resumes) as fp32
     schedule: WarmupCosineSchedule
     ckpt_dir: Path
     fingerprint: str
@@ -148,7 +148,7 @@ def run_finetuning(
         if mixer is not None:  # timm's Mixup draws from NumPy: seeded per step, as drop path is
             np.random.seed(step_seed(params.seed, rank, step ^ _MIX_SEED_TAG) % 2**32)
             images, labels = mixer(images, labels)
-        x = images.to(run.dtype)
+        x = images.to(run.precision.input_dtype)  # the engine autocasts its own forward (bf16 on CPU)
 
         def loss_fn(x: torch.Tensor = x, labels: torch.Tensor = labels) -> torch.Tensor:
             return criterion(run.engine(x).float(), labels)
@@ -197,7 +197,8 @@ def run_finetuning(
 def _setup(params: FinetuneParams, model: EvaClassifier, num_items: int, start: str, checkpoint_dir: Path) -> _Run:
     """Check the settings, build the engine (layer-decayed AdamW) and the EMA, resume from the latest checkpoint."""
     device = resolve_device(params.device)
-    check_precision(params.precision, device)
+    precision = resolve_precision(params.precision, device)
+    params = params.model_copy(update={"precision": precision.name})  # the fingerprint and engine of what runs
     steps = steps_per_epoch(params, num_items)
     total_steps = steps * params.epochs
     last_step = min(total_steps, params.max_steps or total_steps)
@@ -223,7 +224,7 @@ def _setup(params: FinetuneParams, model: EvaClassifier, num_items: int, start: 
         ema=ema,
         ema_decay=decay,
         device=device,
-        dtype=_DTYPES[params.precision],
+        precision=precision,
         schedule=make_schedule(params, steps),
         ckpt_dir=ckpt_dir,
         fingerprint=fingerprint,
@@ -283,7 +284,7 @@ def _validate(run: _Run, validation: ClassificationDataset) -> dict[str, float]:
     """Top-1 of the current weights (and the EMA) on the validation images; back to training mode afterwards."""
     batch = run.params.validation.batch_size
     run.engine.eval()
-    pred, labels = predictions(run.engine, validation, batch, run.device, run.dtype)
+    pred, labels = predictions(run.engine, validation, batch, run.device, run.precision.input_dtype)
     out = {"val_top1": float((pred == labels).float().mean())}
     run.engine.train()
     if run.ema is not None:

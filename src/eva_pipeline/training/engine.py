@@ -13,19 +13,12 @@ import torch
 from torch import nn
 
 from eva_pipeline.config import FinetuneParams, PretrainParams
+from eva_pipeline.training.precision import Precision
 
 #: Runs over the engine: pre-training and the fine-tune stages (their optimiser blocks both carry ``clip_grad``).
 TrainingParams = PretrainParams | FinetuneParams
 
 _SINGLE_PROCESS_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """fp16 needs a GPU (DeepSpeed refuses it on CPU); say so before any work starts."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(
-            "precision 'fp16' needs a CUDA GPU (DeepSpeed: fp16 is not supported on CPU); use fp32 or bf16"
-        )
 
 
 def import_deepspeed(device: torch.device) -> Any:
@@ -56,8 +49,13 @@ def ensure_single_process_env() -> None:
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
 
-def deepspeed_config(params: TrainingParams, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for ``params`` (ZeRO stage, precision, clipping, batch split)."""
+def deepspeed_config(params: TrainingParams, world_size: int, device: torch.device | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``params`` on ``device`` (ZeRO stage, precision, clipping, batch split).
+
+    ``params.precision`` is taken as the effective one (:func:`~eva_pipeline.training.precision.resolve_precision`
+    first); bf16 is DeepSpeed's bf16 engine on a GPU and an fp32 engine with ``torch_autocast`` on a CPU (see
+    :mod:`~eva_pipeline.training.precision`). ``device`` None: the one ``params.device`` names (auto: CUDA if any).
+    """
     micro = params.batch_size // world_size
     cfg: dict[str, Any] = {
         "train_batch_size": params.batch_size,
@@ -84,9 +82,19 @@ def deepspeed_config(params: TrainingParams, world_size: int) -> dict[str, Any]:
             "hysteresis": ls.hysteresis,
             "min_loss_scale": ls.min_loss_scale,
         }
-    elif params.precision == "bf16":
-        cfg["bf16"] = {"enabled": True}
+    else:
+        cfg.update(Precision(params.precision, _device_type(params.device, device)).deepspeed_section())
     return cfg
+
+
+def _device_type(requested: str, device: torch.device | None) -> str:
+    """``device``'s type, else what ``requested`` (a config's device) resolves to, without failing where it is
+    absent (a dry run on a machine without the run's GPU still shows the run's config)."""
+    if device is not None:
+        return device.type
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
 
 
 def initialize_engine(
@@ -98,6 +106,6 @@ def initialize_engine(
         ensure_single_process_env()
     world_size = int(os.environ["WORLD_SIZE"])
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(params, world_size)
+        model=model, optimizer=optimizer, config=deepspeed_config(params, world_size, device)
     )
     return engine

@@ -30,15 +30,14 @@ from eva_pipeline.loader.pixels import TensorPixels
 from eva_pipeline.models import EvaConfig, EvaMIM
 from eva_pipeline.runtime.device import resolve_device
 from eva_pipeline.training import checkpointing
-from eva_pipeline.training.engine import check_precision, initialize_engine
+from eva_pipeline.training.engine import initialize_engine
 from eva_pipeline.training.history import RUN_HISTORY_FILE, MetricsFn, RunHistory, StepReport
 from eva_pipeline.training.nonfinite import NonFiniteGuard, roll_back
+from eva_pipeline.training.precision import Precision, resolve_precision
 from eva_pipeline.training.recipe import initial_student, make_optimizer, make_plan, make_schedule, training_fingerprint
 from eva_pipeline.training.schedule import WarmupCosineSchedule
 from eva_pipeline.training.step import TargetFn, step_inputs, train_step
 from eva_pipeline.training.validation import ValidationSet, validation_loss
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -61,7 +60,7 @@ class _Run:
     engine: Any
     config: EvaConfig
     device: torch.device
-    dtype: torch.dtype
+    precision: Precision  # effective: bf16 asked on a CPU without bf16 runs (and resumes) as fp32
     schedule: WarmupCosineSchedule
     plan: BatchPlan
     ckpt_dir: Path
@@ -138,7 +137,7 @@ def run_pretraining(
         tick = time.perf_counter()  # images/s counts loading the batch too
         batch = next(batches)
         assert batch.step == step, f"loader out of step: got {batch.step}, expected {step}"
-        x, mask, target = step_inputs(batch, targets, run.config.img_size, run.device, run.dtype)
+        x, mask, target = step_inputs(batch, targets, run.config.img_size, run.device, run.precision)
         record = train_step(
             run.engine,
             x,
@@ -186,7 +185,8 @@ def _setup(
 ) -> _Run:
     """Check the settings, build the engine over the initial student and resume it from its latest checkpoint."""
     device = resolve_device(params.device)
-    check_precision(params.precision, device)
+    precision = resolve_precision(params.precision, device)
+    params = params.model_copy(update={"precision": precision.name})  # the fingerprint and engine of what runs
     num_items = len(pixels)
     steps_per_epoch = num_items // params.batch_size
     if steps_per_epoch < 1:
@@ -220,7 +220,7 @@ def _setup(
         engine=engine,
         config=config,
         device=device,
-        dtype=_DTYPES[params.precision],
+        precision=precision,
         schedule=schedule,
         plan=plan,
         ckpt_dir=ckpt_dir,
@@ -234,7 +234,8 @@ def _setup(
 def _validation_loss(run: _Run, validation: ValidationSet) -> float:
     """The held-out fixed-mask loss of the current weights (evaluated in eval mode, then back to training)."""
     run.engine.eval()
-    loss = validation_loss(run.engine, validation, run.config.num_patches, run.device, run.dtype, run.rank, run.world)
+    dtype = run.precision.input_dtype  # the engine autocasts its own forward
+    loss = validation_loss(run.engine, validation, run.config.num_patches, run.device, dtype, run.rank, run.world)
     run.engine.train()
     return loss
 

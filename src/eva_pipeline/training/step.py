@@ -16,6 +16,7 @@ import torch
 from eva_pipeline.loader.transforms import to_model_input
 from eva_pipeline.training.objective import mim_cosine_loss
 from eva_pipeline.training.optim import apply_lr
+from eva_pipeline.training.precision import Precision
 from eva_pipeline.training.recipe import step_seed
 
 TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,17 +29,22 @@ def cached_targets(targets: torch.Tensor) -> TargetFn:
 
 
 def step_inputs(
-    batch: Any, targets: TargetFn | object, img_size: int, device: torch.device, dtype: torch.dtype
+    batch: Any, targets: TargetFn | object, img_size: int, device: torch.device, precision: Precision
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A loader batch (:class:`~eva_pipeline.loader.batches.Batch`) as :func:`train_step` takes it: model input ``x`` in
-    ``dtype``, ``mask`` (B, N) and the masked tokens' ``target`` (M, D), all on ``device``; ``targets`` (the online
-    teacher) runs on ``x`` when the batch brought no stored targets."""
+    the engine's input dtype, ``mask`` (B, N) and the masked tokens' ``target`` (M, D), all on ``device``; ``targets``
+    (the online teacher) runs on ``x`` when the batch brought no stored targets, under the run's autocast (bf16 on
+    CPU), as the engine runs the student."""
     mask = batch.mask.to(device, non_blocking=True)
     x = to_model_input(batch.images, img_size).to(device, non_blocking=True)
     # An online teacher works on the device, with no round trip; stored targets came with the batch.
-    raw = batch.targets if batch.targets is not None else targets(batch.indices, x)
+    if batch.targets is not None:
+        raw = batch.targets
+    else:
+        with precision.autocast():
+            raw = targets(batch.indices, x)
     target = raw.to(device, non_blocking=True)[mask]
-    return x.to(dtype), mask, target
+    return x.to(precision.input_dtype), mask, target
 
 
 STEP_PHASE_PREFIX = "step::"
