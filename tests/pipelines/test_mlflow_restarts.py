@@ -21,6 +21,7 @@ from eva_pipeline import tracking
 from eva_pipeline.datasets import StudentConfigDataset
 from eva_pipeline.models import EvaMIM, load_official_checkpoint
 from eva_pipeline.pipelines.common import student_config
+from eva_pipeline.runtime.launch import RENDEZVOUS_ENV
 from eva_pipeline.training import checkpointing
 
 pytestmark = pytest.mark.slow  # three kedro processes, one killed mid-training
@@ -29,7 +30,9 @@ STEPS, EVERY = 64, 4  # 8 epochs of the tiny config's 256 images in batches of 3
 
 
 def _kedro(root: Path, pipelines: str, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_STAGE")}
+    # not the test process's rendezvous either: an earlier test's engine still listens on its MASTER_PORT
+    dropped = {"MLFLOW_TRACKING_URI", "DVC_STAGE", *RENDEZVOUS_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(KEDRO_DISABLE_TELEMETRY="1", MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "kedro", "run", "--env", "test", "--pipelines", pipelines]
     with log.open("ab") as out:

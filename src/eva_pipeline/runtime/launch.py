@@ -67,11 +67,16 @@ def launch_command(params: LaunchParams, spec_path: Path, module: str = WORKER_M
     return command
 
 
+#: torch.distributed's rendezvous variables. A process that ran a world-size-1 engine holds MASTER_PORT (its store
+#: still listens), so a child process must not inherit them.
+RENDEZVOUS_ENV: tuple[str, ...] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launch(params: LaunchParams, spec_path: Path, log_path: Path, module: str = WORKER_MODULE) -> None:
     """Run the ranks to completion; their combined output goes to ``log_path`` (and the console)."""
     command = launch_command(params, spec_path, module)
     env = dict(os.environ)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in RENDEZVOUS_ENV:
         env.pop(key, None)  # the launcher sets these per rank
     if params.device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
