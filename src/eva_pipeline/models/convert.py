@@ -36,6 +36,7 @@ from eva_pipeline.models.checkpoint import (
 )
 from eva_pipeline.models.config import CLIP_L14_TARGET_DIM, EvaConfig
 from eva_pipeline.models.eva import EvaClassifier, EvaMIM
+from eva_pipeline.models.finetuned import save_torch_atomically
 from eva_pipeline.models.registry import MODEL_CONFIGS
 
 Kind = Literal["mim", "classifier"]
@@ -287,15 +288,7 @@ def resample_patch_size(
 
 def save_official_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
     """Write ``{"model": state}`` (the official EVA-01 layout, dtypes kept) atomically."""
-    data = {"model": {k: v.detach().cpu().contiguous() for k, v in state.items()}}
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return replace_atomically(path, write)
+    return save_torch_atomically({"model": {k: v.detach().cpu().contiguous() for k, v in state.items()}}, path)
 
 
 def save_timm_safetensors(

@@ -129,9 +129,8 @@ class ClassifierCheckpoint:
         )
 
 
-def save_classifier_checkpoint(checkpoint: ClassifierCheckpoint, path: str | os.PathLike) -> Path:
-    """Write ``checkpoint`` atomically (temporary file beside ``path``, then renamed)."""
-    data = checkpoint.to_dict()
+def save_torch_atomically(data: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(data)`` into a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -140,6 +139,11 @@ def save_classifier_checkpoint(checkpoint: ClassifierCheckpoint, path: str | os.
             os.fsync(f.fileno())
 
     return replace_atomically(path, write)
+
+
+def save_classifier_checkpoint(checkpoint: ClassifierCheckpoint, path: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` atomically (temporary file beside ``path``, then renamed)."""
+    return save_torch_atomically(checkpoint.to_dict(), path)
 
 
 def load_classifier_checkpoint(path: str | os.PathLike) -> ClassifierCheckpoint:
