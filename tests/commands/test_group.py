@@ -55,3 +55,38 @@ def test_run_help_is_kedro_runs(invoke):
     assert "--num-images" in result.output
     result = invoke("nonsense", expect=2)
     assert "No such command 'nonsense'" in result.output
+
+
+def test_inference_job_hands_one_job_and_keeps_the_command_options_after_the_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from eva_pipeline.commands.common import InferenceJob, inference_job
+
+    seen = {}
+
+    @click.command()
+    @inference_job("the checkpoint")
+    @click.option("--own", default="x")
+    @click.pass_context
+    def probe(ctx: click.Context, job: InferenceJob, own: str) -> None:
+        seen.update(ctx=ctx, job=job, own=own)
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"")
+    result = CliRunner().invoke(
+        probe, [str(tmp_path), "-c", str(checkpoint), "--own", "y", "--batch-size", "3", "--no-ema", "--num-heads", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    job = seen["job"]
+    assert isinstance(seen["ctx"], click.Context) and seen["own"] == "y"
+    assert (job.images, job.checkpoint, job.batch_size, job.no_ema, job.num_heads) == (
+        (tmp_path,),
+        checkpoint,
+        3,
+        True,
+        2,
+    )
+    assert (job.device, job.crop_pct, job.skip_bad, job.model_name) == ("auto", 1.0, False, None)
+    names = [param.name for param in probe.params]
+    assert names[:3] == ["images", "checkpoint", "own"]
+    assert names.index("model_name") < names.index("batch_size")

@@ -4,6 +4,8 @@ message; a bad option value is a usage error, exit 2), never tracebacks."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -150,6 +152,90 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceJob:
+    """What every inference command is told: the images, the checkpoint, which model it is and how to run it."""
+
+    images: tuple[Path, ...]
+    checkpoint: Path
+    model_name: str | None
+    student_config: Path | None
+    num_heads: int | None
+    batch_size: int
+    device: str
+    num_workers: int
+    img_size: int | None
+    crop_pct: float
+    no_ema: bool
+    skip_bad: bool
+
+    def paths(self) -> list[Path]:
+        return image_paths(self.images)
+
+    def target(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def load(self) -> LoadedModel:
+        return load_for_inference(
+            self.checkpoint,
+            model_name=self.model_name,
+            student_config=self.student_config,
+            num_heads=self.num_heads,
+            img_size=self.img_size,
+            use_ema=not self.no_ema,
+        )
+
+    def outputs(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        paths: Sequence[Path],
+        *,
+        img_size: int,
+        device: torch.device,
+        desc: str,
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        return batched_outputs(
+            forward,
+            paths,
+            img_size=img_size,
+            crop_pct=self.crop_pct,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=device,
+            skip_bad=self.skip_bad,
+            desc=desc,
+        )
+
+
+def inference_job(checkpoint_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The IMAGES argument, ``--checkpoint``, :func:`model_options` and :func:`inference_options`, handed to the
+    command as one ``job`` (:class:`InferenceJob`); the command's own options pass through as keywords."""
+    fields = [field.name for field in dataclasses.fields(InferenceJob)]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            job = InferenceJob(**{name: kwargs.pop(name) for name in fields})
+            return command(*args, job=job, **kwargs)
+
+        # Help order: IMAGES, --checkpoint, the command's own options, the model's, the inference's (click lists a
+        # command's params in the reverse of the order the decorators attach them).
+        own = getattr(command, "__click_params__", [])
+        run.__click_params__ = []  # type: ignore[attr-defined]
+        run = model_options(inference_options(run))
+        run.__click_params__.extend(own)  # type: ignore[attr-defined]
+        run = click.option(
+            "-c",
+            "--checkpoint",
+            required=True,
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help=checkpoint_help,
+        )(run)
+        return click.argument("images", nargs=-1, type=click.Path(exists=True, path_type=Path))(run)
+
+    return decorate
 
 
 def resolve_device(name: str) -> torch.device:

@@ -8,26 +8,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from eva_pipeline.commands.common import (
-    batched_outputs,
-    image_paths,
-    inference_options,
-    load_for_inference,
-    model_options,
-    resolve_device,
-)
+from eva_pipeline.commands.common import InferenceJob, inference_job
 from eva_pipeline.evaluation.inference import embed, write_features
 
 
 @click.command("features")
-@click.argument("images", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "-c",
-    "--checkpoint",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="eva_student.pt, a fine-tuned classifier, an official EVA-01 file or a timm .safetensors file.",
-)
+@inference_job("eva_student.pt, a fine-tuned classifier, an official EVA-01 file or a timm .safetensors file.")
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Parquet file to write."
 )
@@ -44,27 +30,8 @@ from eva_pipeline.evaluation.inference import embed, write_features
     is_flag=True,
     help="Every patch token after the final norm: one row per image, embedding = N lists of D floats (grid order).",
 )
-@model_options
-@inference_options
 @click.pass_context
-def features_command(
-    ctx: click.Context,
-    images: tuple[Path, ...],
-    checkpoint: Path,
-    output: Path,
-    pool: str,
-    per_patch: bool,
-    model_name: str | None,
-    student_config: Path | None,
-    num_heads: int | None,
-    batch_size: int,
-    device: str,
-    num_workers: int,
-    img_size: int | None,
-    crop_pct: float,
-    no_ema: bool,
-    skip_bad: bool,
-) -> None:
+def features_command(ctx: click.Context, job: InferenceJob, output: Path, pool: str, per_patch: bool) -> None:
     """Embed IMAGES (files, folders searched recursively, or text files listing image paths) with a checkpoint's
     encoder and write one Parquet row per image: `path` and `embedding` (float32).
 
@@ -72,16 +39,10 @@ def features_command(
     """
     if per_patch and ctx.get_parameter_source("pool") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--per-patch writes every patch token: it takes no --pool")
-    paths = image_paths(images)
-    target = resolve_device(device)
-    loaded = load_for_inference(
-        checkpoint,
-        model_name=model_name,
-        student_config=student_config,
-        num_heads=num_heads,
-        img_size=img_size,
-        use_ema=not no_ema,
-    )
+    paths = job.paths()
+    target = job.target()
+    loaded = job.load()
+    checkpoint = job.checkpoint
     config = loaded.config
     readout = "patch" if per_patch else pool
     model = loaded.model.to(target)
@@ -92,16 +53,8 @@ def features_command(
     )
     batches = (
         ([str(paths[i]) for i in indices], out.numpy().astype(np.float32, copy=False))
-        for indices, out in batched_outputs(
-            lambda x: embed(model, x, readout),
-            paths,
-            img_size=config.img_size,
-            crop_pct=crop_pct,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=target,
-            skip_bad=skip_bad,
-            desc="features",
+        for indices, out in job.outputs(
+            lambda x: embed(model, x, readout), paths, img_size=config.img_size, device=target, desc="features"
         )
     )
     metadata = {
@@ -110,8 +63,8 @@ def features_command(
         "kind": loaded.kind,
         "readout": readout,
         "grid": config.grid_size,
-        "crop_pct": crop_pct,
-        "ema": not no_ema,
+        "crop_pct": job.crop_pct,
+        "ema": not job.no_ema,
         "eva_config": dataclasses.asdict(config),
     }
     try:

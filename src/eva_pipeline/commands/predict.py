@@ -10,14 +10,7 @@ from typing import Any
 
 import click
 
-from eva_pipeline.commands.common import (
-    batched_outputs,
-    image_paths,
-    inference_options,
-    load_for_inference,
-    model_options,
-    resolve_device,
-)
+from eva_pipeline.commands.common import InferenceJob, inference_job
 from eva_pipeline.evaluation.inference import top_k
 from eva_pipeline.fileio import replace_atomically
 
@@ -84,14 +77,7 @@ def _output_suffix(ctx: click.Context, param: click.Parameter, value: Path | Non
 
 
 @click.command("predict")
-@click.argument("images", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "-c",
-    "--checkpoint",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A fine-tuned classifier: data/06_models/finetuned/*.pt, or an official EVA-01 fine-tuned file.",
-)
+@inference_job("A fine-tuned classifier: data/06_models/finetuned/*.pt, or an official EVA-01 fine-tuned file.")
 @click.option(
     "--class-names",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -109,39 +95,16 @@ def _output_suffix(ctx: click.Context, param: click.Parameter, value: Path | Non
     callback=_output_suffix,
     help="Also write the predictions to a .json or .csv file.",
 )
-@model_options
-@inference_options
 def predict_command(
-    images: tuple[Path, ...],
-    checkpoint: Path,
-    class_names: Path | None,
-    class_names_key: str | None,
-    k: int,
-    output: Path | None,
-    model_name: str | None,
-    student_config: Path | None,
-    num_heads: int | None,
-    batch_size: int,
-    device: str,
-    num_workers: int,
-    img_size: int | None,
-    crop_pct: float,
-    no_ema: bool,
-    skip_bad: bool,
+    job: InferenceJob, class_names: Path | None, class_names_key: str | None, k: int, output: Path | None
 ) -> None:
     """Classify IMAGES (files, folders searched recursively, or text files listing image paths) with a fine-tuned
     classifier and print the top-k classes with their softmax probabilities."""
-    paths = image_paths(images)
-    target = resolve_device(device)
+    paths = job.paths()
+    target = job.target()
     names = read_class_names(class_names, class_names_key) if class_names is not None else None
-    loaded = load_for_inference(
-        checkpoint,
-        model_name=model_name,
-        student_config=student_config,
-        num_heads=num_heads,
-        img_size=img_size,
-        use_ema=not no_ema,
-    )
+    loaded = job.load()
+    checkpoint = job.checkpoint
     if loaded.kind != "classifier":
         raise click.ClickException(
             f"{checkpoint} is a pre-trained encoder without a classifier head ({loaded.source}): fine-tune it first, "
@@ -158,17 +121,7 @@ def predict_command(
         )
     model = loaded.model.to(target)
     predictions = []
-    for indices, logits in batched_outputs(
-        model,
-        paths,
-        img_size=loaded.config.img_size,
-        crop_pct=crop_pct,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=target,
-        skip_bad=skip_bad,
-        desc="predict",
-    ):
+    for indices, logits in job.outputs(model, paths, img_size=loaded.config.img_size, device=target, desc="predict"):
         probs, classes = top_k(logits, k)
         for i, row_p, row_c in zip(indices, probs.tolist(), classes.tolist(), strict=True):
             top = [
