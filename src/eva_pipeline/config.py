@@ -400,6 +400,9 @@ class FinetuneParams(EngineParams):
     validation: FinetuneValidationParams = FinetuneValidationParams()
     drop_path_rate: float = Field(default=0.4, ge=0, lt=1)
     freeze_patch_embed: bool = True
+    head_init_scale: float = Field(
+        default=1e-3, gt=0, description="a new head's trunc-normal(0.02) init times this (EVA's --init_scale 0.001)"
+    )
     grad_checkpointing: bool = Field(default=False, description="activation checkpointing of the blocks")
     crop_pct: float = Field(default=1.0, gt=0, le=1, description="evaluation resize: size / crop_pct, centre crop")
     head: Literal["by_name", "reinit"] = Field(

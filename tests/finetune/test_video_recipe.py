@@ -153,3 +153,16 @@ def test_a_short_run_with_cutmix_on_clips_trains_and_resumes(tmp_path) -> None:
     model = make_video_classifier(params, STUDENT, 4)
     _, again, _ = fit("video", params, model, list("abcd"), dataset, None, "id", tmp_path)
     assert again == history  # resumed at the last step: the whole run's records, nothing retrained
+
+
+def test_the_stage_head_init_scale_reaches_the_video_head() -> None:
+    """``head_init_scale`` (EVA's --init_scale) sets the new K722 head's std: 0.02 x scale."""
+    stds = {}
+    for scale in (1e-3, 1.0):
+        torch.manual_seed(0)
+        model = make_video_classifier(_params(head_init_scale=scale), STUDENT, 600)
+        stds[scale] = model.head.weight.std().item()
+    assert stds[1.0] / 0.02 == pytest.approx(1.0, abs=0.05)
+    assert stds[1.0] / stds[1e-3] == pytest.approx(1000.0, rel=1e-4)
+    with pytest.raises(ValueError, match="head_init_scale"):
+        _params(head_init_scale=0.0)

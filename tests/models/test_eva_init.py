@@ -70,3 +70,18 @@ def test_classifier_head_init() -> None:
     assert torch.all(clf.fc_norm.weight == 1)
     # The encoder keeps the pre-training law.
     assert abs(clf.blocks[0].attn.qkv.weight.std().item() / TRUNC_STD - 1) < 0.01
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_head_init_scale_multiplies_the_head_only(scale: float) -> None:
+    torch.manual_seed(0)
+    clf = create_classifier("eva_tiny_patch4_28", 1000, head_init_scale=scale, **WIDE)
+    assert abs(clf.head.weight.std().item() / (0.02 * scale) - 1) < 0.02
+    assert torch.count_nonzero(clf.head.bias) == 0
+    assert abs(clf.blocks[0].attn.qkv.weight.std().item() / TRUNC_STD - 1) < 0.01
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0])
+def test_head_init_scale_must_be_positive(scale: float) -> None:
+    with pytest.raises(ValueError, match="head_init_scale"):
+        create_classifier("eva_tiny_patch4_28", 10, head_init_scale=scale, **WIDE)

@@ -51,6 +51,22 @@ def test_the_k722_stage_is_eva_g_over_8_frames_of_224_px(eva01_video):
     assert facts["layer_scales"] == (1.0, 1.0)  # no layer decay in the K722 stage
 
 
+def test_the_merged_eva01_stages_keep_evas_recipe_not_the_demos():
+    """Parameters merge softly over conf/base: a demo deviation (strided sampling, a x1 head init, no smoothing) must
+    not leak into the paper's environment."""
+    raw = CONFIG_LOADER_CLASS(conf_source=str(ROOT / "conf"), env="eva01", **CONFIG_LOADER_ARGS)["parameters"]
+    stages = (
+        ("finetune_video_intermediate", VideoFinetuneParams, 0.3),
+        ("finetune_video", TargetVideoFinetuneParams, 0.2),
+    )
+    for name, kind, drop_path in stages:
+        params = kind.model_validate(raw[name])
+        assert params.augmentation.sampling == "tsn", name
+        assert tuple(params.augmentation.scales) == (1.0, 0.875, 0.75, 0.66), name
+        assert params.head_init_scale == 0.001 and params.mixing.label_smoothing == 0.1, name
+        assert params.drop_path_rate == drop_path, name
+
+
 def test_the_target_stages_are_16_frames_with_layer_decay_and_epochs_per_version(eva01_video):
     for version, classes in (("k400", 400), ("k600", 600), ("k700", 700)):
         facts = eva01_video.facts[f"finetune_video/{version}"]

@@ -28,6 +28,7 @@ def make_classifier(params: FinetuneParams, student: ModelParams, num_classes: i
         params.img_size,
         drop_path_rate=params.drop_path_rate,
         freeze_patch_embed=params.freeze_patch_embed,
+        head_init_scale=params.head_init_scale,
     )
 
 

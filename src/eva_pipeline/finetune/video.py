@@ -82,6 +82,7 @@ def make_video_classifier(params: VideoFinetuneParams, student: ModelParams, num
         tubelet=params.tubelet,
         img_size=params.img_size,
         freeze_patch_embed=params.freeze_patch_embed,
+        head_init_scale=params.head_init_scale,
         **stage_fields(student.overrides),
     )
 

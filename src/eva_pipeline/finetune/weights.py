@@ -163,6 +163,7 @@ def stage_classifier(
     *,
     drop_path_rate: float,
     freeze_patch_embed: bool = True,
+    head_init_scale: float = HEAD_INIT_SCALE,
 ) -> EvaClassifier:
     """The student's architecture (``model_name`` + the student's ``overrides``) as a classifier of ``num_classes``
     at ``img_size``, with the stage's drop path; an image size the patch does not divide is refused by name."""
@@ -174,5 +175,6 @@ def stage_classifier(
         img_size=img_size,
         drop_path_rate=drop_path_rate,
         freeze_patch_embed=freeze_patch_embed,
+        head_init_scale=head_init_scale,
         **fields,
     )

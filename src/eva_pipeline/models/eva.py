@@ -262,16 +262,26 @@ class EvaClassifier(EvaViT):
     """Fine-tune model (EVA-01 ``run_class_finetuning.py``): mean of patch tokens (cls excluded) -> fc_norm -> head.
 
     ``freeze_patch_embed`` (default, as every EVA fine-tune) sets the patch embedding's ``requires_grad`` to False and
-    detaches its output, so no gradient or optimizer state is spent on it.
+    detaches its output, so no gradient or optimizer state is spent on it. ``head_init_scale`` multiplies the new
+    head's trunc-normal(0.02) init (EVA's ``--init_scale``, 0.001).
     """
 
     def __init__(
-        self, config: EvaConfig, num_classes: int, *, freeze_patch_embed: bool = True, initialise: bool = True
+        self,
+        config: EvaConfig,
+        num_classes: int,
+        *,
+        freeze_patch_embed: bool = True,
+        head_init_scale: float = HEAD_INIT_SCALE,
+        initialise: bool = True,
     ) -> None:
         super().__init__(config, initialise=False)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if not head_init_scale > 0:
+            raise ValueError(f"head_init_scale must be > 0, got {head_init_scale!r}")
         self.num_classes = num_classes
+        self.head_init_scale = head_init_scale
         dim = config.embed_dim
         self.fc_norm = LayerNormFp32(dim, eps=config.ln_eps)
         self.head: nn.Module = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -285,8 +295,8 @@ class EvaClassifier(EvaViT):
     def _init_head(self) -> None:
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
-            self.head.weight.mul_(HEAD_INIT_SCALE)
-            self.head.bias.mul_(HEAD_INIT_SCALE)
+            self.head.weight.mul_(self.head_init_scale)
+            self.head.bias.mul_(self.head_init_scale)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, 1 + N, D) block output -> logits (or the normalised pooled feature with ``pre_logits``)."""

@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import Any
 
 from eva_pipeline.models.config import EvaConfig
-from eva_pipeline.models.eva import EvaClassifier, EvaMIM
+from eva_pipeline.models.eva import HEAD_INIT_SCALE, EvaClassifier, EvaMIM
 from eva_pipeline.models.video import DEFAULT_TUBELET, EvaVideoClassifier
 
 # EVA-01 fine-tuning (run_class_finetuning.py, EVA-01 README commands): drop path 0.4 in the IN-21K and IN-1K
@@ -84,13 +84,14 @@ def create_classifier(
     img_size: int | None = None,
     drop_path_rate: float = FINETUNE_DROP_PATH_RATE,
     freeze_patch_embed: bool = True,
+    head_init_scale: float = HEAD_INIT_SCALE,
     **overrides: Any,
 ) -> EvaClassifier:
     """The fine-tune model ``name`` (e.g. ``img_size=336`` for the IN-1K stage); pos_embed resampling on load."""
     if img_size is not None:
         overrides["img_size"] = img_size
     config = get_config(name, drop_path_rate=drop_path_rate, **overrides)
-    return EvaClassifier(config, num_classes, freeze_patch_embed=freeze_patch_embed)
+    return EvaClassifier(config, num_classes, freeze_patch_embed=freeze_patch_embed, head_init_scale=head_init_scale)
 
 
 def create_video_classifier(
@@ -102,6 +103,7 @@ def create_video_classifier(
     tubelet: int = DEFAULT_TUBELET,
     img_size: int | None = None,
     freeze_patch_embed: bool = False,
+    head_init_scale: float = HEAD_INIT_SCALE,
     **overrides: Any,
 ) -> EvaVideoClassifier:
     """The space-time classifier ``name`` over clips of ``num_frames`` frames (the patch embedding trained, as EVA's
@@ -111,5 +113,10 @@ def create_video_classifier(
         overrides["img_size"] = img_size
     config = get_config(name, drop_path_rate=drop_path_rate, **overrides)
     return EvaVideoClassifier(
-        config, num_classes, num_frames=num_frames, tubelet=tubelet, freeze_patch_embed=freeze_patch_embed
+        config,
+        num_classes,
+        num_frames=num_frames,
+        tubelet=tubelet,
+        freeze_patch_embed=freeze_patch_embed,
+        head_init_scale=head_init_scale,
     )

@@ -35,7 +35,7 @@ from eva_pipeline.models.checkpoint import (
     resample_image_pos_embed,
 )
 from eva_pipeline.models.config import EvaConfig
-from eva_pipeline.models.eva import EvaClassifier
+from eva_pipeline.models.eva import HEAD_INIT_SCALE, EvaClassifier
 
 #: Top-level key of a video classifier checkpoint holding its ``num_frames`` and ``tubelet``.
 VIDEO_KEY = "video"
@@ -95,10 +95,13 @@ class EvaVideoClassifier(EvaClassifier):
         num_frames: int,
         tubelet: int = DEFAULT_TUBELET,
         freeze_patch_embed: bool = False,
+        head_init_scale: float = HEAD_INIT_SCALE,
         initialise: bool = True,
     ) -> None:
         check_video_fields(num_frames, tubelet)
-        super().__init__(config, num_classes, freeze_patch_embed=False, initialise=False)
+        super().__init__(
+            config, num_classes, freeze_patch_embed=False, head_init_scale=head_init_scale, initialise=False
+        )
         self.num_frames = num_frames
         self.tubelet = tubelet
         # Replacing the registered modules keeps their place, so state_dict keys stay in the image model's order.
