@@ -130,6 +130,27 @@ def test_tubelet_kernel_averages_the_2d_embeddings_of_its_frames(small: dict, pe
             torch.testing.assert_close(tokens[:, k], mean, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("num_frames", "tubelet"), [(4, 1), (8, 2)])
+def test_the_inflated_model_cannot_tell_a_clip_from_its_reverse(small: dict, perturb, num_frames, tubelet) -> None:
+    """Why the demo's K722 stage needs a head of normal size (README, video section): at the start, the kernel is the
+    same for every frame of a tubelet and the pos_embed the same for every time step, so reversing time permutes the
+    tokens (and pairs the same frames into tubelets) and the logits do not change; once the tubelet kernel or the
+    per-frame pos_embed differ over time, they do. A model blind to order would have to guess "left" vs "right"."""
+    image = _image(small, perturb)
+    video = _video(small, num_frames, tubelet=tubelet)
+    load_video_start(video, {"model": image.state_dict()})
+    clip = torch.randn(2, 3, num_frames, 28, 28)
+    reverse = clip.flip(2)
+    with torch.no_grad():
+        torch.testing.assert_close(video(reverse), video(clip), atol=1e-5, rtol=1e-5)
+        if tubelet > 1:
+            video.patch_embed.proj.weight[:, :, 0] += 0.05 * torch.randn_like(video.patch_embed.proj.weight[:, :, 0])
+        else:
+            grid = video.pos_embed.shape[1] // num_frames
+            video.pos_embed[:, 1 : 1 + grid] += 0.5 * torch.randn_like(video.pos_embed[:, 1 : 1 + grid])
+        assert not torch.allclose(video(reverse), video(clip), atol=1e-3, rtol=0)
+
+
 def test_inflate_patch_embed_weight_formula() -> None:
     weight = torch.randn(4, 3, 2, 2)
     out = inflate_patch_embed_weight(weight, 2)
