@@ -648,7 +648,9 @@ class VideoEvalParams(_Params):
     batch_size: int = Field(default=8, ge=1, description="clips per forward (each with all its views)")
     use_ema: bool = True
     mirror_pairs: bool = Field(
-        default=False, description="report the Moving Fashion-MNIST mirror classes (left/right, ...): the demo's check"
+        default=False,
+        description="the Moving Fashion-MNIST checks: mirror rate (left/right, ...) and top-1 on the item group and on "
+        "the motion apart",
     )
     raw_pixels: bool = Field(
         default=False,

@@ -333,3 +333,12 @@ def test_default_set_size_and_time(arrays, tmp_path) -> None:
         "v600": {"train": 816, "validate": 200},
         "v700": {"train": 980, "validate": 240},
     }
+
+
+def test_class_parts_split_every_class_and_understand_old_names() -> None:
+    assert mfm.class_parts("tops moving left") == {"group": "tops", "motion": "left"}
+    assert mfm.class_parts("tops going round clockwise") == {"group": "tops", "motion": "clockwise"}  # the old name
+    assert mfm.class_parts("juggling") is None
+    for version, names in mfm.VERSIONS.items():
+        assert all(mfm.class_parts(name) is not None for name in names), version
+    assert len({tuple(mfm.class_parts(n).values()) for n in mfm.VERSIONS["v700"]}) == 24

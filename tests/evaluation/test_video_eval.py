@@ -15,6 +15,7 @@ from video_fakes import FakeDecode, clip_rows, synthetic_frames, unnormalise
 
 from eva_pipeline.evaluation.video import (
     distinct_views,
+    factor_accuracy,
     mirror_pair_report,
     multiview_pixel_probs,
     multiview_probs,
@@ -247,3 +248,21 @@ def test_the_pixel_baseline_scores_every_view_and_skips_bad_clips() -> None:
         softmax = logits(pixel_features(views)).softmax(dim=1)
         assert torch.allclose(probs[row], softmax.mean(dim=0)) and torch.allclose(view1[row], softmax[MIDDLE])
         assert not torch.allclose(softmax[0], softmax[MIDDLE])  # the views differ: the average is not one view
+
+
+def test_factor_accuracy_by_hand() -> None:
+    """Right on a part when the predicted class shares it with the true one."""
+    names = ["tops left", "tops right", "shoes left", "shoes right"]
+
+    def parts(name: str) -> dict[str, str] | None:
+        group, motion = name.split()
+        return {"group": group, "motion": motion}
+
+    labels = torch.tensor([0, 0, 1, 2, 3])
+    predicted = torch.tensor([0, 1, 3, 0, 0])  # right, group only, motion only, motion only, neither
+    report = factor_accuracy(one_hot_probs(predicted, 4), labels, names, parts)
+    assert report == {"group": pytest.approx(2 / 5), "motion": pytest.approx(3 / 5)}
+    with pytest.raises(ValueError, match="unknown: \\['still'\\]"):
+        factor_accuracy(
+            one_hot_probs(predicted, 5), labels, [*names, "still"], lambda n: None if n == "still" else parts(n)
+        )

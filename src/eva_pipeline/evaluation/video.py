@@ -3,7 +3,8 @@ each view's softmax summed (``video/main.py``, ``validate``: ``tot_similarity +=
 the 1x1 view from the same forward pass, so the gain of multi-view testing is measured, not assumed.
 
 For the demo, whose classes come in mirror pairs ("moving left" / "moving right"), :func:`per_class_accuracy`,
-:func:`mirror_pair_report` (does the model tell a motion from its mirror, i.e. use temporal and spatial order?)
+:func:`mirror_pair_report` (does the model tell a motion from its mirror, i.e. use temporal and spatial order?),
+:func:`factor_accuracy` (top-1 on the item and on the motion apart)
 and :func:`per_class_accuracy_plot`.
 """
 
@@ -248,6 +249,31 @@ def mirror_pair_report(
         "unmirrored_top1": fraction(int((hit & ~mirrored).sum()), int((~mirrored).sum())),
         "mirror_rate": fraction(int(to_mirror.sum()), count),
         "mirror_share_of_errors": fraction(int(to_mirror.sum()), errors),
+    }
+
+
+def factor_accuracy(
+    probs: Tensor | np.ndarray,
+    labels: Tensor | np.ndarray,
+    class_names: Sequence[str],
+    factors: Callable[[str], Mapping[str, str] | None],
+) -> dict[str, float]:
+    """Top-1 on each factor of a composite label: ``factors(name)`` splits a class into named parts (the demo's
+    ``{"group": "tops", "motion": "left"}``), and a clip counts as right on a part when its predicted class has the
+    true class's value there. Separates what a model gets from appearance from what it gets from time. Every class
+    must split into the same parts."""
+    p, y = _as_tensors(probs, labels)
+    names = _check_names(class_names, p.shape[1])
+    split = [factors(name) for name in names]
+    keys = {tuple(sorted(parts)) if parts is not None else None for parts in split}
+    if len(keys) != 1 or None in keys:
+        unknown = [name for name, parts in zip(names, split, strict=True) if parts is None]
+        raise ValueError(f"every class must split into the same parts; unknown: {unknown}, part names: {keys - {None}}")
+    (parts,) = keys
+    predicted, truth = p.argmax(dim=1).tolist(), y.tolist()
+    return {
+        part: sum(split[a][part] == split[b][part] for a, b in zip(predicted, truth, strict=True)) / len(truth)
+        for part in parts
     }
 
 

@@ -125,6 +125,13 @@ VERSIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def class_parts(name: str) -> dict[str, str] | None:
+    """The two factors of a class: ``{"group": ..., "motion": ...}`` (old names understood), or None for an unknown
+    name. What the demo's video report scores separately: the item (appearance) and the motion (time)."""
+    parts = _CLASS_PARTS.get(ALIASES.get(name, name))
+    return None if parts is None else {"group": parts[0], "motion": parts[1]}
+
+
 def mirror_class(name: str, version: str | None = None) -> str | None:
     """The class with the same group and the mirrored motion (``"tops moving left"`` -> ``"tops moving right"``);
     old names are understood. With ``version``, the name as that version spells it, or None when it lacks the

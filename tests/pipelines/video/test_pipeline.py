@@ -78,7 +78,11 @@ def test_the_video_table_scores_every_run_and_version_in_1x1_and_4x3_views(evalu
             for view in views:
                 assert 0.0 <= entry[view]["top1"] <= entry[view]["top5"] <= 1.0
             assert entry["mirror"]["mirrored_clips"] + entry["mirror"]["unmirrored_clips"] == entry["clips"]
+            # right on the class means right on both parts: each part's top-1 is at least the class top-1
+            assert set(entry["factors"]) == {"group", "motion"}
+            assert min(entry["factors"].values()) >= entry[views[1]]["top1"] - 1e-6
     table = evaluated.path("video_table").read_text()
     assert table.count("\n| student |") == 3 and table.count("\n| raw_pixels |") == 3 and "mirror rate" in table
+    assert "| group top-1 | motion top-1 |" in table
     for target in TARGETS:
         assert_drawn(evaluated.path("video_per_class_plots") / f"per_class_{target}.png")
