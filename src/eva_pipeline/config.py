@@ -615,6 +615,12 @@ class VideoFinetuneParams(FinetuneParams):
     num_frames: int = Field(ge=1)
     tubelet: int = Field(default=1, ge=1)
     freeze_patch_embed: bool = Field(default=False, description="EVA's video fine-tunes train the patch embedding")
+    frame_cache_mb: int = Field(
+        default=0,
+        ge=0,
+        description="keep decoded training clips in memory up to this many MiB (per process), so later epochs do "
+        "not decode them again; 0: decode every time (Kinetics)",
+    )
     runs: list[VideoStart] = Field(default_factory=lambda: ["student", "random"], min_length=1)
 
     @model_validator(mode="after")

@@ -348,3 +348,43 @@ def test_item_rng_is_keyed_by_all_four() -> None:
     assert np.array_equal(base, item_rng(1, 2, 3, 4).integers(1 << 30, size=4))
     for key in [(0, 2, 3, 4), (1, 0, 3, 4), (1, 2, 0, 4), (1, 2, 3, 0)]:
         assert not np.array_equal(base, item_rng(*key).integers(1 << 30, size=4))
+
+
+def test_the_frame_cache_gives_the_same_clips_and_decodes_each_clip_once() -> None:
+    """Every epoch's items equal those of a dataset without the cache; with the cache each clip is decoded once
+    (all its frames), after that never again."""
+    decode = FakeDecode()
+    cached, plain = train_set(decode, cache_bytes=2**30), train_set()
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i in range(len(plain)):
+            assert torch.equal(cached[i][0], plain[i][0]) and torch.equal(cached[i][1], plain[i][1])
+    assert sorted(path for path, _ in decode.calls) == sorted(f"clips/v{i}.mp4" for i in range(6))
+    assert all(indices == list(range(40 + int(path[7:-4]))) for path, indices in decode.calls)
+    assert cached.clips.cached_bytes == sum(frames.nbytes for frames in cached.clips.cached.values())
+
+
+def test_the_frame_cache_stays_within_its_budget_and_then_decodes_as_without_it() -> None:
+    one_clip = synthetic_frames(0, list(range(40))).nbytes
+    decode = FakeDecode()
+    dataset = train_set(decode, cache_bytes=int(2.5 * one_clip))
+    for _ in range(2):
+        for i in range(len(dataset)):
+            dataset[i]
+    assert sorted(dataset.clips.cached) == [0, 1] and dataset.clips.cached_bytes <= 2.5 * one_clip
+    assert dataset.clips.cache_full
+    whole = [path for path, indices in decode.calls if len(indices) > T]
+    assert whole == ["clips/v0.mp4", "clips/v1.mp4", "clips/v2.mp4"]  # v2 did not fit: decoded whole once, not kept
+    assert sum(path == "clips/v4.mp4" for path, _ in decode.calls) == 2  # a clip past the budget: once per epoch
+    with pytest.raises(ValueError, match="cache_bytes"):
+        train_set(cache_bytes=-1)
+
+
+def test_the_frame_cache_lists_bad_clips_as_before(caplog: pytest.LogCaptureFixture) -> None:
+    bad = frozenset({"v1.mp4"})
+    cached, plain = train_set(FakeDecode(bad=bad), cache_bytes=2**30), train_set(FakeDecode(bad=bad))
+    with caplog.at_level(logging.WARNING, logger="eva_pipeline.loader.video"):
+        assert torch.equal(cached[1][0], plain[1][0])
+    assert cached.bad_clips == plain.bad_clips == [("clips/v1.mp4", "moov atom not found in v1.mp4")]
+    assert 1 not in cached.clips.cached

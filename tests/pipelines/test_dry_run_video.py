@@ -64,7 +64,7 @@ def test_the_merged_eva01_stages_keep_evas_recipe_not_the_demos():
         assert params.augmentation.sampling == "tsn", name
         assert tuple(params.augmentation.scales) == (1.0, 0.875, 0.75, 0.66), name
         assert params.head_init_scale == 0.001 and params.mixing.label_smoothing == 0.1, name
-        assert params.drop_path_rate == drop_path, name
+        assert params.drop_path_rate == drop_path and params.frame_cache_mb == 0, name
 
 
 def test_the_target_stages_are_16_frames_with_layer_decay_and_epochs_per_version(eva01_video):

@@ -106,6 +106,7 @@ def train_clips(rows: pd.DataFrame, labels: np.ndarray, params: VideoFinetunePar
         color_jitter=a.color_jitter,
         grayscale=a.grayscale,
         sampling=a.sampling,
+        cache_bytes=params.frame_cache_mb * 2**20,
     )
 
 

@@ -329,9 +329,23 @@ def _check_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 class _ClipRows:
-    """Shared by both datasets: rows, labels, decoding, the bad-clip record."""
+    """Shared by both datasets: rows, labels, decoding, the bad-clip record, and an optional cache of decoded clips.
 
-    def __init__(self, rows: pd.DataFrame, labels: Any, root: str | Path | None, decode: Decode | None) -> None:
+    With ``cache_bytes > 0`` a clip's first decode decodes all its frames and keeps them (uint8) while the cache holds
+    fewer than ``cache_bytes``; later epochs slice them instead of decoding again. Memory stays bounded by the budget,
+    not by the number of clips (clips past it are decoded as without a cache). The frames are the same either way, so
+    batches do not depend on it. With DataLoader workers each worker fills its own copy for one epoch."""
+
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        labels: Any,
+        root: str | Path | None,
+        decode: Decode | None,
+        cache_bytes: int = 0,
+    ) -> None:
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.rows = _check_rows(rows)
         if labels is None:
             if "label" not in rows.columns:
@@ -348,6 +362,11 @@ class _ClipRows:
         #: (path, reason) of every clip that failed to decode in this process. With DataLoader workers each worker
         #: fills its own copy (lost with the worker): the log has every failure.
         self.bad_clips: list[BadClip] = []
+        self.cache_bytes = int(cache_bytes)
+        #: clip index -> all its decoded frames (uint8 (num_frames, H, W, 3)), while they fit in ``cache_bytes``.
+        self.cached: dict[int, np.ndarray] = {}
+        self.cached_bytes = 0
+        self.cache_full = cache_bytes == 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -372,6 +391,9 @@ class _ClipRows:
         decode = self.decode or default_decode()
         path = self.path(index)
         unique, inverse = np.unique(indices, return_inverse=True)
+        whole = self._whole_clip(index, decode, path, int(unique[-1]) if len(unique) else -1)
+        if whole is not None:
+            return whole[unique], inverse.reshape(indices.shape)
         try:
             frames = decode(path, unique.tolist())
         except ValueError as err:  # VideoError is a ValueError
@@ -387,6 +409,29 @@ class _ClipRows:
             )
         _check_clip(frames)
         return frames, inverse.reshape(indices.shape)
+
+    def _whole_clip(self, index: int, decode: Decode, path: Path, last: int) -> np.ndarray | None:
+        """Every frame of clip ``index`` from the cache, or decoded into it while the budget lasts; None when the
+        cache is off or full, or the whole clip does not decode (the caller then decodes what it needs, as without a
+        cache, and reports a bad clip the same way)."""
+        if index in self.cached:
+            return self.cached[index]
+        count = self.num_frames(index)
+        if self.cache_full or last >= count:
+            return None
+        try:
+            frames = decode(path, list(range(count)))
+        except ValueError:
+            return None
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.shape[:1] != (count,):
+            return None
+        _check_clip(frames)
+        if self.cached_bytes + frames.nbytes > self.cache_bytes:
+            self.cache_full = True  # from here on clips are decoded as without a cache
+            return frames
+        self.cached[index] = frames
+        self.cached_bytes += frames.nbytes
+        return frames
 
 
 class VideoClipDataset(torch.utils.data.Dataset):
@@ -425,6 +470,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         grayscale: float = 0.0,
         sampling: str = "tsn",
         decode: Decode | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         if num_frames < 1 or img_size < 1:
             raise ValueError(f"num_frames and img_size must be >= 1, got {num_frames} and {img_size}")
@@ -432,7 +478,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"sampling must be one of {sorted(TEMPORAL_SAMPLING)}, got {sampling!r}")
         self.sample = TEMPORAL_SAMPLING[sampling]
         _check_probabilities(color_jitter=color_jitter, grayscale=grayscale)
-        self.clips = _ClipRows(rows, labels, root, decode)
+        self.clips = _ClipRows(rows, labels, root, decode, cache_bytes)
         self.num_frames, self.img_size, self.train = int(num_frames), int(img_size), bool(train)
         self.seed, self.epoch = int(seed), 0
         self.mean, self.std = tuple(mean), tuple(std)
